@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (set up, train the embedded default, decode)
+# and `make test` (set up, lint, run the whole suite). .ci/run calls `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= workdir/demo
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+.PHONY: setup setup-test demo test lint
+setup: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+setup-test: $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+
+demo: setup
+	$(BIN)/python train.py --config configs/demo.py --workdir $(WORKDIR)
+	printf 'add: 17 + 25\nreverse: a b c d\nsort: 9 3 7 1\n' | $(BIN)/python decode.py --checkpoint $(WORKDIR)
+
+lint: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -n 2 -q
