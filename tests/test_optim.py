@@ -1,0 +1,132 @@
+"""Tests for t5jax.optim: schedule values, Adafactor's T5 behaviour and state, AdamW's mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t5jax import optim
+
+
+def _cfg(**kw):
+  cfg = optim.default_optimizer_config()
+  cfg.update(kw)
+  return cfg
+
+
+def _params():
+  return {
+    "embed": jnp.ones((256, 128)),  # factored (both dims >= 128)
+    "small": jnp.ones((16, 128)),  # not factored (second largest dim < 128)
+    "scale": jnp.ones((128,)),  # rank 1
+    "qkv": jnp.ones((128, 4, 160)),  # rank 3: optax factors its two largest dims
+  }
+
+
+def test_rsqrt_schedule():
+  s = optim.make_schedule(_cfg(schedule="rsqrt", learning_rate=1.0, warmup_steps=10_000))
+  for step, want in [(0, 0.01), (5000, 0.01), (10_000, 0.01), (40_000, 0.005), (90_000, 1 / 300)]:
+    np.testing.assert_allclose(s(step), want, rtol=1e-6)
+  s = optim.make_schedule(_cfg(schedule="rsqrt", learning_rate=2.0, warmup_steps=0))
+  np.testing.assert_allclose([s(0), s(1), s(4)], [2.0, 2.0, 1.0], rtol=1e-6)
+
+
+def test_constant_schedule():
+  s = optim.make_schedule(_cfg(schedule="constant", learning_rate=1e-3, warmup_steps=0))
+  np.testing.assert_allclose([s(0), s(10**6)], [1e-3, 1e-3])
+  s = optim.make_schedule(_cfg(schedule="constant", learning_rate=1e-3, warmup_steps=100))
+  np.testing.assert_allclose([s(0), s(50), s(100), s(5000)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+
+
+def test_cosine_and_linear_schedules():
+  kw = dict(learning_rate=1.0, warmup_steps=100, total_steps=1100, end_learning_rate=0.1)
+  s = optim.make_schedule(_cfg(schedule="cosine", **kw))
+  np.testing.assert_allclose(
+    [s(0), s(50), s(100), s(600), s(1100), s(5000)], [0, 0.5, 1.0, 0.55, 0.1, 0.1], atol=1e-6
+  )
+  s = optim.make_schedule(_cfg(schedule="linear", **kw))
+  np.testing.assert_allclose(
+    [s(0), s(50), s(100), s(600), s(1100), s(5000)], [0, 0.5, 1.0, 0.55, 0.1, 0.1], atol=1e-6
+  )
+  with pytest.raises(ValueError):
+    optim.make_schedule(_cfg(schedule="cosine", warmup_steps=10, total_steps=5))
+  with pytest.raises(ValueError):
+    optim.make_schedule(_cfg(schedule="bogus"))
+
+
+def test_adafactor_state_shapes_and_dtype():
+  tx = optim.make_optimizer(_cfg())
+  state = tx.init(_params())
+  factored = state[0]
+  shapes = lambda t: jax.tree.map(jnp.shape, t)
+  # Optax's v_row drops the largest dim, v_col the second largest; unfactored leaves hold (1,).
+  assert shapes(factored.v_row) == {"embed": (128,), "small": (1,), "scale": (1,), "qkv": (128, 4)}
+  assert shapes(factored.v_col) == {"embed": (256,), "small": (1,), "scale": (1,), "qkv": (4, 160)}
+  assert shapes(factored.v) == {"embed": (1,), "small": (16, 128), "scale": (128,), "qkv": (1,)}
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state) if x.ndim)
+
+
+def test_adafactor_first_step_is_t5():
+  """First update: decay 1 - 1**-0.8 = 0, so v = g**2 and the update is -lr * sign(g) * rms(p)."""
+  cfg = _cfg(schedule="constant", learning_rate=0.01, warmup_steps=0)
+  cfg.adafactor.factored = False
+  tx = optim.make_optimizer(cfg)
+  p = {"w": jnp.full((4, 4), 2.0)}
+  g = {"w": jnp.arange(1.0, 17.0).reshape(4, 4) * jnp.array([1, -1, 1, -1])}
+  u, _ = tx.update(g, tx.init(p), p)
+  np.testing.assert_allclose(u["w"], -0.01 * 2.0 * jnp.sign(g["w"]), rtol=1e-5)
+
+
+def test_adafactor_second_moment_decay():
+  cfg = _cfg(schedule="constant", learning_rate=0.01, warmup_steps=0)
+  cfg.adafactor.factored = False
+  cfg.adafactor.clipping_threshold = 0.0
+  cfg.adafactor.multiply_by_parameter_scale = False
+  tx = optim.make_optimizer(cfg)
+  p = {"w": jnp.ones((3,))}
+  state = tx.init(p)
+  g1, g2 = jnp.array([1.0, 2.0, 3.0]), jnp.array([2.0, 1.0, 0.5])
+  _, state = tx.update({"w": g1}, state, p)
+  u, state = tx.update({"w": g2}, state, p)
+  d = 1 - 2.0**-0.8  # t = 1 for the second update
+  v = d * g1**2 + (1 - d) * g2**2
+  np.testing.assert_allclose(u["w"], -0.01 * g2 / np.sqrt(v), rtol=1e-5)
+
+
+def test_adamw_mask_skips_rank1():
+  cfg = _cfg(name="adamw", schedule="constant", learning_rate=0.1, warmup_steps=0)
+  cfg.weight_decay = 0.5
+  tx = optim.make_optimizer(cfg)
+  p = _params()
+  zeros = jax.tree.map(jnp.zeros_like, p)
+  u, _ = tx.update(zeros, tx.init(p), p)
+  np.testing.assert_allclose(u["scale"], 0.0)
+  np.testing.assert_allclose(u["embed"], -0.1 * 0.5 * p["embed"], rtol=1e-6)
+
+
+def test_grad_clipping_and_descent():
+  cfg = _cfg(name="adamw", schedule="constant", learning_rate=0.1, warmup_steps=0)
+  cfg.grad_clip_norm = 1.0
+  tx = optim.make_optimizer(cfg)
+  assert isinstance(tx, optax.GradientTransformation)
+  p = {"w": jnp.array([3.0, -4.0])}
+  loss = lambda q: jnp.sum(q["w"] ** 2)
+  state = tx.init(p)
+
+  @jax.jit
+  def step(p, state):
+    g = jax.grad(loss)(p)
+    u, state = tx.update(g, state, p)
+    return optax.apply_updates(p, u), state
+
+  for _ in range(50):
+    p, state = step(p, state)
+  assert loss(p) < 1.0
+  clipped, _ = optax.clip_by_global_norm(1.0).update({"w": jnp.array([30.0, 40.0])}, None)
+  np.testing.assert_allclose(clipped["w"], [0.6, 0.8], rtol=1e-6)
+
+
+def test_unknown_optimizer():
+  with pytest.raises(ValueError):
+    optim.make_optimizer(_cfg(name="sgd"))
