@@ -1,0 +1,33 @@
+"""t5jax: T5 in JAX/Flax — HuggingFace-exact model, jitted decoders, sharded training."""
+
+from t5jax.config import PRESETS, T5Config, get_config
+from t5jax.hf import CheckpointError, load_hf, save_hf
+from t5jax.model import (
+  decode_step,
+  encode,
+  forward,
+  init_cross_cache,
+  init_params,
+  init_self_cache,
+  param_axes,
+  shift_right,
+)
+
+__all__ = [
+  "PRESETS",
+  "CheckpointError",
+  "T5Config",
+  "decode_step",
+  "encode",
+  "forward",
+  "get_config",
+  "init_cross_cache",
+  "init_params",
+  "init_self_cache",
+  "load_hf",
+  "param_axes",
+  "save_hf",
+  "shift_right",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,292 @@
+"""HuggingFace checkpoint import and export.
+
+`load_hf(path)` reads a HuggingFace model folder (`config.json` plus `model.safetensors`, or
+sharded safetensors with their index) without torch. `pytorch_model.bin` files are pickles: they
+load only with `allow_pickle=True`, through torch's `weights_only=True` loader. `save_hf` writes a
+folder that `transformers.AutoModelForSeq2SeqLM.from_pretrained` loads with the same logits.
+
+Every tensor is checked: a missing, unexpected or mis-shaped tensor stops the load with an error
+that names it; there is no silent partial load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from t5jax.config import T5Config
+
+# Tensors HuggingFace checkpoints may carry that the model does not use: copies of `shared`, and
+# a cross-attention bias table some original T5 1.0 exports include but nothing reads.
+_IGNORED = (
+  "encoder.embed_tokens.weight",
+  "decoder.embed_tokens.weight",
+  "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+)
+
+_ST_DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder that cannot be loaded as the stated architecture."""
+
+
+# --- the key map -----------------------------------------------------------------------------
+
+# (hf_key, our_path, to_ours, to_hf, our_shape)
+Entry = tuple[str, tuple[str, ...], Callable, Callable, tuple[int, ...]]
+
+
+def _linear_in(d_in: int, h: int, k: int):
+  """torch `(H*K, D)` <-> our `(D, H, K)`."""
+  return (lambda w: w.T.reshape(d_in, h, k), lambda w: w.reshape(d_in, h * k).T)
+
+
+def _linear_out(h: int, k: int, d: int):
+  """torch `(D, H*K)` <-> our `(H, K, D)`."""
+  return (lambda w: w.T.reshape(h, k, d), lambda w: w.reshape(h * k, d).T)
+
+
+def _transpose():
+  return (lambda w: w.T, lambda w: w.T)
+
+
+def _same():
+  return (lambda w: w, lambda w: w)
+
+
+def key_map(config: T5Config) -> list[Entry]:
+  """Every tensor of a HuggingFace T5 checkpoint and where it lives in our params."""
+  d, h, k, f, v = config.d_model, config.num_heads, config.d_kv, config.d_ff, config.vocab_size
+  nb = config.relative_attention_num_buckets
+  entries: list[Entry] = [("shared.weight", ("shared",), *_same(), (v, d))]
+  if not config.tie_word_embeddings:
+    entries.append(("lm_head.weight", ("lm_head",), *_transpose(), (d, v)))
+
+  def attention(hf: str, ours: tuple[str, ...]):
+    for proj, name in (("q", "query"), ("k", "key"), ("v", "value")):
+      entries.append((f"{hf}.{proj}.weight", ours + (name,), *_linear_in(d, h, k), (d, h, k)))
+    entries.append((f"{hf}.o.weight", ours + ("out",), *_linear_out(h, k, d), (h, k, d)))
+
+  def norm(hf: str, ours: tuple[str, ...]):
+    entries.append((f"{hf}.weight", ours + ("scale",), *_same(), (d,)))
+
+  def mlp(hf: str, ours: tuple[str, ...]):
+    ins = ("wi_0", "wi_1") if config.is_gated else ("wi",)
+    for name in ins:
+      entries.append((f"{hf}.{name}.weight", ours + (name,), *_transpose(), (d, f)))
+    entries.append((f"{hf}.wo.weight", ours + ("wo",), *_transpose(), (f, d)))
+
+  def relpos(hf_block: str, ours: tuple[str, ...]):
+    entries.append(
+      (
+        f"{hf_block}.layer.0.SelfAttention.relative_attention_bias.weight",
+        ours + ("relpos_bias", "rel_embedding"),
+        *_same(),
+        (nb, h),
+      )
+    )
+
+  for stack, n_layers in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers)):
+    if not config.per_layer_position_bias:
+      relpos(f"{stack}.block.0", (stack,))
+    for i in range(n_layers):
+      blk, ours = f"{stack}.block.{i}", (stack, f"layers_{i}")
+      if config.per_layer_position_bias:
+        relpos(blk, ours)
+      if stack == "encoder":
+        attention(f"{blk}.layer.0.SelfAttention", ours + ("attention",))
+        norm(f"{blk}.layer.0.layer_norm", ours + ("pre_attention_layer_norm",))
+        mlp(f"{blk}.layer.1.DenseReluDense", ours + ("mlp",))
+        norm(f"{blk}.layer.1.layer_norm", ours + ("pre_mlp_layer_norm",))
+      else:
+        attention(f"{blk}.layer.0.SelfAttention", ours + ("self_attention",))
+        norm(f"{blk}.layer.0.layer_norm", ours + ("pre_self_attention_layer_norm",))
+        attention(f"{blk}.layer.1.EncDecAttention", ours + ("encoder_decoder_attention",))
+        norm(f"{blk}.layer.1.layer_norm", ours + ("pre_cross_attention_layer_norm",))
+        mlp(f"{blk}.layer.2.DenseReluDense", ours + ("mlp",))
+        norm(f"{blk}.layer.2.layer_norm", ours + ("pre_mlp_layer_norm",))
+    norm(f"{stack}.final_layer_norm", (stack, f"{stack}_norm"))
+  return entries
+
+
+# --- reading tensors -------------------------------------------------------------------------
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads a safetensors file into numpy (bf16 via ml_dtypes), memory-mapped."""
+  try:
+    with open(path, "rb") as fh:
+      (n,) = struct.unpack("<Q", fh.read(8))
+      header = json.loads(fh.read(n))
+  except (OSError, ValueError, struct.error) as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in _ST_DTYPES:
+      raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    arr = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    out[name] = arr
+  return out
+
+
+def _read_pickle(path: str) -> dict[str, np.ndarray]:
+  import torch  # only for opted-in pickle checkpoints
+
+  sd = torch.load(path, map_location="cpu", weights_only=True)
+  return {k: t.detach().to(torch.float32).numpy() for k, t in sd.items()}
+
+
+def _weight_files(folder: str, allow_pickle: bool) -> Iterator[tuple[str, Callable]]:
+  def p(name):
+    return os.path.join(folder, name)
+
+  if os.path.exists(p("model.safetensors")):
+    yield p("model.safetensors"), read_safetensors
+    return
+  for index, reader in (
+    ("model.safetensors.index.json", read_safetensors),
+    ("pytorch_model.bin.index.json", _read_pickle),
+  ):
+    if os.path.exists(p(index)):
+      if reader is _read_pickle and not allow_pickle:
+        break
+      with open(p(index)) as fh:
+        files = sorted(set(json.load(fh)["weight_map"].values()))
+      for name in files:
+        yield p(name), reader
+      return
+  if os.path.exists(p("pytorch_model.bin")) or os.path.exists(p("pytorch_model.bin.index.json")):
+    if not allow_pickle:
+      raise CheckpointError(
+        f"{folder}: only pytorch_model.bin (a pickle) found; pass allow_pickle=True to load it "
+        "with torch's weights_only=True loader, or convert it to safetensors"
+      )
+    yield p("pytorch_model.bin"), _read_pickle
+    return
+  raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors or pytorch_model.bin")
+
+
+def read_hf_config(folder: str) -> dict[str, Any]:
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{folder}: no config.json (is this a HuggingFace model folder?)")
+  try:
+    with open(path) as fh:
+      return json.load(fh)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: unreadable config ({e})") from e
+
+
+# --- public API ------------------------------------------------------------------------------
+
+
+def load_hf(
+  path: str, *, allow_pickle: bool = False, config: T5Config | None = None
+) -> tuple[T5Config, dict[str, Any]]:
+  """Loads a HuggingFace T5 / mT5 / UMT5 / ByT5 folder.
+
+  Args:
+    path: folder with `config.json` and weights.
+    allow_pickle: permit `pytorch_model.bin` (loaded with `torch.load(weights_only=True)`).
+    config: overrides the architecture read from `config.json` (e.g. to set `dtype`).
+
+  Returns:
+    `(config, params)`, params as float32 numpy arrays in the layout of `t5jax.init_params`.
+
+  Raises:
+    CheckpointError / ValueError: unsupported architecture, or missing, unexpected or
+      mis-shaped tensors (all named).
+  """
+  hf_cfg = read_hf_config(path)
+  tensors: dict[str, np.ndarray] = {}
+  for file, reader in _weight_files(path, allow_pickle):
+    if not os.path.isfile(file):
+      raise CheckpointError(f"{path}: weight file {os.path.basename(file)} listed but missing")
+    tensors.update(reader(file))
+  if config is None:
+    has_head = "lm_head.weight" in tensors
+    config = T5Config.from_hf_dict(hf_cfg, has_lm_head=has_head)
+  entries = key_map(config)
+  expected = {e[0] for e in entries}
+  missing = sorted(expected - tensors.keys())
+  unexpected = sorted(set(tensors) - expected - set(_IGNORED))
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing tensors {_short(missing)}")
+    if unexpected:
+      parts.append(f"unexpected tensors {_short(unexpected)}")
+    raise CheckpointError(f"{path}: " + "; ".join(parts))
+  params: dict[str, Any] = {}
+  bad = []
+  for hf_key, ours, to_ours, to_hf, shape in entries:
+    want = to_hf(np.empty(shape, np.float32)).shape
+    got = tuple(tensors[hf_key].shape)
+    if got != want:
+      bad.append(f"{hf_key} (expected {want}, got {got})")
+      continue
+    w = np.asarray(tensors[hf_key]).astype(np.float32)
+    _set(params, ours, np.ascontiguousarray(to_ours(w)))
+  if bad:
+    raise CheckpointError(f"{path}: mis-shaped tensors {_short(bad)}")
+  return config, params
+
+
+def save_hf(config: T5Config, params: dict[str, Any], path: str, *, dtype: str = "float32") -> None:
+  """Writes `config.json`, `generation_config.json` and `model.safetensors` to `path`."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(path, exist_ok=True)
+  tensors = {}
+  for hf_key, ours, _, to_hf, _ in key_map(config):
+    w = np.asarray(_get(params, ours), dtype=np.float32)
+    tensors[hf_key] = np.ascontiguousarray(to_hf(w)).astype(np.dtype(dtype))
+  tmp = os.path.join(path, "model.safetensors.tmp")
+  save_file(tensors, tmp, metadata={"format": "pt"})
+  os.replace(tmp, os.path.join(path, "model.safetensors"))
+  hf_cfg = config.to_hf_dict()
+  hf_cfg["dtype"] = dtype
+  with open(os.path.join(path, "config.json"), "w") as fh:
+    json.dump(hf_cfg, fh, indent=2)
+  gen = {
+    "decoder_start_token_id": config.decoder_start_token_id,
+    "eos_token_id": config.eos_token_id,
+    "pad_token_id": config.pad_token_id,
+  }
+  with open(os.path.join(path, "generation_config.json"), "w") as fh:
+    json.dump(gen, fh, indent=2)
+
+
+def _short(names: list[str], n: int = 8) -> str:
+  more = f" ... and {len(names) - n} more" if len(names) > n else ""
+  return ", ".join(names[:n]) + more
+
+
+def _set(tree: dict, path: tuple[str, ...], value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for p in path:
+    tree = tree[p]
+  return tree

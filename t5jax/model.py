@@ -1,0 +1,423 @@
+"""The T5 encoder-decoder and its public pure functions.
+
+Shapes: B batch, S encoder length, T decoder length, D d_model, H heads, K head width, V vocab,
+N = B * r decoding rows (r beams or samples per example), L preallocated decode length.
+
+Public functions take a plain params pytree and a `T5Config` (static under `jit`):
+
+- `init_params(config, rng)` / `param_axes(config)` — parameters and their logical axis names.
+- `forward(params, config, encoder_input_tokens, decoder_input_tokens)` — teacher-forced logits.
+- `encode`, `init_cross_cache`, `init_self_cache`, `decode_step` — incremental decoding with an
+  explicit cache: the encoder runs once, cross-attention keys and values are computed once per
+  example (batch B, shared by its r rows), the self-attention cache `[N, L, H, K]` is
+  preallocated and filled one position per step, and each step computes only its own row of the
+  relative position bias.
+
+Token 0 is padding: the encoder mask is derived from it. Packed rows pass segment ids (1..n, 0
+for padding) and positions that restart per segment; attention never crosses segments.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5jax.config import T5Config
+from t5jax.layers import MLP, Attention, RelativePositionBias, RMSNorm, normal_param
+
+Params = dict[str, Any]
+Cache = dict[str, Any]
+
+
+# --- masks and relative positions ------------------------------------------------------------
+
+
+def _relative_positions(q_len: int, k_len: int, q_pos=None, k_pos=None):
+  """`key_pos - query_pos`: static numpy `[1, T, S]`, or `[B, T, S]` from explicit positions."""
+  if q_pos is None and k_pos is None:
+    return (np.arange(k_len)[None, :] - np.arange(q_len)[:, None])[None].astype(np.int32)
+  q_pos = jnp.arange(q_len)[None] if q_pos is None else q_pos
+  k_pos = jnp.arange(k_len)[None] if k_pos is None else k_pos
+  return k_pos[:, None, :] - q_pos[:, :, None]
+
+
+def _attention_mask(q_valid, k_valid, q_seg=None, k_seg=None, causal=False):
+  """Boolean `[B, 1, T, S]` mask (True = may attend)."""
+  mask = k_valid[:, None, None, :]
+  if q_seg is not None:
+    mask = mask & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
+  if causal:
+    t, s = q_valid.shape[1], k_valid.shape[1]
+    mask = mask & jnp.asarray(np.tril(np.ones((t, s), bool)))[None, None]
+  return mask
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.pre_attention_layer_norm = RMSNorm(cfg)
+    self.attention = Attention(cfg)
+    self.pre_mlp_layer_norm = RMSNorm(cfg)
+    self.mlp = MLP(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    if cfg.per_layer_position_bias:
+      self.relpos_bias = RelativePositionBias(cfg, bidirectional=True)
+
+  def __call__(self, x_BSD, bias, rel_pos, mask, deterministic):
+    if self.config.per_layer_position_bias:
+      bias = self.relpos_bias(rel_pos)
+    h = self.pre_attention_layer_norm(x_BSD)
+    k, v = self.attention.project_kv(h)
+    h = self.attention(h, k, v, bias, mask, deterministic)
+    x_BSD = x_BSD + self.dropout(h, deterministic=deterministic)
+    h = self.mlp(self.pre_mlp_layer_norm(x_BSD), deterministic)
+    return x_BSD + self.dropout(h, deterministic=deterministic)
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.pre_self_attention_layer_norm = RMSNorm(cfg)
+    self.self_attention = Attention(cfg)
+    self.pre_cross_attention_layer_norm = RMSNorm(cfg)
+    self.encoder_decoder_attention = Attention(cfg)
+    self.pre_mlp_layer_norm = RMSNorm(cfg)
+    self.mlp = MLP(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    if cfg.per_layer_position_bias:
+      self.relpos_bias = RelativePositionBias(cfg, bidirectional=False)
+
+  def cross_kv(self, encoded_BSD):
+    return self.encoder_decoder_attention.project_kv(encoded_BSD)
+
+  def __call__(
+    self,
+    x,
+    bias,
+    rel_pos,
+    self_mask,
+    cross_k,
+    cross_v,
+    cross_mask,
+    deterministic,
+    cache=None,
+    step=None,
+  ):
+    """One block. With `cache` ({"k","v"} `[N, L, H, K]`), `x` is the token at `step`."""
+    if self.config.per_layer_position_bias:
+      bias = self.relpos_bias(rel_pos)
+    h = self.pre_self_attention_layer_norm(x)
+    k, v = self.self_attention.project_kv(h)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), step, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), step, axis=1)
+      cache = {"k": k, "v": v}
+    h = self.self_attention(h, k, v, bias, self_mask, deterministic)
+    x = x + self.dropout(h, deterministic=deterministic)
+    h = self.pre_cross_attention_layer_norm(x)
+    h = self.encoder_decoder_attention(h, cross_k, cross_v, None, cross_mask, deterministic)
+    x = x + self.dropout(h, deterministic=deterministic)
+    h = self.mlp(self.pre_mlp_layer_norm(x), deterministic)
+    return x + self.dropout(h, deterministic=deterministic), cache
+
+
+# --- stacks ----------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    if not cfg.per_layer_position_bias:
+      self.relpos_bias = RelativePositionBias(cfg, bidirectional=True)
+    self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_layers)]
+    self.encoder_norm = RMSNorm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x_BSD, valid_BS, segment_ids, positions, deterministic):
+    s = x_BSD.shape[1]
+    rel = _relative_positions(s, s, positions, positions)
+    bias = None if self.config.per_layer_position_bias else self.relpos_bias(rel)
+    mask = _attention_mask(valid_BS, valid_BS, segment_ids, segment_ids)
+    x = self.dropout(x_BSD, deterministic=deterministic)
+    for layer in self.layers:
+      x = layer(x, bias, rel, mask, deterministic)
+    return self.dropout(self.encoder_norm(x), deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    if not cfg.per_layer_position_bias:
+      self.relpos_bias = RelativePositionBias(cfg, bidirectional=False)
+    self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
+    self.decoder_norm = RMSNorm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def cross_kv(self, encoded_BSD):
+    return [layer.cross_kv(encoded_BSD) for layer in self.layers]
+
+  def _bias(self, rel):
+    return None if self.config.per_layer_position_bias else self.relpos_bias(rel)
+
+  def __call__(self, y_BTD, encoded_BSD, self_mask, cross_mask, positions, deterministic):
+    t = y_BTD.shape[1]
+    rel = _relative_positions(t, t, positions, positions)
+    bias = self._bias(rel)
+    y = self.dropout(y_BTD, deterministic=deterministic)
+    for layer in self.layers:
+      k, v = layer.cross_kv(encoded_BSD)
+      y, _ = layer(y, bias, rel, self_mask, k, v, cross_mask, deterministic)
+    return self.dropout(self.decoder_norm(y), deterministic=deterministic)
+
+  def step(self, y_N1D, cache, cross, step):
+    max_len = cache["layers_0"]["k"].shape[1]
+    # Only this step's row of the bias: keys 0..L-1 against query position `step`.
+    rel = (jnp.arange(max_len, dtype=jnp.int32) - step)[None, None, :]  # [1, 1, L]
+    bias = self._bias(rel)
+    self_mask = (jnp.arange(max_len) <= step)[None, None, None, :]
+    cross_mask = cross["mask"][:, None, None, :]
+    new_cache = {}
+    y = y_N1D
+    for i, layer in enumerate(self.layers):
+      name = f"layers_{i}"
+      kv = cross[name]
+      y, new_cache[name] = layer(
+        y, bias, rel, self_mask, kv["k"], kv["v"], cross_mask, True, cache[name], step
+      )
+    return self.decoder_norm(y), new_cache
+
+
+class T5(nn.Module):
+  """Embedding, encoder, decoder and output layer."""
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.shared = normal_param(
+      self, "shared", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, cfg.param_dtype
+    )
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg)
+    if not cfg.tie_word_embeddings:
+      # std d_model**-0.5 keeps initial logits O(1) for training from scratch.
+      self.lm_head = normal_param(
+        self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+        cfg.d_model**-0.5, cfg.param_dtype,
+      )  # fmt: skip
+
+  def embed(self, tokens):
+    return jnp.take(self.shared, tokens, axis=0).astype(self.config.dtype)
+
+  def logits(self, y_BTD):
+    cfg = self.config
+    if cfg.tie_word_embeddings:
+      if cfg.scale_decoder_outputs:
+        y_BTD = y_BTD * (cfg.d_model**-0.5)
+      w_DV = self.shared.T
+    else:
+      w_DV = self.lm_head
+    return jnp.einsum(
+      "btd,dv->btv", y_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32
+    )
+
+  def encode(self, tokens_BS, segment_ids=None, positions=None, deterministic=True):
+    valid = tokens_BS != self.config.pad_token_id if segment_ids is None else segment_ids != 0
+    return self.encoder(self.embed(tokens_BS), valid, segment_ids, positions, deterministic)
+
+  def decode(
+    self, encoded_BSD, enc_tokens_BS, dec_tokens_BT, enc_segment_ids=None, dec_segment_ids=None,
+    dec_positions=None, deterministic=True,
+  ):  # fmt: skip
+    enc_valid = enc_tokens_BS != self.config.pad_token_id
+    dec_valid = jnp.ones(dec_tokens_BT.shape, bool)
+    if enc_segment_ids is not None:
+      enc_valid = enc_segment_ids != 0
+    self_mask = _attention_mask(dec_valid, dec_valid, dec_segment_ids, dec_segment_ids, causal=True)
+    cross_mask = _attention_mask(dec_valid, enc_valid, dec_segment_ids, enc_segment_ids)
+    y = self.decoder(
+      self.embed(dec_tokens_BT), encoded_BSD, self_mask, cross_mask, dec_positions, deterministic
+    )
+    return self.logits(y)
+
+  def __call__(
+    self, enc_tokens, dec_tokens, enc_segment_ids=None, dec_segment_ids=None, enc_positions=None,
+    dec_positions=None, deterministic=True,
+  ):  # fmt: skip
+    encoded = self.encode(enc_tokens, enc_segment_ids, enc_positions, deterministic)
+    return self.decode(
+      encoded, enc_tokens, dec_tokens, enc_segment_ids, dec_segment_ids, dec_positions,
+      deterministic,
+    )  # fmt: skip
+
+  def cross_cache(self, encoded_BSD, enc_tokens_BS):
+    cache = {"mask": enc_tokens_BS != self.config.pad_token_id}
+    for i, (k, v) in enumerate(self.decoder.cross_kv(encoded_BSD)):
+      cache[f"layers_{i}"] = {"k": k, "v": v}
+    return cache
+
+  def decode_step(self, tokens_N, cache, cross, step):
+    y, cache = self.decoder.step(self.embed(tokens_N[:, None]), cache, cross, step)
+    return self.logits(y)[:, 0], cache
+
+
+# --- public pure functions -------------------------------------------------------------------
+
+
+def _apply(params, config, method, *args, rngs=None, **kwargs):
+  return T5(config).apply({"params": params}, *args, method=method, rngs=rngs, **kwargs)
+
+
+def _dummy_inputs():
+  return jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)
+
+
+@partial(jax.jit, static_argnums=0)
+def _init_boxed(config: T5Config, rng: jax.Array):
+  return T5(config).init(rng, *_dummy_inputs())["params"]
+
+
+def init_params(config: T5Config, rng: jax.Array) -> Params:
+  """Random parameters (float32 by default) as a plain nested dict.
+
+  Scales follow T5: embeddings std 1, queries `(D*K)^-0.5`, keys/values `D^-0.5`, attention
+  output `(H*K)^-0.5`, feed-forward in `D^-0.5` and out `F^-0.5`.
+  """
+  return nn.unbox(_init_boxed(config, rng))
+
+
+def param_axes(config: T5Config) -> Params:
+  """Logical axis names of every parameter: a pytree like `init_params`, leaves are tuples."""
+  boxed = jax.eval_shape(lambda: T5(config).init(jax.random.PRNGKey(0), *_dummy_inputs()))
+  return jax.tree.map(
+    lambda x: tuple(x.names),
+    boxed["params"],
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
+
+
+def _rngs(dropout_rng):
+  return None if dropout_rng is None else {"dropout": dropout_rng}
+
+
+def forward(
+  params: Params,
+  config: T5Config,
+  encoder_input_tokens: jax.Array,
+  decoder_input_tokens: jax.Array,
+  *,
+  dropout_rng: jax.Array | None = None,
+  encoder_segment_ids: jax.Array | None = None,
+  decoder_segment_ids: jax.Array | None = None,
+  encoder_positions: jax.Array | None = None,
+  decoder_positions: jax.Array | None = None,
+) -> jax.Array:
+  """Teacher-forced logits.
+
+  Args:
+    params: from `init_params` or `t5jax.load_hf`.
+    config: the architecture (static under jit).
+    encoder_input_tokens: int `[B, S]`, 0 = padding.
+    decoder_input_tokens: int `[B, T]`, the targets shifted right with 0 first.
+    dropout_rng: enables dropout when given.
+    encoder_segment_ids, decoder_segment_ids: int `[B, S]`, `[B, T]` for packed rows.
+    encoder_positions, decoder_positions: int positions restarting per packed segment.
+
+  Returns:
+    float32 logits `[B, T, V]`.
+  """
+  return _apply(
+    params,
+    config,
+    T5.__call__,
+    encoder_input_tokens,
+    decoder_input_tokens,
+    encoder_segment_ids,
+    decoder_segment_ids,
+    encoder_positions,
+    decoder_positions,
+    deterministic=dropout_rng is None,
+    rngs=_rngs(dropout_rng),
+  )
+
+
+def encode(
+  params: Params,
+  config: T5Config,
+  encoder_input_tokens: jax.Array,
+  *,
+  segment_ids: jax.Array | None = None,
+  positions: jax.Array | None = None,
+  dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+  """Encoder output `[B, S, D]` in `config.dtype` (after the final norm)."""
+  return _apply(
+    params,
+    config,
+    T5.encode,
+    encoder_input_tokens,
+    segment_ids,
+    positions,
+    deterministic=dropout_rng is None,
+    rngs=_rngs(dropout_rng),
+  )
+
+
+def init_cross_cache(
+  params: Params, config: T5Config, encoded: jax.Array, encoder_input_tokens: jax.Array
+) -> Cache:
+  """Cross-attention keys/values `[B, S, H, K]` of every decoder layer and the encoder mask."""
+  return _apply(params, config, T5.cross_cache, encoded, encoder_input_tokens)
+
+
+def init_self_cache(config: T5Config, num_rows: int, max_len: int) -> Cache:
+  """Zeroed self-attention cache: `{"layers_i": {"k", "v"}}`, each `[N, L, H, K]`."""
+  shape = (num_rows, max_len, config.num_heads, config.d_kv)
+  z = jnp.zeros(shape, config.dtype)
+  return {f"layers_{i}": {"k": z, "v": z} for i in range(config.num_decoder_layers)}
+
+
+def decode_step(
+  params: Params,
+  config: T5Config,
+  tokens: jax.Array,
+  cache: Cache,
+  cross: Cache,
+  step: jax.Array | int,
+) -> tuple[jax.Array, Cache]:
+  """Logits for the token at position `step` of each of N rows, and the updated cache.
+
+  Args:
+    tokens: int `[N]`, the decoder input at position `step` (0, the start token, at step 0).
+    cache: from `init_self_cache(config, N, L)` or a previous step.
+    cross: from `init_cross_cache`, batch B with N a multiple of B; rows `b*r .. b*r+r-1`
+      attend to example b.
+    step: int32 scalar, `0 <= step < L`.
+
+  Returns:
+    float32 logits `[N, V]` and the cache with position `step` filled.
+  """
+  step = jnp.asarray(step, jnp.int32)
+  return _apply(params, config, T5.decode_step, tokens, cache, cross, step)
+
+
+def shift_right(targets: jax.Array, start_token: int = 0) -> jax.Array:
+  """Decoder inputs from targets: `[start, t0, t1, ...]` (drops the last target)."""
+  start = jnp.full(targets.shape[:-1] + (1,), start_token, targets.dtype)
+  return jnp.concatenate([start, targets[..., :-1]], axis=-1)
