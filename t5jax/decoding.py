@@ -1,0 +1,426 @@
+"""Model-agnostic autoregressive decoding: greedy, sampling and beam search as `lax.while_loop`s.
+
+Every loop drives a `tokens_to_logits(tokens[N], cache, step) -> (logits[N, V], cache)` function:
+`tokens` are the tokens at position `step` (the start token at step 0), `cache` is any pytree whose
+leaves all have leading dimension N (beam search reorders them with `leaf[idx]`). Nothing here knows
+about T5; `t5jax.generate` closes the model's parameters and cross-attention cache over
+`tokens_to_logits`.
+
+Rows: N = B * r where r is the number of beams or samples per example; rows b*r .. b*r+r-1 belong to
+example b. Sequences are [.., L] int32 without the start token; positions after EOS hold `pad_id`.
+
+Beam search follows transformers' (5.x) algorithm step for step so that the same logits give the
+same hypotheses and scores: 2*num_beams candidates per step, a candidate that ends in EOS (or reaches
+the maximum length) among the top num_beams becomes a finished hypothesis scored
+`sum(logprobs) / len**length_penalty`, and the same `early_stopping` heuristics (True, False,
+"never"). Differences: finished hypotheses are padded with `pad_id` (transformers pads them with EOS),
+and an optional t5x brevity penalty `((5 + len) / 6) ** alpha`.
+
+Sampling warpers are pure functions over logits [..., V] that reproduce transformers'
+`TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper`, ties included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Cache = Any
+TokensToLogits = Callable[[jax.Array, Cache, jax.Array], tuple[jax.Array, Cache]]
+
+NEG_INF = -1.0e9  # transformers' "impossible" score; kept finite so sums and orderings match it.
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logits warpers.
+
+
+def apply_temperature(logits: jax.Array, temperature: float) -> jax.Array:
+  """Divides logits [..., V] by `temperature` (> 0)."""
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  return logits / temperature
+
+
+def top_k_filter(logits: jax.Array, top_k: int, min_tokens_to_keep: int = 1) -> jax.Array:
+  """Keeps every logit >= the k-th largest (ties at the boundary are all kept); others -> -inf.
+
+  Args:
+    logits: [..., V].
+    top_k: k > 0 (0 disables the filter).
+    min_tokens_to_keep: k is raised to at least this.
+
+  Returns:
+    [..., V] filtered logits.
+  """
+  if top_k == 0:
+    return logits
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0, got {top_k}")
+  k = min(max(top_k, min_tokens_to_keep), logits.shape[-1])
+  kth_largest = jax.lax.top_k(logits, k)[0][..., -1:]
+  return jnp.where(logits < kth_largest, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, top_p: float, min_tokens_to_keep: int = 1) -> jax.Array:
+  """Nucleus filter: drops the tokens whose ascending cumulative probability is <= 1 - top_p.
+
+  Tokens are sorted ascending with a stable sort (among equal logits the lower id counts as smaller,
+  so it is dropped first, as in transformers on CPU); the `min_tokens_to_keep` largest always stay.
+
+  Args:
+    logits: [..., V].
+    top_p: in (0, 1]; 1.0 disables the filter.
+    min_tokens_to_keep: never drop the largest this many tokens.
+
+  Returns:
+    [..., V] filtered logits.
+  """
+  if not 0.0 <= top_p <= 1.0:
+    raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+  if top_p >= 1.0:
+    return logits
+  order = jnp.argsort(logits, axis=-1, stable=True)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1), axis=-1)
+  remove_sorted = cumulative <= (1.0 - top_p)
+  vocab = logits.shape[-1]
+  keep_tail = jnp.arange(vocab) >= vocab - min_tokens_to_keep
+  remove_sorted = remove_sorted & ~keep_tail
+  inverse = jnp.argsort(order, axis=-1)
+  remove = jnp.take_along_axis(remove_sorted, inverse, axis=-1)
+  return jnp.where(remove, -jnp.inf, logits)
+
+
+def process_logits(
+  logits: jax.Array,
+  *,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  min_tokens_to_keep: int = 1,
+) -> jax.Array:
+  """Temperature, then top-k, then top-p (each skipped at its neutral value), as transformers does."""
+  if temperature != 1.0:
+    logits = apply_temperature(logits, temperature)
+  if top_k != 0:
+    logits = top_k_filter(logits, top_k, min_tokens_to_keep)
+  if top_p < 1.0:
+    logits = top_p_filter(logits, top_p, min_tokens_to_keep)
+  return logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Greedy and sampling.
+
+
+def _token_loop(
+  select: Callable[[jax.Array, jax.Array], jax.Array],
+  tokens_to_logits: TokensToLogits,
+  cache: Cache,
+  *,
+  num_rows: int,
+  max_len: int,
+  start_id: int,
+  eos_id: int | None,
+  pad_id: int,
+) -> tuple[jax.Array, jax.Array]:
+  """One token per row per step until every row has produced EOS or `max_len` tokens.
+
+  `select(logits[N, V], step) -> tokens[N]` picks the next token. Returns (sequences [N, L] padded
+  with `pad_id` after EOS, scores [N]: sum of the model's log-probabilities of the chosen tokens).
+  """
+  eos = -1 if eos_id is None else eos_id
+
+  def cond(state):
+    step, _, _, done, _, _ = state
+    return (step < max_len) & ~jnp.all(done)
+
+  def body(state):
+    step, tokens, sequences, done, scores, cache = state
+    logits, cache = tokens_to_logits(tokens, cache, step)
+    logits = logits.astype(jnp.float32)
+    next_tokens = select(logits, step).astype(jnp.int32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    token_log_probs = jnp.take_along_axis(log_probs, next_tokens[:, None], axis=-1)[:, 0]
+    scores = scores + jnp.where(done, 0.0, token_log_probs)
+    next_tokens = jnp.where(done, pad_id, next_tokens)
+    sequences = jax.lax.dynamic_update_slice(sequences, next_tokens[:, None], (0, step))
+    done = done | (next_tokens == eos)
+    return step + 1, next_tokens, sequences, done, scores, cache
+
+  init = (
+    jnp.array(0, jnp.int32),
+    jnp.full((num_rows,), start_id, jnp.int32),
+    jnp.full((num_rows, max_len), pad_id, jnp.int32),
+    jnp.zeros((num_rows,), bool),
+    jnp.zeros((num_rows,), jnp.float32),
+    cache,
+  )
+  _, _, sequences, _, scores, _ = jax.lax.while_loop(cond, body, init)
+  return sequences, scores
+
+
+def greedy_search(
+  tokens_to_logits: TokensToLogits,
+  cache: Cache,
+  *,
+  num_rows: int,
+  max_len: int,
+  start_id: int = 0,
+  eos_id: int | None = 1,
+  pad_id: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """Argmax decoding (first index on ties, like torch.argmax).
+
+  Args:
+    tokens_to_logits: `(tokens[N], cache, step) -> (logits[N, V], cache)`.
+    cache: initial cache, leaves with leading dim N.
+    num_rows: N.
+    max_len: L, the number of new tokens at most (EOS included).
+    start_id: token fed at step 0.
+    eos_id: ends a row; None never ends one early.
+    pad_id: fills positions after EOS.
+
+  Returns:
+    sequences int32 [N, L], scores float32 [N] (sum of log-probabilities, EOS included).
+  """
+  select = lambda logits, step: jnp.argmax(logits, axis=-1)
+  return _token_loop(
+    select,
+    tokens_to_logits,
+    cache,
+    num_rows=num_rows,
+    max_len=max_len,
+    start_id=start_id,
+    eos_id=eos_id,
+    pad_id=pad_id,
+  )
+
+
+def sample(
+  tokens_to_logits: TokensToLogits,
+  cache: Cache,
+  rng: jax.Array,
+  *,
+  num_rows: int,
+  max_len: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  start_id: int = 0,
+  eos_id: int | None = 1,
+  pad_id: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """Ancestral sampling from the warped distribution (temperature, then top-k, then top-p).
+
+  Args:
+    tokens_to_logits, cache, num_rows, max_len, start_id, eos_id, pad_id: as in `greedy_search`.
+    rng: PRNG key; the key of step t is `fold_in(rng, t)`, so results are deterministic.
+    temperature: > 0; 1.0 leaves logits unchanged.
+    top_k: keep the k largest logits (ties kept); 0 disables.
+    top_p: nucleus mass; 1.0 disables.
+
+  Returns:
+    sequences int32 [N, L], scores float32 [N]: sum of the model's (unwarped) log-probabilities of
+    the sampled tokens.
+  """
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+
+  def select(logits, step):
+    warped = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(jax.random.fold_in(rng, step), warped, axis=-1)
+
+  return _token_loop(
+    select,
+    tokens_to_logits,
+    cache,
+    num_rows=num_rows,
+    max_len=max_len,
+    start_id=start_id,
+    eos_id=eos_id,
+    pad_id=pad_id,
+  )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Beam search.
+
+
+def length_penalty_denominator(length: jax.Array, alpha: float, style: str = "hf") -> jax.Array:
+  """What a finished hypothesis' summed log-probability is divided by.
+
+  Args:
+    length: generated tokens, EOS included.
+    alpha: the length penalty exponent.
+    style: "hf" for `length**alpha` (transformers), "t5x" for `((5 + length) / 6)**alpha`.
+  """
+  length = jnp.asarray(length, jnp.float32)
+  if style == "hf":
+    return length**alpha
+  if style == "t5x":
+    return ((5.0 + length) / 6.0) ** alpha
+  raise ValueError(f"length_penalty_style must be 'hf' or 't5x', got {style!r}")
+
+
+def _gather_beams(x: jax.Array, beam_idx: jax.Array) -> jax.Array:
+  """x [B, n, ...] gathered along axis 1 with beam_idx [B, k] -> [B, k, ...]."""
+  return jax.vmap(lambda row, idx: row[idx])(x, beam_idx)
+
+
+def beam_search(
+  tokens_to_logits: TokensToLogits,
+  cache: Cache,
+  *,
+  batch_size: int,
+  num_beams: int,
+  max_len: int,
+  length_penalty: float = 1.0,
+  early_stopping: bool | str = False,
+  length_penalty_style: str = "hf",
+  start_id: int = 0,
+  eos_id: int | None = 1,
+  pad_id: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """Beam search with transformers' candidate selection, scoring and stopping rules.
+
+  Args:
+    tokens_to_logits: `(tokens[N], cache, step) -> (logits[N, V], cache)`, N = batch_size*num_beams.
+    cache: initial cache, leaves with leading dim N; reordered with `leaf[idx]` after every step.
+    batch_size: B.
+    num_beams: n.
+    max_len: L, new tokens at most (EOS included).
+    length_penalty: exponent of the length normalisation of finished hypotheses.
+    early_stopping: True (stop an example once n hypotheses are finished), False (stop when the
+      best live beam, normalised at the current length, cannot beat the worst finished one), or
+      "never" (same, normalised at the maximum length when length_penalty > 0).
+    length_penalty_style: "hf" (`len**alpha`) or "t5x" (`((5+len)/6)**alpha`; the bound of the
+      stopping test then uses the maximum length when alpha > 0, as t5x does).
+    start_id: token fed at step 0.
+    eos_id: finishes a hypothesis; None never finishes one before max_len.
+    pad_id: fills positions after EOS.
+
+  Returns:
+    sequences int32 [B, n, L] sorted best first, scores float32 [B, n] (length-normalised).
+  """
+  if early_stopping not in (True, False, "never"):
+    raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+  n = num_beams
+  eos = -1 if eos_id is None else eos_id
+  stop_at_full = early_stopping is True
+  bound_at_max_len = (early_stopping == "never" or length_penalty_style == "t5x") and (
+    length_penalty > 0
+  )
+  top_n_mask = jnp.arange(2 * n) < n
+  batch_offsets = (jnp.arange(batch_size) * n)[:, None]
+
+  def penalty(length):
+    return length_penalty_denominator(length, length_penalty, length_penalty_style)
+
+  def cond(state):
+    step, _, _, _, _, _, _, heuristic_open, all_hit, _ = state
+    exists_open_beam = ~(jnp.all(state[6]) & stop_at_full)
+    return (step < max_len) & jnp.any(heuristic_open) & exists_open_beam & ~all_hit
+
+  def body(state):
+    (
+      step,
+      tokens,
+      run_seqs,
+      run_scores,
+      fin_seqs,
+      fin_scores,
+      fin_mask,
+      heuristic_open,
+      _,
+      cache,
+    ) = state
+    logits, cache = tokens_to_logits(tokens, cache, step)
+    vocab = logits.shape[-1]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(
+      batch_size, n, vocab
+    )
+    accumulated = (log_probs + run_scores[:, :, None]).reshape(batch_size, n * vocab)
+
+    # Top 2n candidates over all beams of each example.
+    cand_scores, cand_idx = jax.lax.top_k(accumulated, 2 * n)
+    cand_beams = cand_idx // vocab
+    cand_tokens = (cand_idx % vocab).astype(jnp.int32)
+    cand_seqs = _gather_beams(run_seqs, cand_beams)
+    cand_seqs = jax.lax.dynamic_update_slice(
+      cand_seqs, cand_tokens[:, :, None], (0, 0, step)
+    )  # [B, 2n, L]
+    hits = (cand_tokens == eos) | (step + 1 >= max_len)
+
+    # Live beams: the best n candidates that did not just finish.
+    live_cand_scores = cand_scores + hits.astype(jnp.float32) * NEG_INF
+    run_scores, keep = jax.lax.top_k(live_cand_scores, n)
+    run_seqs = _gather_beams(cand_seqs, keep)
+    parent = jnp.take_along_axis(cand_beams, keep, axis=1)
+    new_tokens = jnp.take_along_axis(cand_tokens, keep, axis=1).reshape(-1)
+
+    # Finished hypotheses: merge the candidates that just finished within the top n.
+    just_finished = hits & top_n_mask[None, :]
+    fin_cand = cand_scores / penalty(step + 1)
+    fin_cand = fin_cand + (jnp.all(fin_mask, axis=1, keepdims=True) & stop_at_full) * NEG_INF
+    fin_cand = fin_cand + (~heuristic_open)[:, None] * NEG_INF
+    fin_cand = fin_cand + (~just_finished) * NEG_INF
+    merged_scores = jnp.concatenate([fin_scores, fin_cand], axis=1)
+    fin_scores, best = jax.lax.top_k(merged_scores, n)
+    fin_seqs = _gather_beams(jnp.concatenate([fin_seqs, cand_seqs], axis=1), best)
+    fin_mask = _gather_beams(jnp.concatenate([fin_mask, just_finished], axis=1), best)
+
+    flat_parent = (parent + batch_offsets).reshape(-1)
+    cache = jax.tree_util.tree_map(lambda x: x[flat_parent], cache)
+
+    step = step + 1
+    bound_len = max_len if bound_at_max_len else step
+    best_running = run_scores[:, 0] / penalty(bound_len)
+    worst_finished = jnp.where(fin_mask, jnp.min(fin_scores, axis=1, keepdims=True), NEG_INF)
+    heuristic_open = heuristic_open & jnp.any(best_running[:, None] > worst_finished, axis=1)
+    return (
+      step,
+      new_tokens,
+      run_seqs,
+      run_scores,
+      fin_seqs,
+      fin_scores,
+      fin_mask,
+      heuristic_open,
+      jnp.all(hits),
+      cache,
+    )
+
+  init_scores = jnp.tile(jnp.where(jnp.arange(n) == 0, 0.0, NEG_INF)[None], (batch_size, 1))
+  empty_seqs = jnp.full((batch_size, n, max_len), pad_id, jnp.int32)
+  init = (
+    jnp.array(0, jnp.int32),
+    jnp.full((batch_size * n,), start_id, jnp.int32),
+    empty_seqs,
+    init_scores.astype(jnp.float32),
+    empty_seqs,
+    jnp.full((batch_size, n), NEG_INF, jnp.float32),
+    jnp.zeros((batch_size, n), bool),
+    jnp.ones((batch_size,), bool),
+    jnp.array(False),
+    cache,
+  )
+  state = jax.lax.while_loop(cond, body, init)
+  fin_seqs, fin_scores = state[4], state[5]
+  # Padding after EOS (candidate sequences are built on pad-filled rows, so this only matters for
+  # rows that never finished, which cannot be returned once max_len is reached).
+  return fin_seqs, fin_scores
+
+
+def pad_after_eos(sequences: np.ndarray, eos_id: int = 1, pad_id: int = 0) -> np.ndarray:
+  """Replaces every token after the first EOS of each row with `pad_id` (numpy, [..., L])."""
+  sequences = np.array(sequences)
+  is_eos = sequences == eos_id
+  after = np.cumsum(is_eos, axis=-1) - is_eos > 0
+  sequences[after] = pad_id
+  return sequences
