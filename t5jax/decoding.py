@@ -10,11 +10,11 @@ Rows: N = B * r where r is the number of beams or samples per example; rows b*r 
 example b. Sequences are [.., L] int32 without the start token; positions after EOS hold `pad_id`.
 
 Beam search follows transformers' (5.x) algorithm step for step so that the same logits give the
-same hypotheses and scores: 2*num_beams candidates per step, a candidate that ends in EOS (or reaches
-the maximum length) among the top num_beams becomes a finished hypothesis scored
+same hypotheses and scores: 2*num_beams candidates per step, a candidate that ends in EOS (or
+reaches the maximum length) among the top num_beams becomes a finished hypothesis scored
 `sum(logprobs) / len**length_penalty`, and the same `early_stopping` heuristics (True, False,
-"never"). Differences: finished hypotheses are padded with `pad_id` (transformers pads them with EOS),
-and an optional t5x brevity penalty `((5 + len) / 6) ** alpha`.
+"never"). Differences: finished hypotheses are padded with `pad_id` (transformers pads them with
+EOS), and an optional t5x brevity penalty `((5 + len) / 6) ** alpha`.
 
 Sampling warpers are pure functions over logits [..., V] that reproduce transformers'
 `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper`, ties included.
@@ -35,7 +35,7 @@ TokensToLogits = Callable[[jax.Array, Cache, jax.Array], tuple[jax.Array, Cache]
 NEG_INF = -1.0e9  # transformers' "impossible" score; kept finite so sums and orderings match it.
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Logits warpers.
 
 
@@ -104,7 +104,7 @@ def process_logits(
   top_p: float = 1.0,
   min_tokens_to_keep: int = 1,
 ) -> jax.Array:
-  """Temperature, then top-k, then top-p (each skipped at its neutral value), as transformers does."""
+  """Temperature, then top-k, then top-p (each skipped at its neutral value), like transformers."""
   if temperature != 1.0:
     logits = apply_temperature(logits, temperature)
   if top_k != 0:
@@ -114,7 +114,7 @@ def process_logits(
   return logits
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Greedy and sampling.
 
 
@@ -248,7 +248,7 @@ def sample(
   )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Beam search.
 
 

@@ -1,4 +1,4 @@
-"""Tests of t5jax.decoding on toy Markov chains (no T5 model) and of the warpers against transformers."""
+"""t5jax.decoding on toy Markov chains (no T5 model); warpers against transformers'."""
 
 import itertools
 
@@ -194,7 +194,7 @@ def test_beam_no_eos_reaches_max_len():
   assert seqs.shape == (1, 2, 4)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Warpers against transformers.
 
 torch = pytest.importorskip("torch")
