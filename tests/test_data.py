@@ -1,0 +1,383 @@
+"""Tests of t5jax.data: span corruption, packing, determinism, resume, sharding, file errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from t5jax import data
+from t5jax.tokenizer import EOS_ID, ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+def _cfg(**overrides):
+  cfg = data.default_data_config()
+  cfg.update(overrides)
+  return cfg
+
+
+def _write_tsv(path, n):
+  path.write_text("".join(f"in {i:03d}\tout {i:03d}\n" for i in range(n)))
+  return str(path)
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b, strict=True):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _row_texts(batch, key="encoder_input_tokens"):
+  return [TOK.decode(row) for row in batch[key]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Span corruption.
+
+
+def test_noise_mask_density_and_spans():
+  rng = np.random.default_rng(0)
+  for length in [2, 3, 10, 57, 100, 568]:
+    for _ in range(20):
+      mask = data.random_spans_noise_mask(length, 0.15, 3.0, rng)
+      num_noise = min(max(round(length * 0.15), 1), length - 1)
+      assert mask.sum() == num_noise
+      starts = np.flatnonzero(mask & ~np.concatenate([[False], mask[:-1]]))
+      assert len(starts) == min(max(round(num_noise / 3.0), 1), num_noise, length - num_noise)
+      assert not mask[0] and mask[-1]  # non-noise first, noise last (T5's interleaving)
+  # Mean span length over many draws is close to 3.
+  spans = []
+  for _ in range(200):
+    mask = data.random_spans_noise_mask(200, 0.15, 3.0, rng)
+    edges = np.diff(np.concatenate([[0], mask.astype(int), [0]]))
+    spans += list(np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1))
+  assert abs(np.mean(spans) - 3.0) < 0.1
+
+
+def _rebuild(inputs, targets, tok):
+  """Original tokens from corrupted inputs and targets (both ending with eos)."""
+  spans, current = {}, None
+  for t in targets[:-1].tolist():
+    if tok.is_sentinel(t):
+      current = t
+      spans[current] = []
+    else:
+      spans[current].append(t)
+  out = []
+  for t in inputs[:-1].tolist():
+    out.extend(spans[t] if tok.is_sentinel(t) else [t])
+  return out
+
+
+def test_span_corrupt_properties():
+  tokens = np.array(TOK.encode("The quick brown fox jumps over the lazy dog. " * 4)[:-1])
+  for seed in range(10):
+    inputs, targets = data.span_corrupt(tokens, np.random.default_rng(seed), TOK.sentinel_id)
+    assert inputs[-1] == EOS_ID and targets[-1] == EOS_ID
+    sentinels_in = [t for t in inputs.tolist() if TOK.is_sentinel(t)]
+    sentinels_tg = [t for t in targets.tolist() if TOK.is_sentinel(t)]
+    # Same sentinels, in order <extra_id_0>, <extra_id_1>, ...; targets start with a sentinel.
+    assert sentinels_in == sentinels_tg == [TOK.sentinel_id(i) for i in range(len(sentinels_in))]
+    assert TOK.is_sentinel(targets[0])
+    assert _rebuild(inputs, targets, TOK) == tokens.tolist()
+    noise = len(targets) - 1 - len(sentinels_tg)
+    assert noise == round(len(tokens) * 0.15)
+  a = data.span_corrupt(tokens, np.random.default_rng(3), TOK.sentinel_id)
+  b = data.span_corrupt(tokens, np.random.default_rng(3), TOK.sentinel_id)
+  np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_raw_length_fits_t5_defaults():
+  # T5: inputs 512, targets 114 come from raw chunks of 568 tokens.
+  assert data.span_corruption_raw_length(512, 114, 0.15, 3.0) == 568
+  raw = data.span_corruption_raw_length(32, 12, 0.15, 3.0)
+  for seed in range(20):
+    inputs, targets = data.span_corrupt(
+      np.arange(3, 3 + raw), np.random.default_rng(seed), TOK.sentinel_id
+    )
+    assert len(inputs) <= 32 and len(targets) <= 12
+
+
+def test_span_corruption_pipeline(tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  docs = [f"document {i}: the quick brown fox jumps over the lazy dog" for i in range(30)]
+  corpus.write_text("\n".join(docs) + "\n")
+  cfg = _cfg(kind="span_corruption", train_file=str(corpus), eval_file=str(corpus))
+  cfg.max_input_length, cfg.max_target_length = 64, 16
+  ds = data.make_datasets(cfg, TOK, batch_size=4, seed=1)
+  batch = next(ds.train)
+  assert batch["encoder_input_tokens"].shape == (4, 64)
+  assert batch["decoder_target_tokens"].shape == (4, 16)
+  stream = np.array([t for d in docs for t in TOK.encode(d)[:-1]])
+  raw = data.span_corruption_raw_length(64, 16, 0.15, 3.0)
+  for k, ex in enumerate(ds.eval.tokenized[:5]):
+    rebuilt = _rebuild(ex["inputs"], ex["targets"], TOK)
+    assert len(rebuilt) <= raw
+    # Each rebuilt chunk is a window of the concatenated corpus.
+    start = raw * k
+    assert rebuilt == stream[start : start + len(rebuilt)].tolist()
+  assert "<extra_id_0>" in ds.eval.examples[0][0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing.
+
+
+def _check_packed(batch):
+  for r in range(batch["encoder_input_tokens"].shape[0]):
+    for prefix, tokens in (
+      ("encoder", "encoder_input_tokens"),
+      ("decoder", "decoder_target_tokens"),
+    ):
+      seg, pos = batch[f"{prefix}_segment_ids"][r], batch[f"{prefix}_positions"][r]
+      tok = batch[tokens][r]
+      n = seg.max()
+      # Segments 1..n contiguous and in order, then padding (0) with token 0.
+      used = seg > 0
+      assert used.sum() == used[: used.sum()].sum()
+      np.testing.assert_array_equal(np.unique(seg[used]), np.arange(1, n + 1))
+      assert np.all(np.diff(seg[used]) >= 0)
+      assert np.all(tok[~used] == 0) and np.all(tok[used] > 0)
+      for s in range(1, n + 1):
+        np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+        assert tok[seg == s][-1] == EOS_ID
+    seg = batch["decoder_segment_ids"][r]
+    assert batch["encoder_segment_ids"][r].max() == seg.max()
+    dec_in, tgt = batch["decoder_input_tokens"][r], batch["decoder_target_tokens"][r]
+    for s in range(1, seg.max() + 1):
+      expected = np.concatenate([[0], tgt[seg == s][:-1]])
+      np.testing.assert_array_equal(dec_in[seg == s], expected)
+    np.testing.assert_array_equal(batch["decoder_loss_weights"][r], (seg > 0).astype(np.float32))
+
+
+def test_packed_pipeline_segments_and_pairs(tmp_path):
+  cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 40), pack=True)
+  cfg.max_input_length, cfg.max_target_length = 24, 24
+  ds = data.make_datasets(cfg, TOK, batch_size=3, seed=0)
+  for batch in _take(ds.train, 5):
+    _check_packed(batch)
+    assert batch["decoder_segment_ids"].max() >= 2  # rows really hold several examples
+    # Encoder segment s and decoder segment s are the same example.
+    for r in range(3):
+      enc, dec = batch["encoder_segment_ids"][r], batch["decoder_segment_ids"][r]
+      for s in range(1, enc.max() + 1):
+        src = TOK.decode(batch["encoder_input_tokens"][r][enc == s])
+        tgt = TOK.decode(batch["decoder_target_tokens"][r][dec == s])
+        assert src.replace("in", "out") == tgt
+
+
+def test_pack_examples_helper_matches_pad_batch():
+  rng = np.random.default_rng(0)
+  examples = [
+    {"inputs": np.append(rng.integers(3, 50, rng.integers(1, 6)), 1).astype(np.int32),
+     "targets": np.append(rng.integers(3, 50, rng.integers(0, 4)), 1).astype(np.int32)}
+    for _ in range(7)
+  ]  # fmt: skip
+  packed, placement = data.pack_examples(examples, 3, 16, 12)
+  padded = data.pad_batch(examples, 16, 12)
+  _check_packed(packed)
+  for k, (ex, p) in enumerate(zip(examples, placement, strict=True)):
+    n_in, n_tg = len(ex["inputs"]), len(ex["targets"])
+    np.testing.assert_array_equal(
+      packed["encoder_input_tokens"][p.row, p.input_start : p.input_start + n_in],
+      padded["encoder_input_tokens"][k, :n_in],
+    )
+    for key in ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"):
+      np.testing.assert_array_equal(
+        packed[key][p.row, p.target_start : p.target_start + n_tg], padded[key][k, :n_tg]
+      )
+  with pytest.raises(ValueError, match="does not fit"):
+    data.pack_examples(examples, 1, 8, 8)
+
+
+def test_truncate_and_pad_batch():
+  np.testing.assert_array_equal(data.truncate([5, 6, 7, 1], 3), [5, 6, 1])
+  np.testing.assert_array_equal(data.truncate([5, 6, 7, 8], 3), [5, 6, 7])
+  np.testing.assert_array_equal(data.truncate([5, 1], 3), [5, 1])
+  batch = data.pad_batch([{"inputs": np.array([4, 1]), "targets": np.array([7, 8, 1])}], 4, 5, 2)
+  np.testing.assert_array_equal(batch["decoder_input_tokens"], [[0, 7, 8, 1, 0], [0] * 5])
+  np.testing.assert_array_equal(batch["decoder_loss_weights"], [[1, 1, 1, 0, 0], [0] * 5])
+  assert batch["encoder_input_tokens"].dtype == np.int32
+
+
+# ------------------------------------------------------------------------------------------------
+# Determinism, resume, sharding.
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_shuffle_is_deterministic_by_seed(tmp_path, pack):
+  cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 20), pack=pack)
+  a = _take(data.make_datasets(cfg, TOK, batch_size=4, seed=7).train, 6)
+  b = _take(data.make_datasets(cfg, TOK, batch_size=4, seed=7).train, 6)
+  c = _take(data.make_datasets(cfg, TOK, batch_size=4, seed=8).train, 6)
+  _assert_batches_equal(a, b)
+  assert any(
+    not np.array_equal(x["encoder_input_tokens"], y["encoder_input_tokens"])
+    for x, y in zip(a, c, strict=True)
+  )
+
+
+def test_epochs_cover_data_in_new_orders(tmp_path):
+  cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 12))
+  it = data.make_datasets(cfg, TOK, batch_size=4, seed=0).train
+  epochs = [sum((_row_texts(b) for b in _take(it, 3)), []) for _ in range(3)]
+  for epoch in epochs:
+    assert sorted(epoch) == [f"in {i:03d}" for i in range(12)]
+  assert epochs[0] != epochs[1] and epochs[0] != sorted(epochs[0])
+
+
+@pytest.mark.parametrize("kind,pack", [("tsv", False), ("tsv", True), ("span_corruption", True)])
+def test_resume_from_state_gives_next_batches(tmp_path, kind, pack):
+  if kind == "tsv":
+    path = _write_tsv(tmp_path / "t.tsv", 30)
+  else:
+    path = str(tmp_path / "c.txt")
+    (tmp_path / "c.txt").write_text(
+      "\n".join(f"line {i} of some text to corrupt" for i in range(40))
+    )
+  cfg = _cfg(kind=kind, train_file=path, pack=pack)
+  it = data.make_datasets(cfg, TOK, batch_size=4, seed=3).train
+  _take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 6)  # crosses an epoch boundary
+  resumed = data.make_datasets(cfg, TOK, batch_size=4, seed=3).train
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 6), expected)
+
+
+def test_host_sharding_disjoint_and_covering(tmp_path):
+  cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 24))
+  seen = []
+  for host in range(3):
+    it = data.make_datasets(
+      cfg, TOK, batch_size=4, seed=0, process_index=host, process_count=3
+    ).train
+    seen.append(set(sum((_row_texts(b) for b in _take(it, 2)), [])))  # one epoch: 8 records
+  assert all(len(s) == 8 for s in seen)
+  assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+  assert set.union(*seen) == {f"in {i:03d}" for i in range(24)}
+
+
+def test_eval_single_pass_sharded_and_padded(tmp_path):
+  cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 4))
+  cfg.eval_file = _write_tsv(tmp_path / "e.tsv", 11)
+  evals = [
+    data.make_datasets(cfg, TOK, batch_size=2, seed=0, process_index=h, process_count=2).eval
+    for h in range(2)
+  ]
+  assert [len(e) for e in evals] == [6, 5]
+  assert evals[0].num_batches == evals[1].num_batches == 3
+  rows = []
+  for e in evals:
+    batches = list(e.batches())
+    assert len(batches) == 3 and list(e.batches())[0].keys() == batches[0].keys()
+    for b in batches:
+      assert b["encoder_input_tokens"].shape == (2, 32)
+      rows += [
+        t for t, w in zip(_row_texts(b), b["decoder_loss_weights"].sum(1), strict=True) if w > 0
+      ]
+  assert sorted(rows) == [f"in {i:03d}" for i in range(11)]
+  assert evals[1].examples[0] == ("in 001", "out 001")
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+
+
+@pytest.mark.parametrize(
+  "content,message",
+  [
+    ("a\tb\nno tab here\n", ":2: expected 2 tab-separated fields"),
+    ("a\tb\tc\n", ":1: expected 2 tab-separated fields (input, target), got 3"),
+    ("a\tb\n\n\tb\n", ":3: empty input"),
+  ],
+)
+def test_malformed_tsv(tmp_path, content, message):
+  path = tmp_path / "bad.tsv"
+  path.write_text(content)
+  with pytest.raises(data.DataError) as e:
+    data.read_tsv(str(path))
+  assert str(e.value).startswith(str(path)) and message in str(e.value)
+
+
+@pytest.mark.parametrize(
+  "line,message",
+  [
+    ('{"input": "a"', ":2: invalid JSON"),
+    ('["a", "b"]', ":2: expected a JSON object"),
+    ('{"input": "a"}', ":2: missing field 'target'"),
+    ('{"input": "a", "target": 3}', ":2: field 'target' is int"),
+  ],
+)
+def test_malformed_jsonl(tmp_path, line, message):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"input": "x", "target": "y"}\n' + line + "\n")
+  with pytest.raises(data.DataError, match=message):
+    data.read_jsonl(str(path))
+
+
+def test_jsonl_fields_missing_and_empty_files(tmp_path):
+  path = tmp_path / "ok.jsonl"
+  path.write_text('{"q": "2+2", "a": "4", "other": 1}\n\n{"q": "x", "a": ""}\n')
+  assert data.read_jsonl(str(path), "q", "a") == [("2+2", "4"), ("x", "")]
+  with pytest.raises(FileNotFoundError, match="no such data file"):
+    data.read_tsv(str(tmp_path / "missing.tsv"))
+  (tmp_path / "empty.tsv").write_text("\n  \n")
+  with pytest.raises(data.DataError, match="empty.tsv: file is empty"):
+    data.read_tsv(str(tmp_path / "empty.tsv"))
+  with pytest.raises(data.DataError, match="no data file"):
+    data.make_datasets(_cfg(kind="tsv"), TOK, batch_size=2, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Builtin tasks and the factory.
+
+
+def test_builtin_tasks_correct_deterministic_disjoint():
+  train = data.builtin_task_examples("train", 2000, seed=0)
+  assert train == data.builtin_task_examples("train", 2000, seed=0)
+  assert train != data.builtin_task_examples("train", 2000, seed=1)
+  valid = data.builtin_task_examples("validation", 400, seed=0)
+  assert not {x for x, _ in train} & {x for x, _ in valid}
+  assert not {x for x, _ in data.builtin_task_examples("train", 2000, seed=5)} & {
+    x for x, _ in valid
+  }
+  for x, y in train[:400]:
+    task, arg = x.split(": ", 1)
+    if task == "add":
+      a, b = arg.split(" + ")
+      assert int(y) == int(a) + int(b)
+    elif task == "reverse":
+      assert y.split() == arg.split()[::-1]
+    elif task == "sort":
+      assert y.split() == sorted(arg.split(), key=int)
+    else:
+      assert task == "number to words" and y == data.number_to_words(int(arg))
+  assert data.number_to_words(42) == "forty two"
+  assert data.number_to_words(700) == "seven hundred"
+  assert data.number_to_words(913) == "nine hundred thirteen"
+  assert {x.split(":")[0] for x, _ in data.builtin_task_examples("train", 8, 0, ["sort"])} == {
+    "sort"
+  }
+
+
+def test_make_datasets_builtin_with_trained_tokenizer(tmp_path):
+  cfg = data.default_data_config()
+  cfg.builtin_train_size, cfg.builtin_eval_size, cfg.pack = 500, 20, True
+  tok = data.build_tokenizer(cfg, str(tmp_path), seed=0)
+  assert data.build_tokenizer(cfg, str(tmp_path)).vocab_size == tok.vocab_size  # reloaded
+  train, evaluation = data.make_datasets(cfg, tok, batch_size=8, seed=0)
+  batch = next(train)
+  _check_packed(batch)
+  assert batch["encoder_input_tokens"].shape == (8, cfg.max_input_length)
+  assert len(evaluation) == 20
+  inp, tgt = evaluation.examples[0]
+  np.testing.assert_array_equal(evaluation.tokenized[0]["inputs"], tok.encode(inp))
+  assert tok.decode(evaluation.tokenized[0]["targets"]) == tgt
