@@ -712,7 +712,7 @@ def make_datasets(
     raw = span_corruption_raw_length(
       s_len, t_len, data_cfg.noise_density, data_cfg.mean_noise_span_length
     )
-    # Targets hold one sentinel per span: length = noise + spans + eos, noise = round(raw * density).
+    # Targets hold one sentinel per span: length = noise + spans + eos.
     num_noise = min(max(int(round(raw * data_cfg.noise_density)), 1), raw - 1)
     num_spans = _corrupted_lengths(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length)[1]
     num_spans -= num_noise + 1
