@@ -381,3 +381,30 @@ def test_make_datasets_builtin_with_trained_tokenizer(tmp_path):
   inp, tgt = evaluation.examples[0]
   np.testing.assert_array_equal(evaluation.tokenized[0]["inputs"], tok.encode(inp))
   assert tok.decode(evaluation.tokenized[0]["targets"]) == tgt
+
+
+def test_jsonl_kind_and_span_corruption_with_sentencepiece(tmp_path):
+  from t5jax.tokenizer import train_sentencepiece
+
+  path = tmp_path / "d.jsonl"
+  path.write_text(
+    "".join(json.dumps({"q": f"question {i}", "a": f"answer {i}"}) + "\n" for i in range(9))
+  )
+  cfg = _cfg(
+    kind="jsonl", train_file=str(path), eval_file=str(path), input_field="q", target_field="a"
+  )
+  tok = data.build_tokenizer(cfg)
+  train, evaluation = data.make_datasets(cfg, tok, batch_size=2, seed=0)
+  assert tok.decode(next(train)["encoder_input_tokens"][0]).startswith("question")
+  assert evaluation.examples[3] == ("question 3", "answer 3")
+  # Span corruption with SentencePiece: sentinels are the top ids, <extra_id_0> first.
+  corpus = tmp_path / "c.txt"
+  corpus.write_text("\n".join(f"sentence number {i} about foxes and dogs" for i in range(50)))
+  spm_tok = train_sentencepiece(corpus.read_text().splitlines(), 300, None, extra_ids=20)
+  cfg = _cfg(kind="span_corruption", train_file=str(corpus), eval_file=str(corpus), pack=True)
+  _, evaluation = data.make_datasets(cfg, spm_tok, batch_size=2, seed=0)
+  targets = evaluation.tokenized[0]["targets"]
+  assert targets[0] == spm_tok.sentinel_id(0) == spm_tok.vocab_size - 1
+  cfg.max_input_length, cfg.max_target_length = 512, 114
+  with pytest.raises(ValueError, match="needs 28 sentinels"):
+    data.make_datasets(cfg, spm_tok, batch_size=2, seed=0)
