@@ -11,11 +11,20 @@ train step's job, not the optimizer's.
 Adafactor uses T5's settings: factored second moments for matrices whose two largest dimensions
 are at least `min_dim_size_to_factor`, second-moment decay `1 - (t + 1)**-0.8` (t = 0 for the first
 update, so the first estimate is the squared gradient), update clipping at RMS 1.0, updates
-scaled by the parameter's RMS (at least 1e-3), no momentum, epsilon 1e-30. Optax factors the two
-largest dimensions of each parameter, whatever its rank.
+scaled by the parameter's RMS (at least 1e-3), no momentum, epsilon 1e-30.
+
+Optax factors the two largest dimensions of a parameter. Our attention kernels are 3-D
+(`[D, H, K]`, `[H, K, D]`), where T5 / t5x factor rows `D` against columns `H*K`; optax alone
+would leave e.g. `[512, 8, 64]` unfactored (second-largest dim 64 < 128). With
+`adafactor.matrix_view` (default on) such parameters are seen by Adafactor as the matrix
+`[D, H*K]` / `[H*K, D]` (the split of the dimensions whose two products are closest), which
+reproduces T5's factoring. Clipping and parameter scaling use whole-tensor RMS, unchanged by the
+view.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +60,8 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
   c.adafactor.multiply_by_parameter_scale = True  # Relative step: updates times param RMS.
   c.adafactor.momentum = 0.0  # First-moment decay; 0 = no momentum (T5).
   c.adafactor.eps = 1e-30  # Added to squared gradients.
+  # Factor rank > 2 params as matrices, T5-style ([D, H, K] as [D, H*K]); see module docstring.
+  c.adafactor.matrix_view = True
 
   c.adamw = ml_collections.ConfigDict()  # Used when name == "adamw".
   c.adamw.b1 = 0.9  # First-moment decay.
@@ -99,6 +110,36 @@ def decay_mask(params) -> object:
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
+def _matrix_shape(shape: tuple[int, ...], min_dim: int) -> tuple[int, ...]:
+  """2-D view of a rank > 2 shape if that view gets factored, else the shape unchanged."""
+  if len(shape) <= 2:
+    return shape
+  splits = [(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, len(shape))]
+  rows, cols = min(splits, key=lambda rc: abs(math.log(rc[0]) - math.log(rc[1])))
+  return (rows, cols) if min(rows, cols) >= min_dim else shape
+
+
+def as_matrices(inner: optax.GradientTransformation, min_dim: int) -> optax.GradientTransformation:
+  """Runs `inner` on 2-D views of rank > 2 parameters that would then be factored.
+
+  Parameters that would not be factored keep their shape, so their full second moments keep the
+  parameter's shape (and sharding). Updates are reshaped back.
+  """
+
+  def view(x):
+    return jnp.reshape(x, _matrix_shape(tuple(x.shape), min_dim))
+
+  def init_fn(params):
+    return inner.init(jax.tree.map(view, params))
+
+  def update_fn(updates, state, params=None):
+    viewed_params = None if params is None else jax.tree.map(view, params)
+    new, state = inner.update(jax.tree.map(view, updates), state, viewed_params)
+    return jax.tree.map(lambda n, u: jnp.reshape(n, u.shape), new, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(
   cfg: ml_collections.ConfigDict, schedule: optax.Schedule | None = None
 ) -> optax.GradientTransformation:
@@ -130,6 +171,8 @@ def make_optimizer(
       eps=float(a.eps),
       factored=bool(a.factored),
     )
+    if a.matrix_view and a.factored:
+      opt = as_matrices(opt, int(a.min_dim_size_to_factor))
   elif cfg.name == "adamw":
     a = cfg.adamw
     opt = optax.adamw(

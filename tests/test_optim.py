@@ -20,7 +20,8 @@ def _params():
     "embed": jnp.ones((256, 128)),  # factored (both dims >= 128)
     "small": jnp.ones((16, 128)),  # not factored (second largest dim < 128)
     "scale": jnp.ones((128,)),  # rank 1
-    "qkv": jnp.ones((128, 4, 160)),  # rank 3: optax factors its two largest dims
+    "qkv": jnp.ones((128, 4, 32)),  # rank 3: factored as the matrix [128, 4*32]
+    "small3": jnp.ones((16, 4, 8)),  # rank 3, too small to factor: keeps its shape
   }
 
 
@@ -61,10 +62,32 @@ def test_adafactor_state_shapes_and_dtype():
   factored = state[0]
   shapes = lambda t: jax.tree.map(jnp.shape, t)
   # Optax's v_row drops the largest dim, v_col the second largest; unfactored leaves hold (1,).
-  assert shapes(factored.v_row) == {"embed": (128,), "small": (1,), "scale": (1,), "qkv": (128, 4)}
-  assert shapes(factored.v_col) == {"embed": (256,), "small": (1,), "scale": (1,), "qkv": (4, 160)}
-  assert shapes(factored.v) == {"embed": (1,), "small": (16, 128), "scale": (128,), "qkv": (1,)}
+  one = (1,)
+  assert shapes(factored.v_row) == dict(embed=(128,), small=one, scale=one, qkv=(128,), small3=one)
+  assert shapes(factored.v_col) == dict(embed=(256,), small=one, scale=one, qkv=(128,), small3=one)
+  assert shapes(factored.v) == dict(
+    embed=one, small=(16, 128), scale=(128,), qkv=one, small3=(16, 4, 8)
+  )
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state) if x.ndim)
+
+
+def test_matrix_view_matches_2d_adafactor():
+  """A [D, H, K] kernel is updated exactly like the [D, H*K] matrix (T5's factoring)."""
+  tx = optim.make_optimizer(_cfg())
+  cfg2 = _cfg()
+  cfg2.adafactor.matrix_view = False
+  tx2 = optim.make_optimizer(cfg2)
+  rng = np.random.default_rng(0)
+  p = {"q": jnp.asarray(rng.normal(size=(256, 4, 64)), jnp.float32)}
+  g = {"q": jnp.asarray(rng.normal(size=(256, 4, 64)), jnp.float32)}
+  p2, g2 = ({"q": x["q"].reshape(256, 256)} for x in (p, g))
+  s, s2 = tx.init(p), tx2.init(p2)
+  for _ in range(2):
+    u, s = tx.update(g, s, p)
+    u2, s2 = tx2.update(g2, s2, p2)
+    np.testing.assert_allclose(u["q"].reshape(256, 256), u2["q"], rtol=1e-5, atol=1e-9)
+  # Without the view optax leaves this kernel unfactored (second-largest dim 64 < 128).
+  assert tx2.init(p)[0].v["q"].shape == (256, 4, 64)
 
 
 def test_adafactor_first_step_is_t5():
