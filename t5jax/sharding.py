@@ -180,6 +180,22 @@ def logical_to_sharding(
   )
 
 
+def with_logical_constraint(
+  x: jax.Array, axes: Sequence[str | None], rules: Rules = DEFAULT_RULES
+) -> jax.Array:
+  """Constrains an activation's sharding by logical names, under `jax.set_mesh(mesh)`.
+
+  A no-op when no mesh is set, so model code can call it unconditionally. Activations use the
+  same table as parameters: for `("batch", "length", "embed")` the batch takes `data` and `fsdp`,
+  so `embed` (whose rule is `fsdp`, already used) stays whole, as FSDP wants.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  spec = logical_to_spec(axes, dict(mesh.shape), rules, x.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 def param_shardings(config: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
   """Shardings of `t5jax.model.init_params(config, rng)` from `model.param_axes(config)`."""
   from t5jax import model  # Lazy: the rest of this module does not need the model.

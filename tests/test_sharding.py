@@ -236,10 +236,22 @@ def _check_fallback_on_mesh():
   assert x.shape == (36, 4)
 
 
+def _check_activation_constraint():
+  mesh = sharding.create_mesh(_mesh_cfg(2, 2, 2))
+  x = np.zeros((8, 3, 4), np.float32)
+  f = jax.jit(lambda x: sharding.with_logical_constraint(x * 2, ("batch", "length", "embed")))
+  np.testing.assert_array_equal(f(x), x)  # no mesh set: a no-op
+  with jax.set_mesh(mesh):
+    y = f(x)
+  want = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, None))
+  assert y.sharding.is_equivalent_to(want, 3), y.sharding
+
+
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()
   _check_meshes()
   _check_sharded_params_and_update()
   _check_batch_round_trip()
   _check_fallback_on_mesh()
+  _check_activation_constraint()
   print("multidevice ok")
