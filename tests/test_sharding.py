@@ -127,6 +127,19 @@ def test_logical_to_sharding_tree_and_opt_state():
   assert nu["lm_head"].spec == shard["lm_head"].spec
 
 
+def test_derive_shardings_whole_train_state():
+  mesh = sharding.create_mesh(sharding.default_mesh_config())
+  shapes, axes = _toy_params_and_axes()
+  shard = sharding.logical_to_sharding(axes, mesh, shapes=shapes)
+  tx = optim.make_optimizer(optim.default_optimizer_config())
+  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": shapes}
+  state["opt_state"] = jax.eval_shape(tx.init, shapes)
+  st = sharding.derive_shardings(state, shapes, shard, mesh)
+  assert st["step"].spec == P()
+  assert st["params"]["shared"].spec == shard["shared"].spec
+  assert st["opt_state"][0].v["encoder"]["layers_0"]["mlp"]["wo"].spec == P("tensor", "fsdp")
+
+
 def test_model_param_shardings():
   model = pytest.importorskip("t5jax.model")
   from t5jax.config import get_config
