@@ -294,25 +294,42 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, P(axes if axes else None))
 
 
+def _local_batch_slices(mesh: Mesh, axes: tuple[str, ...]) -> int:
+  """How many distinct batch slices this process's devices hold."""
+  pid = jax.process_index()
+  coords = {
+    tuple(idx[mesh.axis_names.index(a)] for a in axes)
+    for idx in np.ndindex(mesh.devices.shape)
+    if mesh.devices[idx].process_index == pid
+  }
+  return len(coords)
+
+
 def shard_batch(
   batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_RULES
 ) -> dict[str, jax.Array]:
   """Global arrays from this process's rows of a batch.
 
-  Each process passes its own `[B_local, ...]` arrays (its slice of the global batch, in process
-  order); the result is global `[B_local * process_count, ...]` arrays sharded with
-  `batch_sharding`. On one host this is plain `jax.device_put` with that sharding.
+  Each process passes the rows its own devices need, `[B_local, ...]`, in process order: with
+  the batch axes spanning hosts that is its `1 / num_processes` slice of the global batch; where
+  processes share batch slices (e.g. a `tensor` axis across hosts) they pass the same rows. The
+  result is global arrays sharded with `batch_sharding`; on one host, `jax.device_put` with it.
 
   Raises:
-    ValueError: the global batch is not divisible by the number of batch shards.
+    ValueError: the rows cannot be split evenly over the batch shards.
   """
   sharding = batch_sharding(mesh, rules)
-  shards = math.prod(mesh.shape[a] for a in _as_tuple(sharding.spec[0]))
+  axes = _as_tuple(sharding.spec[0])
+  shards = math.prod(mesh.shape[a] for a in axes)
+  local_slices = _local_batch_slices(mesh, axes)
   out = {}
   for name, x in batch.items():
     x = np.asarray(x)
-    global_rows = x.shape[0] * jax.process_count()
-    if global_rows % shards:
-      raise ValueError(f"batch '{name}' has {global_rows} rows, not divisible by {shards} shards")
-    out[name] = jax.make_array_from_process_local_data(sharding, x)
+    if x.shape[0] % local_slices:
+      raise ValueError(
+        f"batch '{name}' has {x.shape[0]} local rows, not divisible by the {local_slices} batch "
+        f"shards on this process ({shards} in all)"
+      )
+    global_shape = (x.shape[0] // local_slices * shards, *x.shape[1:])
+    out[name] = jax.make_array_from_process_local_data(sharding, x, global_shape)
   return out
