@@ -33,6 +33,8 @@ Cache = Any
 TokensToLogits = Callable[[jax.Array, Cache, jax.Array], tuple[jax.Array, Cache]]
 
 NEG_INF = -1.0e9  # transformers' "impossible" score; kept finite so sums and orderings match it.
+# early_stopping as an int32 code, so that it can be a traced argument.
+EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +254,9 @@ def sample(
 # Beam search.
 
 
-def length_penalty_denominator(length: jax.Array, alpha: float, style: str = "hf") -> jax.Array:
+def length_penalty_denominator(
+  length: jax.Array, alpha: float | jax.Array, style: str = "hf"
+) -> jax.Array:
   """What a finished hypothesis' summed log-probability is divided by.
 
   Args:
@@ -280,8 +284,8 @@ def beam_search(
   batch_size: int,
   num_beams: int,
   max_len: int,
-  length_penalty: float = 1.0,
-  early_stopping: bool | str = False,
+  length_penalty: float | jax.Array = 1.0,
+  early_stopping: bool | str | jax.Array = False,
   length_penalty_style: str = "hf",
   start_id: int = 0,
   eos_id: int | None = 1,
@@ -298,7 +302,8 @@ def beam_search(
     length_penalty: exponent of the length normalisation of finished hypotheses.
     early_stopping: True (stop an example once n hypotheses are finished), False (stop when the
       best live beam, normalised at the current length, cannot beat the worst finished one), or
-      "never" (same, normalised at the maximum length when length_penalty > 0).
+      "never" (same, normalised at the maximum length when length_penalty > 0); or its code in
+      `EARLY_STOPPING_CODES` as an int32 array (may be traced, like length_penalty).
     length_penalty_style: "hf" (`len**alpha`) or "t5x" (`((5+len)/6)**alpha`; the bound of the
       stopping test then uses the maximum length when alpha > 0, as t5x does).
     start_id: token fed at step 0.
@@ -308,19 +313,24 @@ def beam_search(
   Returns:
     sequences int32 [B, n, L] sorted best first, scores float32 [B, n] (length-normalised).
   """
-  if early_stopping not in (True, False, "never"):
-    raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
   n = num_beams
   eos = -1 if eos_id is None else eos_id
-  stop_at_full = early_stopping is True
-  bound_at_max_len = (early_stopping == "never" or length_penalty_style == "t5x") and (
-    length_penalty > 0
+  # Length penalty and early-stopping mode may be traced: one compilation serves all their values.
+  if isinstance(early_stopping, (bool, str)):
+    if early_stopping not in EARLY_STOPPING_CODES:
+      raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    early_stopping = EARLY_STOPPING_CODES[early_stopping]
+  mode = jnp.asarray(early_stopping, jnp.int32)
+  alpha = jnp.asarray(length_penalty, jnp.float32)
+  stop_at_full = mode == EARLY_STOPPING_CODES[True]
+  bound_at_max_len = ((mode == EARLY_STOPPING_CODES["never"]) | (length_penalty_style == "t5x")) & (
+    alpha > 0
   )
   top_n_mask = jnp.arange(2 * n) < n
   batch_offsets = (jnp.arange(batch_size) * n)[:, None]
 
   def penalty(length):
-    return length_penalty_denominator(length, length_penalty, length_penalty_style)
+    return length_penalty_denominator(length, alpha, length_penalty_style)
 
   def cond(state):
     step, _, _, _, _, _, _, heuristic_open, all_hit, _ = state
@@ -379,7 +389,7 @@ def beam_search(
     cache = jax.tree_util.tree_map(lambda x: x[flat_parent], cache)
 
     step = step + 1
-    bound_len = max_len if bound_at_max_len else step
+    bound_len = jnp.where(bound_at_max_len, max_len, step)
     best_running = run_scores[:, 0] / penalty(bound_len)
     worst_finished = jnp.where(fin_mask, jnp.min(fin_scores, axis=1, keepdims=True), NEG_INF)
     heuristic_open = heuristic_open & jnp.any(best_running[:, None] > worst_finished, axis=1)
