@@ -22,7 +22,11 @@ NEG_INF = float(np.finfo(np.float32).min)
 
 
 def normal_param(module: nn.Module, name: str, shape, axes, std: float, dtype) -> jax.Array:
-  """Creates a normally initialised parameter annotated with logical axis names."""
+  """Declares a parameter annotated with logical axis names.
+
+  `t5jax.model.init_params` draws the actual values (with the same `std`, see `init_std`) in a
+  handful of random ops; the initializer here serves `Module.init` callers.
+  """
   init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
   return module.param(name, init, shape, jnp.dtype(dtype))
 

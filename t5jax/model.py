@@ -6,6 +6,9 @@ N = B * r decoding rows (r beams or samples per example), L preallocated decode 
 Public functions take a plain params pytree and a `T5Config` (static under `jit`):
 
 - `init_params(config, rng)` / `param_axes(config)` — parameters and their logical axis names.
+
+`forward`, `encode`, `init_cross_cache` and `decode_step` are jitted with the config static, so
+calling them directly compiles once per shape; under an outer `jit` they inline.
 - `forward(params, config, encoder_input_tokens, decoder_input_tokens)` — teacher-forced logits.
 - `encode`, `init_cross_cache`, `init_self_cache`, `decode_step` — incremental decoding with an
   explicit cache: the encoder runs once, cross-attention keys and values are computed once per
@@ -288,26 +291,60 @@ def _dummy_inputs():
   return jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)
 
 
-@partial(jax.jit, static_argnums=0)
-def _init_boxed(config: T5Config, rng: jax.Array):
-  return T5(config).init(rng, *_dummy_inputs())["params"]
+def _boxed_shapes(config: T5Config):
+  return jax.eval_shape(lambda: T5(config).init(jax.random.PRNGKey(0), *_dummy_inputs()))["params"]
+
+
+def init_std(path: tuple[str, ...], config: T5Config) -> float | None:
+  """T5's initial standard deviation for the parameter at `path`; None means ones (norm scales)."""
+  d, k, h, f = config.d_model, config.d_kv, config.num_heads, config.d_ff
+  table = {
+    "shared": 1.0,
+    "lm_head": d**-0.5,  # keeps initial logits O(1) when training from scratch
+    "query": (d * k) ** -0.5,
+    "key": d**-0.5,
+    "value": d**-0.5,
+    "out": (h * k) ** -0.5,
+    "wi": d**-0.5,
+    "wi_0": d**-0.5,
+    "wi_1": d**-0.5,
+    "wo": f**-0.5,
+    "rel_embedding": d**-0.5,
+    "scale": None,
+  }
+  return table[path[-1]]
 
 
 def init_params(config: T5Config, rng: jax.Array) -> Params:
-  """Random parameters (float32 by default) as a plain nested dict.
+  """Random parameters in `config.param_dtype` as a plain nested dict. Jittable.
 
   Scales follow T5: embeddings std 1, queries `(D*K)^-0.5`, keys/values `D^-0.5`, attention
-  output `(H*K)^-0.5`, feed-forward in `D^-0.5` and out `F^-0.5`.
+  output `(H*K)^-0.5`, feed-forward in `D^-0.5` and out `F^-0.5`, norm scales 1. All values come
+  from one random draw: on CPU, compiling one random op per parameter takes tens of seconds.
   """
-  return nn.unbox(_init_boxed(config, rng))
+  shapes = nn.unbox(_boxed_shapes(config))
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  dtype = jnp.dtype(config.param_dtype)
+  stds = [init_std(tuple(getattr(k, "key", str(k)) for k in path), config) for path, _ in flat]
+  sizes = [
+    int(np.prod(s.shape)) if std is not None else 0 for (_, s), std in zip(flat, stds, strict=True)
+  ]
+  draws = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+  values, offset = [], 0
+  for (_, s), std, n in zip(flat, stds, sizes, strict=True):
+    if std is None:
+      values.append(jnp.ones(s.shape, dtype))
+    else:
+      values.append((draws[offset : offset + n].reshape(s.shape) * std).astype(dtype))
+    offset += n
+  return jax.tree.unflatten(jax.tree.structure(shapes), values)
 
 
 def param_axes(config: T5Config) -> Params:
   """Logical axis names of every parameter: a pytree like `init_params`, leaves are tuples."""
-  boxed = jax.eval_shape(lambda: T5(config).init(jax.random.PRNGKey(0), *_dummy_inputs()))
   return jax.tree.map(
     lambda x: tuple(x.names),
-    boxed["params"],
+    _boxed_shapes(config),
     is_leaf=lambda x: isinstance(x, nn.Partitioned),
   )
 
@@ -316,6 +353,7 @@ def _rngs(dropout_rng):
   return None if dropout_rng is None else {"dropout": dropout_rng}
 
 
+@partial(jax.jit, static_argnums=1)
 def forward(
   params: Params,
   config: T5Config,
@@ -357,6 +395,7 @@ def forward(
   )
 
 
+@partial(jax.jit, static_argnums=1)
 def encode(
   params: Params,
   config: T5Config,
@@ -379,6 +418,7 @@ def encode(
   )
 
 
+@partial(jax.jit, static_argnums=1)
 def init_cross_cache(
   params: Params, config: T5Config, encoded: jax.Array, encoder_input_tokens: jax.Array
 ) -> Cache:
@@ -393,6 +433,7 @@ def init_self_cache(config: T5Config, num_rows: int, max_len: int) -> Cache:
   return {f"layers_{i}": {"k": z, "v": z} for i in range(config.num_decoder_layers)}
 
 
+@partial(jax.jit, static_argnums=1)
 def decode_step(
   params: Params,
   config: T5Config,
