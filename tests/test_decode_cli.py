@@ -1,0 +1,214 @@
+"""decode.py end to end on a tiny HuggingFace-layout checkpoint, including every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from hf_utils_decoding import make_hf_model, save_hf_model  # noqa: E402
+
+from t5jax.generate import generate  # noqa: E402
+from t5jax.hf import load_hf  # noqa: E402
+from t5jax.tokenizer import ByteTokenizer, load_tokenizer, train_sentencepiece  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import decode  # noqa: E402
+
+TEXTS = ["hi", "hello there", "a much longer input line of text here", "", "b", "ünïcode ✓", "xyz"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  """HF folder with a ByT5 marker: vocab 512 covers bytes (384) and a small SentencePiece model."""
+  folder = str(tmp_path_factory.mktemp("ckpt"))
+  save_hf_model(make_hf_model("v1_1", seed=1, vocab_size=512, eos_swap=None), folder)
+  ByteTokenizer().save(folder)
+  return folder
+
+
+def run_cli(args, capsys):
+  code = decode.main(args)
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def write(tmp_path, name, content, mode="w"):
+  path = tmp_path / name
+  if mode == "wb":
+    path.write_bytes(content)
+  else:
+    path.write_text(content, encoding="utf-8")
+  return str(path)
+
+
+def expected_outputs(checkpoint, texts, max_input_length, **kwargs):
+  """Each input decoded alone (batch 1, padded to max_input_length) through the library."""
+  config, params = load_hf(checkpoint)
+  tok = load_tokenizer(checkpoint)
+  outs = []
+  for text in texts:
+    ids = tok.encode(text)
+    if len(ids) > max_input_length:
+      ids = ids[: max_input_length - 1] + [ids[-1]]
+    row = np.zeros((1, max_input_length), np.int32)
+    row[0, : len(ids)] = ids
+    seqs = np.asarray(generate(params, config, row, **kwargs).sequences)
+    outs.append(tok.decode(seqs.reshape(-1, seqs.shape[-1])[0].tolist()).replace("\n", " "))
+  return outs
+
+
+def test_text_in_order_batched_bucketed_truncated(checkpoint, tmp_path, capsys):
+  inp = write(tmp_path, "in.txt", "\n".join(TEXTS) + "\n")
+  out = str(tmp_path / "out.txt")
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--output_file", out]
+  args += ["--batch_size", "3", "--max_new_tokens", "6", "--max_input_length", "16"]
+  code, stdout, err = run_cli(args, capsys)
+  assert code == 0, err
+  assert "truncated 1 of 7 inputs" in err
+  with open(out, encoding="utf-8") as f:
+    got = f.read().split("\n")
+  assert got[-1] == "" and len(got) == len(TEXTS) + 1
+  assert got[:-1] == expected_outputs(checkpoint, TEXTS, 16, max_new_tokens=6)
+
+
+def test_jsonl_beam_with_tsv_input(checkpoint, tmp_path, capsys):
+  rows = "id\tinputs\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(TEXTS[:4]))
+  inp = write(tmp_path, "in.tsv", rows)
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--output_format", "jsonl"]
+  args += ["--method", "beam", "--num_beams", "3", "--num_return_sequences", "2"]
+  args += ["--max_new_tokens", "5", "--batch_size", "4"]
+  code, stdout, err = run_cli(args, capsys)
+  assert code == 0, err
+  records = [json.loads(line) for line in stdout.splitlines()]
+  assert [r["input"] for r in records] == TEXTS[:4]
+  for r in records:
+    assert len(r["outputs"]) == 2 and len(r["scores"]) == 2
+    assert r["scores"][0] >= r["scores"][1]
+
+
+def test_jsonl_input_sampling_deterministic(checkpoint, tmp_path, capsys):
+  lines = "".join(json.dumps({"text": t, "other": 1}) + "\n" for t in TEXTS[:3])
+  inp = write(tmp_path, "in.jsonl", lines)
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--method", "sample", "--seed", "3"]
+  args += ["--top_k", "20", "--top_p", "0.9", "--temperature", "0.8", "--max_new_tokens", "5"]
+  args += ["--input_column", "text", "--batch_size", "2", "--no_progress"]
+  first = run_cli(args, capsys)
+  second = run_cli(args, capsys)
+  assert first[0] == 0 and first[1] == second[1] and len(first[1].splitlines()) == 3
+
+
+def test_sentencepiece_tokenizer_flag(checkpoint, tmp_path, capsys):
+  corpus = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(50)]
+  spm_path = str(tmp_path / "tok.model")
+  train_sentencepiece(corpus, 300, spm_path)
+  inp = write(tmp_path, "in.txt", "the fox\nthe dog jumps\n")
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--tokenizer", spm_path]
+  args += ["--max_new_tokens", "4", "--batch_size", "2"]
+  code, stdout, err = run_cli(args, capsys)
+  assert code == 0, err
+  assert len(stdout.splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_stdin_stdout_subprocess(checkpoint):
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "decode.py"), "--checkpoint", checkpoint]
+    + ["--max_new_tokens", "3", "--batch_size", "2"],
+    input=b"one\ntwo\nthree\n",
+    capture_output=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr.decode()
+  assert len(proc.stdout.decode().splitlines()) == 3
+
+
+def _error(args, capsys):
+  code, stdout, err = run_cli(args, capsys)
+  assert code == 2 and stdout == ""
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("decode.py: error: "), err
+  return lines[0]
+
+
+def test_bad_inputs(checkpoint, tmp_path, capsys):
+  good = write(tmp_path, "good.txt", "hello\n")
+  base = ["--checkpoint", checkpoint]
+  assert "cannot read" in _error(base + ["--input_file", str(tmp_path / "missing.txt")], capsys)
+  assert "cannot read" in _error(base + ["--input_file", str(tmp_path)], capsys)  # a folder
+  bad_utf8 = write(tmp_path, "bad.txt", b"fine\nstill fine\nbad \xff\xfe\n", mode="wb")
+  assert ":3: invalid UTF-8" in _error(base + ["--input_file", bad_utf8], capsys)
+  empty = write(tmp_path, "empty.txt", "")
+  assert "empty input" in _error(base + ["--input_file", empty], capsys)
+  header_only = write(tmp_path, "h.tsv", "inputs\n")
+  assert "empty input" in _error(base + ["--input_file", header_only], capsys)
+  no_col = write(tmp_path, "c.tsv", "a\tb\n1\t2\n")
+  assert "--input_column" in _error(base + ["--input_file", no_col], capsys)
+  bad_json = write(tmp_path, "j.jsonl", '{"inputs": "x"}\n{oops\n')
+  assert "j.jsonl:2: invalid JSON" in _error(base + ["--input_file", bad_json], capsys)
+  out_missing_dir = ["--output_file", str(tmp_path / "nodir" / "out.txt")]
+  assert "does not exist" in _error(base + ["--input_file", good] + out_missing_dir, capsys)
+
+
+@pytest.mark.parametrize(
+  "flags,message",
+  [
+    (["--method", "beam", "--top_k", "5"], "--top_k requires --method sample"),
+    (["--method", "beam", "--temperature", "0.5"], "--temperature requires --method sample"),
+    (["--num_beams", "4"], "--num_beams requires --method beam"),
+    (["--method", "sample", "--length_penalty", "2"], "--length_penalty requires --method beam"),
+    (["--num_return_sequences", "2"], "requires --method beam or sample"),
+    (["--method", "beam", "--num_beams", "2", "--num_return_sequences", "3"], "<= --num_beams"),
+    (["--method", "sample", "--top_p", "0"], "--top_p must be in"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+  ],
+)
+def test_incompatible_flags(checkpoint, tmp_path, capsys, flags, message):
+  good = write(tmp_path, "good.txt", "hello\n")
+  assert message in _error(["--checkpoint", checkpoint, "--input_file", good] + flags, capsys)
+
+
+def test_bad_checkpoints(checkpoint, tmp_path, capsys):
+  good = write(tmp_path, "good.txt", "hello\n")
+
+  def err(folder, *extra):
+    return _error(["--checkpoint", folder, "--input_file", good, *extra], capsys)
+
+  assert "not found" in err(str(tmp_path / "nope"))
+  no_weights = tmp_path / "no_weights"
+  no_weights.mkdir()
+  (no_weights / "config.json").write_text(open(os.path.join(checkpoint, "config.json")).read())
+  assert "no weights" in err(str(no_weights))
+  no_tok = tmp_path / "no_tok"
+  no_tok.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    os.symlink(os.path.join(checkpoint, name), no_tok / name)
+  assert "no tokenizer" in err(str(no_tok))
+  empty = tmp_path / "empty_dir"
+  empty.mkdir()
+  assert "t5jax" in err(str(empty)) or "no weights" in err(str(empty))
+
+
+def test_strict_rejects_long_inputs(checkpoint, tmp_path, capsys):
+  inp = write(tmp_path, "long.txt", "short\n" + "x" * 40 + "\n")
+  line = _error(
+    ["--checkpoint", checkpoint, "--input_file", inp, "--max_input_length", "8"] + ["--strict"],
+    capsys,
+  )
+  assert "input 2 is longer than --max_input_length 8" in line
+
+
+def test_bucketing_shapes():
+  assert [decode.bucket_length(n, 512) for n in (1, 8, 9, 100, 600)] == [8, 8, 16, 128, 512]
+  ids = [[5] * n + [1] for n in (3, 20, 4, 30, 2)]
+  batches = list(decode.make_batches(ids, batch_size=2, max_len=64))
+  shapes = {b.shape for _, b in batches}
+  assert shapes == {(2, 8), (2, 32)}
+  seen = sorted(i for idx, _ in batches for i in idx if i >= 0)
+  assert seen == list(range(5))
