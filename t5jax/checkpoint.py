@@ -1,0 +1,160 @@
+"""Orbax checkpoints of a training run, and loading a workdir for inference.
+
+A workdir holds:
+  config.json            the run's full configuration (ml_collections, as JSON)
+  model_config.json      the `T5Config` of the model
+  tokenizer/             the tokenizer (SentencePiece model or the ByT5 marker)
+  checkpoints/<step>/    orbax: `state` (step, params, optimizer state, sharded) and `data`
+                         (the input pipeline's position, per process)
+  checkpoints_best/      optionally, the best checkpoint by an eval metric
+  export/hf/             a HuggingFace folder written at the end of training (and on demand)
+  metrics.jsonl, events.out.tfevents.*   training and eval metrics
+
+Saves are asynchronous; orbax writes each step to a temporary folder and renames it when
+complete, so a kill during a save leaves the previous checkpoint intact and the partial one is
+ignored on restore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from t5jax.config import T5Config
+
+
+class CheckpointManager:
+  """Last-K (and optionally best-by-metric) checkpoints of train state plus data position."""
+
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    keep: int = 3,
+    best_metric: str = "",
+    best_mode: str = "max",
+    async_save: bool = True,
+  ):
+    workdir = os.path.abspath(workdir)
+    opts = dict(enable_async_checkpointing=async_save, create=True)
+    self._last = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts),
+    )
+    self._best = None
+    self.best_metric = best_metric
+    if best_metric:
+      self._best = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints_best"),
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=1,
+          best_fn=lambda m: m[best_metric],
+          best_mode=best_mode,
+          **opts,
+        ),
+      )
+
+  def latest_step(self) -> int | None:
+    return self._last.latest_step()
+
+  @staticmethod
+  def _args(state, data_state):
+    return ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
+    )
+
+  def save(self, step: int, state, data_state: dict[str, Any] | None, *, force=False) -> None:
+    self._last.save(step, args=self._args(state, data_state), force=force)
+
+  def save_best(self, step: int, state, data_state, metrics: dict[str, float]) -> None:
+    if self._best is not None and self.best_metric in metrics:
+      self._best.save(step, args=self._args(state, data_state), metrics=metrics, force=True)
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores `(state, data_state)` into the shardings of `abstract_state` (ShapeDtypeStructs)."""
+    step = self._last.latest_step() if step is None else step
+    out = self._last.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+      ),
+    )
+    return out["state"], out["data"]
+
+  def wait(self) -> None:
+    self._last.wait_until_finished()
+    if self._best is not None:
+      self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._last.close()
+    if self._best is not None:
+      self._best.close()
+
+
+def save_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    json.dump(obj, fh, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def load_model_config(workdir: str) -> T5Config:
+  path = os.path.join(workdir, "model_config.json")
+  with open(path) as fh:
+    return T5Config.from_dict(json.load(fh))
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """Parameters alone (as host numpy arrays) from the latest (or given) checkpoint."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  mgr = ocp.CheckpointManager(directory)
+  step = mgr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint")
+  meta = mgr.item_metadata(step)["state"]
+  abstract = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_cpu_sharding()),
+    meta.tree if hasattr(meta, "tree") else meta,
+  )
+  out = mgr.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=_cpu_sharding()),
+                                  abstract),
+      )
+    ),
+  )  # fmt: skip
+  mgr.close()
+  return step, out["state"]["params"]
+
+
+def _cpu_sharding():
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def load_for_inference(workdir: str) -> tuple[T5Config, Any, str]:
+  """`(config, params, tokenizer_path)` of a t5jax training workdir, for `decode.py`.
+
+  Uses the latest checkpoint when there is one, else the exported HuggingFace folder.
+  """
+  from t5jax.hf import load_hf
+
+  tok = os.path.join(workdir, "tokenizer")
+  if not os.path.isdir(tok) or not os.listdir(tok):
+    raise FileNotFoundError(f"{workdir}: no tokenizer/ folder in this t5jax workdir")
+  ckpt = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
+    _, params = restore_params(workdir)
+    return load_model_config(workdir), params, tok
+  hf = os.path.join(workdir, "export", "hf")
+  if os.path.isfile(os.path.join(hf, "config.json")):
+    config, params = load_hf(hf)
+    return config, params, tok
+  raise FileNotFoundError(f"{workdir}: no checkpoints/ and no export/hf/ with weights")

@@ -1,0 +1,186 @@
+"""Train state, the jitted train and eval steps, and their construction over a device mesh.
+
+`train_step(state, batch, rng) -> (state, metrics)` is pure: the dropout key is `rng` folded with
+the step, gradients are accumulated over `num_microbatches` with a `lax.scan` and normalised once
+(so accumulation equals the large batch), and the step is jitted with explicit input/output
+shardings over a `jax.sharding.Mesh` and donates the old state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from t5jax import losses, model, sharding
+from t5jax.config import T5Config
+
+Batch = dict[str, jax.Array]
+
+_MODEL_INPUTS = {
+  "encoder_segment_ids": "encoder_segment_ids",
+  "decoder_segment_ids": "decoder_segment_ids",
+  "encoder_positions": "encoder_positions",
+  "decoder_positions": "decoder_positions",
+}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data position: step, params, optimizer state."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _logits(params, config: T5Config, batch: Batch, dropout_rng) -> jax.Array:
+  extra = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
+  return model.forward(
+    params,
+    config,
+    batch["encoder_input_tokens"],
+    batch["decoder_input_tokens"],
+    dropout_rng=dropout_rng,
+    **extra,
+  )
+
+
+def _sums(params, config, batch, dropout_rng, loss_cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Unnormalised loss sum (what the gradient of one microbatch is taken of) and metric sums."""
+  logits = _logits(params, config, batch, dropout_rng)
+  weights = batch.get("decoder_loss_weights")
+  _, aux = losses.compute_loss(
+    logits,
+    batch["decoder_target_tokens"],
+    weights,
+    label_smoothing=loss_cfg.label_smoothing,
+    z_loss=loss_cfg.z_loss,
+    normalizer=1.0,
+  )
+  sums = {k: aux[k] for k in ("loss_sum", "z_loss_sum", "num_correct", "num_tokens")}
+  sums["num_rows"] = jnp.sum(
+    jnp.max(batch["decoder_target_tokens"] != 0, axis=-1).astype(jnp.float32)
+  )
+  return aux["loss_sum"], sums
+
+
+def _normalizer(loss_cfg, sums) -> jax.Array:
+  n = loss_cfg.normalizer
+  if n == "num_tokens":
+    return jnp.maximum(sums["num_tokens"], 1.0)
+  if isinstance(n, int | float):
+    return jnp.asarray(float(n))
+  if isinstance(n, str) and n.startswith("constant:"):
+    return jnp.asarray(float(n.split(":", 1)[1]))
+  raise ValueError(
+    f"config.loss.normalizer={n!r}: use 'num_tokens', a number or 'constant:<number>'"
+  )
+
+
+def make_train_step(
+  config: T5Config,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  loss_cfg: Any,
+  num_microbatches: int = 1,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+  """The pure train step (not yet jitted; see `jit_train_step`)."""
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    step_rng = jax.random.fold_in(rng, state.step)
+    grad_fn = jax.grad(_sums, has_aux=True)
+
+    if num_microbatches == 1:
+      grads, sums = grad_fn(state.params, config, batch, step_rng, loss_cfg)
+    else:
+      micro = jax.tree.map(
+        lambda x: x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:]),
+        batch,
+      )
+
+      def body(carry, i_mb):
+        i, mb = i_mb
+        g, s = grad_fn(state.params, config, mb, jax.random.fold_in(step_rng, i), loss_cfg)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+      zeros = jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(grad_fn, state.params, config, batch, step_rng, loss_cfg)
+      )
+      (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro))
+
+    norm = _normalizer(loss_cfg, sums)
+    grads = jax.tree.map(lambda g: g / norm, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+      "loss": sums["loss_sum"] / norm,
+      "z_loss": sums["z_loss_sum"] / norm,
+      "accuracy": sums["num_correct"] / jnp.maximum(sums["num_tokens"], 1.0),
+      "num_tokens": sums["num_tokens"],
+      "learning_rate": schedule(state.step),
+      "grad_norm": optax.global_norm(grads),
+      "update_norm": optax.global_norm(updates),
+      "param_norm": optax.global_norm(params),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(config: T5Config, loss_cfg: Any) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """Metric sums of one evaluation batch (no dropout); sum over batches, then normalise."""
+
+  def eval_step(params, batch: Batch):
+    return _sums(params, config, batch, None, loss_cfg)[1]
+
+  return eval_step
+
+
+def state_shardings(config: T5Config, tx: optax.GradientTransformation, mesh) -> TrainState:
+  """NamedShardings of the whole train state, derived from the parameters' logical axes."""
+  param_sh = sharding.param_shardings(config, mesh)
+  shapes = jax.eval_shape(
+    lambda: create_train_state(model.init_params(config, jax.random.key(0)), tx)
+  )
+  state_sh = sharding.derive_shardings(shapes, shapes.params, param_sh, mesh)
+  return state_sh.replace(params=param_sh)
+
+
+def init_state_sharded(config: T5Config, tx, mesh, rng: jax.Array, shardings=None) -> TrainState:
+  """Creates the train state directly in its sharded layout (nothing materialises whole)."""
+  shardings = shardings or state_shardings(config, tx, mesh)
+  return jax.jit(
+    lambda r: create_train_state(model.init_params(config, r), tx), out_shardings=shardings
+  )(rng)
+
+
+def state_from_params(params, tx, shardings: TrainState) -> TrainState:
+  """A fresh train state around given (e.g. HuggingFace) parameters, placed in `shardings`."""
+  params = jax.device_put(jax.tree.map(jnp.asarray, params), shardings.params)
+  return jax.jit(lambda p: create_train_state(p, tx), out_shardings=shardings)(params)
+
+
+def jit_train_step(step_fn, state_sh: TrainState, mesh):
+  batch_sh = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_sh, batch_sh, replicated),
+    out_shardings=(state_sh, replicated),
+    donate_argnums=(0,),
+  )
+
+
+def jit_eval_step(eval_fn, params_sh, mesh):
+  batch_sh = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(eval_fn, in_shardings=(params_sh, batch_sh), out_shardings=replicated)

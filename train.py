@@ -1,0 +1,46 @@
+"""Train a T5: `python train.py --config configs/demo.py --workdir DIR [--config.x=y ...]`.
+
+Starts from scratch, from a HuggingFace folder (`--config.init_from=PATH`), or resumes what DIR
+holds. SIGTERM / SIGINT save a checkpoint and exit 0. Errors are one line with a non-zero exit.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, tokenizer and config go.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from t5jax import distributed
+  from t5jax.train import train_and_evaluate
+
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+
+  distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def run():
+  from t5jax.data import DataError
+  from t5jax.hf import CheckpointError
+  from t5jax.train import TrainingError
+
+  try:
+    app.run(main)
+  except (TrainingError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  run()
