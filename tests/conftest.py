@@ -4,6 +4,10 @@ XLA's CPU backend spends most of a tiny model's compile time optimising code tha
 microseconds; the suite compiles hundreds of such programs, so it asks for -O0 code generation
 (about 3x faster to compile). Results agree with optimised builds well within the parity
 tolerances. Set T5JAX_TEST_XLA_OPT=1 to test with the default optimisation level.
+
+Many tests (and the CLI subprocesses they start) compile the same small programs; JAX's
+persistent compilation cache, keyed by the program and the compiler flags, lets the second
+compile load the first one's result instead.
 """
 
 import os
@@ -13,5 +17,10 @@ if os.environ.get("T5JAX_TEST_XLA_OPT") != "1":
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_backend_optimization_level" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
+
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 sys.path.insert(0, os.path.dirname(__file__))
