@@ -40,7 +40,8 @@ class CheckpointManager:
     async_save: bool = True,
   ):
     workdir = os.path.abspath(workdir)
-    opts = dict(enable_async_checkpointing=async_save, create=True)
+    # cleanup_tmp_directories: a run killed mid-save leaves a partial tmp folder; drop it on start.
+    opts = dict(enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self._last = ocp.CheckpointManager(
       os.path.join(workdir, "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts),
@@ -84,6 +85,17 @@ class CheckpointManager:
       ),
     )
     return out["state"], out["data"]
+
+  def restore_data_state(self, step: int | None = None) -> dict[str, Any]:
+    """The input pipelines' positions saved with a checkpoint, keyed by process index."""
+    step = self._last.latest_step() if step is None else step
+    return self._last.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
+  def all_steps(self) -> list[int]:
+    return list(self._last.all_steps())
+
+  def best_steps(self) -> list[int]:
+    return [] if self._best is None else list(self._best.all_steps())
 
   def wait(self) -> None:
     self._last.wait_until_finished()

@@ -71,14 +71,16 @@ def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
 class MetricWriter:
   """metrics.jsonl plus TensorBoard event files, written by process 0 only."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, resume_step: int = 0):
     self.enabled = enabled
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter
 
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_rows_after(path, resume_step)
       self._tb = SummaryWriter(workdir)
-      self._fh = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._fh = open(path, "a")
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -94,6 +96,20 @@ class MetricWriter:
     if self.enabled:
       self._fh.close()
       self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Forgets rows a killed run logged past the checkpoint it resumes from (they are redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as fh:
+    lines = fh.read().splitlines()
+  keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+      fh.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _gather_json(obj: Any) -> dict[str, Any]:
@@ -206,7 +222,9 @@ class _StopFlag:
 
 
 def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, workdir: str):
-  for key in ("loss", "grad_norm"):
+  # The parameter norm catches an update that overflowed the parameters while the loss of this
+  # step (computed before the update) was still finite: that state must not be saved either.
+  for key in ("loss", "grad_norm", "update_norm", "param_norm"):
     if not np.isfinite(metrics[key]):
       kept = (
         f"the last good checkpoint (step {last_saved}) is kept in {workdir}/checkpoints"
@@ -223,7 +241,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   main = jax.process_index() == 0
   seed = int(config.seed)
 
-  tokenizer = data.build_tokenizer(config.data, workdir, seed)
+  # Everything is checked before the workdir is written to, so a failed start changes nothing
+  # there (a trained tokenizer is saved only once the run can go ahead).
+  tok_dir = os.path.join(workdir, "tokenizer")
+  tok_saved = os.path.isdir(tok_dir) and bool(os.listdir(tok_dir))
+  tokenizer = data.build_tokenizer(config.data, workdir if tok_saved else None, seed)
   model_cfg = model_config_from(config, tokenizer)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise TrainingError(
@@ -233,9 +255,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   saved_cfg_path = os.path.join(workdir, "model_config.json")
   if os.path.exists(saved_cfg_path):
     _check_compatible(checkpoint.load_model_config(workdir), model_cfg, workdir)
-  if main:
-    checkpoint.save_json(saved_cfg_path, model_cfg.to_dict())
-    checkpoint.save_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   mesh = sharding.create_mesh(config.mesh)
   schedule = optim.make_schedule(config.optimizer)
@@ -254,6 +273,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
+  if main:
+    if not tok_saved:
+      tokenizer.save(tok_dir)
+    checkpoint.save_json(saved_cfg_path, model_cfg.to_dict())
+    checkpoint.save_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   ckpt = checkpoint.CheckpointManager(
     workdir,
@@ -271,8 +295,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ),
       state_sh,
     )
-    state, data_states = ckpt.restore(abstract, last_saved)
-    datasets.train.set_state(data_states[str(jax.process_index())])
+    try:
+      state, data_states = ckpt.restore(abstract, last_saved)
+    except (ValueError, KeyError, TypeError) as e:  # e.g. another optimizer's state
+      raise TrainingError(
+        f"{workdir}: cannot restore checkpoint {last_saved} into this config's train state "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); use a new --workdir"
+      ) from e
+    key = str(jax.process_index())
+    if key not in data_states or len(data_states) != jax.process_count():
+      raise TrainingError(
+        f"{workdir}: checkpoint {last_saved} holds data positions of {len(data_states)} "
+        f"processes; this run has {jax.process_count()}"
+      )
+    datasets.train.set_state(data_states[key])
   elif config.get("init_from"):
     _, params = hf.load_hf(config.init_from, config=model_cfg)
     state = trainer.state_from_params(params, tx, state_sh)
@@ -289,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
 
-  writer = MetricWriter(workdir, main)
+  writer = MetricWriter(workdir, main, resume_step=int(jax.device_get(state.step)))
   stop = _StopFlag()
   stop.install()
   total = int(config.num_train_steps)

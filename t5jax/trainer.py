@@ -112,9 +112,13 @@ def make_train_step(
         g, s = grad_fn(state.params, config, mb, jax.random.fold_in(step_rng, i), loss_cfg)
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
-      zeros = jax.tree.map(
-        jnp.zeros_like, jax.eval_shape(grad_fn, state.params, config, batch, step_rng, loss_cfg)
+      # config and loss_cfg are static: close over them (eval_shape would trace them as arrays).
+      shapes = jax.eval_shape(
+        lambda p, b: grad_fn(p, config, b, step_rng, loss_cfg),
+        state.params,
+        jax.tree.map(lambda x: x[0], micro),
       )
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro))
 
     norm = _normalizer(loss_cfg, sums)
@@ -127,9 +131,9 @@ def make_train_step(
       "accuracy": sums["num_correct"] / jnp.maximum(sums["num_tokens"], 1.0),
       "num_tokens": sums["num_tokens"],
       "learning_rate": schedule(state.step),
-      "grad_norm": optax.global_norm(grads),
-      "update_norm": optax.global_norm(updates),
-      "param_norm": optax.global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "update_norm": optax.tree.norm(updates),
+      "param_norm": optax.tree.norm(params),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,285 @@
+"""Tests of t5jax.trainer and t5jax.train: the step's maths, exact resumption, checkpoints, errors.
+
+Everything runs in-process on a tiny model (one layer, d_model 32, ByT5 bytes) over TSV data made
+in the test, so each `train_and_evaluate` call costs a couple of compilations and no tokenizer
+training. The CLI's behaviour under signals and bad input is in test_train_cli.py.
+"""
+
+import functools
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from t5jax import checkpoint, data, hf, model, optim, sharding, trainer
+from t5jax.config import get_config as get_model_config
+from t5jax.train import TrainingError, train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_base_config():
+  spec = importlib.util.spec_from_file_location(
+    "t5jax_configs_base", os.path.join(REPO, "configs", "base.py")
+  )
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+BASE = _load_base_config()
+
+TINY = dict(
+  d_model=32, d_kv=8, d_ff=64, num_heads=2, num_layers=1, num_decoder_layers=1, dropout_rate=0.0
+)
+
+
+def write_tsv(path, n: int, seed: int = 0) -> str:
+  """`n` lines `w1 w2 ...<TAB>reversed words` of varied lengths."""
+  rng = np.random.default_rng(seed)
+  words = ["ab", "cd", "ef", "gh", "ij"]
+  with open(path, "w") as fh:
+    for _ in range(n):
+      ws = list(rng.choice(words, size=int(rng.integers(1, 4))))
+      fh.write(" ".join(ws) + "\t" + " ".join(reversed(ws)) + "\n")
+  return str(path)
+
+
+def tiny_run_config(tmp_path, **overrides):
+  """A whole-run config of the tiny model on TSV data in `tmp_path` (no eval set by default)."""
+  c = BASE.get_config()
+  c.model = BASE.model_section("t5-v1_1-small", vocab_size=0, **TINY)
+  c.data.kind = "tsv"
+  c.data.tokenizer = "byt5"
+  c.data.train_file = write_tsv(tmp_path / "train.tsv", 40)
+  c.data.max_input_length = 12
+  c.data.max_target_length = 12
+  c.optimizer.name = "adamw"
+  c.optimizer.schedule = "constant"
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 0
+  c.batch_size = 4
+  c.num_train_steps = 4
+  c.log_every = 1
+  c.eval_every = 1000
+  c.eval_generate_examples = 0
+  c.checkpoint_every = 2
+  c.progress_bar = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def read_metrics(workdir, split="train"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+    rows = [json.loads(line) for line in fh if line.strip()]
+  return [r for r in rows if r["split"] == split]
+
+
+def _batch(rng: np.random.Generator, lengths, s_len=10, t_len=8, vocab=64):
+  """A text-to-text batch whose rows have the given target lengths (so rows weigh differently)."""
+  b = len(lengths)
+  enc = rng.integers(2, vocab, (b, s_len)).astype(np.int32)
+  tgt = np.zeros((b, t_len), np.int32)
+  for i, n in enumerate(lengths):
+    tgt[i, :n] = rng.integers(2, vocab, n)
+    tgt[i, n - 1] = 1
+  dec_in = np.concatenate([np.zeros((b, 1), np.int32), tgt[:, :-1]], axis=1)
+  return {
+    "encoder_input_tokens": enc,
+    "decoder_input_tokens": dec_in,
+    "decoder_target_tokens": tgt,
+    "decoder_loss_weights": (tgt > 0).astype(np.float32),
+  }
+
+
+@functools.cache
+def _pieces():
+  """Model config, optimizer, mesh, shardings and a jitted initialiser, shared by the tests."""
+  cfg = get_model_config("t5-v1_1-small", vocab_size=64, **TINY)
+  opt = optim.default_optimizer_config()
+  opt.name, opt.schedule, opt.learning_rate, opt.warmup_steps = "adamw", "constant", 1e-2, 0
+  schedule = optim.make_schedule(opt)
+  tx = optim.make_optimizer(opt, schedule)
+  mesh = sharding.create_mesh(sharding.default_mesh_config())
+  state_sh = trainer.state_shardings(cfg, tx, mesh)
+  init = jax.jit(
+    lambda r: trainer.create_train_state(model.init_params(cfg, r), tx), out_shardings=state_sh
+  )
+  return cfg, tx, schedule, mesh, state_sh, lambda: init(jax.random.PRNGKey(0))
+
+
+@functools.cache
+def _step_setup(num_microbatches=1):
+  """(jitted train step, fresh-state initialiser, mesh); cached so tests share compilations."""
+  cfg, tx, schedule, mesh, state_sh, init = _pieces()
+  loss_cfg = BASE.get_config().loss
+  step = trainer.jit_train_step(
+    trainer.make_train_step(cfg, tx, schedule, loss_cfg, num_microbatches), state_sh, mesh
+  )
+  return step, init, mesh
+
+
+def test_loss_falls_on_a_repeated_batch():
+  step, init, mesh = _step_setup()
+  state = init()
+  batch = sharding.shard_batch(_batch(np.random.default_rng(0), [8, 5, 3, 6]), mesh)
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, batch, jax.random.PRNGKey(1))
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 25
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert set(metrics) >= {"loss", "accuracy", "grad_norm", "update_norm", "param_norm"}
+
+
+def test_accumulation_equals_the_large_batch():
+  # Rows of very different lengths: averaging per microbatch (instead of normalising the summed
+  # gradient once by all tokens) would weigh them differently and fail this test.
+  batch_np = _batch(np.random.default_rng(1), [8, 7, 2, 1])
+  out = {}
+  for k in (1, 2):
+    step, init, mesh = _step_setup(num_microbatches=k)
+    state, metrics = step(init(), sharding.shard_batch(batch_np, mesh), jax.random.PRNGKey(0))
+    out[k] = (jax.device_get(state.params), jax.device_get(metrics))
+  (p1, m1), (p2, m2) = out[1], out[2]
+  for key in ("loss", "grad_norm", "num_tokens", "accuracy"):
+    np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
+  # ...and the step really changed the parameters.
+  p0 = jax.device_get(_pieces()[-1]().params)
+  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p0, p1))) > 1e-4
+
+
+_EXACT = ("loss", "grad_norm", "accuracy", "num_tokens", "param_norm", "update_norm", "z_loss")
+
+
+@pytest.mark.slow
+def test_interrupted_run_reproduces_the_uninterrupted_one(tmp_path):
+  eval_file = write_tsv(tmp_path / "eval.tsv", 6, seed=9)
+  common = dict(checkpoint_every=2, eval_every=2, keep_checkpoints=3)
+  common.update({"data.eval_file": eval_file, "best_metric": "loss", "best_mode": "max"})
+  whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+  train_and_evaluate(tiny_run_config(tmp_path, num_train_steps=8, **common), whole)
+  train_and_evaluate(tiny_run_config(tmp_path, num_train_steps=4, **common), part)
+  assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["2", "4"]
+  out = train_and_evaluate(tiny_run_config(tmp_path, num_train_steps=8, **common), part)
+  assert out["step"] == 8
+
+  rows_whole, rows_part = read_metrics(whole), read_metrics(part)
+  assert [r["step"] for r in rows_whole] == list(range(1, 9))
+  assert [r["step"] for r in rows_part] == list(range(1, 9))
+  for a, b in zip(rows_whole, rows_part, strict=True):
+    assert {k: a[k] for k in _EXACT} == {k: b[k] for k in _EXACT}, a["step"]
+  assert read_metrics(whole, "eval") == read_metrics(part, "eval")
+
+  # The async save at step 4 of the uninterrupted run (taken while training went on, with the
+  # state's buffers donated to the next step) holds exactly what the stopped run saved.
+  s_whole, p_whole = checkpoint.restore_params(whole, 4)
+  s_part, p_part = checkpoint.restore_params(part, 4)
+  assert s_whole == s_part == 4
+  jax.tree.map(np.testing.assert_array_equal, p_whole, p_part)
+
+  # The saved data position continues with exactly the 5th batch of a fresh iterator.
+  cfg = tiny_run_config(tmp_path, **common)
+  tok = data.build_tokenizer(cfg.data)
+  fresh = data.make_datasets(cfg.data, tok, batch_size=cfg.batch_size, seed=cfg.seed).train
+  batches = [next(fresh) for _ in range(5)]
+  resumed = data.make_datasets(cfg.data, tok, batch_size=cfg.batch_size, seed=cfg.seed).train
+  mgr = checkpoint.CheckpointManager(part, keep=3)
+  resumed.set_state(mgr.restore_data_state(4)["0"])
+  mgr.close()
+  nxt = next(resumed)
+  for k in batches[4]:
+    np.testing.assert_array_equal(batches[4][k], nxt[k], err_msg=k)
+  assert not np.array_equal(batches[3]["encoder_input_tokens"], nxt["encoder_input_tokens"])
+
+  # keep-last-K and best-by-metric (best_mode="max" on the eval loss: the worst, so that the
+  # choice differs from "latest" whatever the loss curve does).
+  mgr = checkpoint.CheckpointManager(whole, keep=3, best_metric="loss", best_mode="max")
+  assert mgr.all_steps() == [4, 6, 8]
+  evals = read_metrics(whole, "eval")
+  assert [r["step"] for r in evals] == [2, 4, 6, 8]
+  assert mgr.best_steps() == [max(evals, key=lambda r: r["loss"])["step"]]
+  mgr.close()
+
+  # TensorBoard events, and the export equals the final checkpoint.
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(whole))
+  _, params = checkpoint.restore_params(whole)
+  _, exported = hf.load_hf(os.path.join(whole, "export", "hf"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, exported)
+  cfg_loaded, params_inf, tok_dir = checkpoint.load_for_inference(whole)
+  assert cfg_loaded.d_model == 32 and os.path.isdir(tok_dir)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  # Constant schedule with a long warmup: step 1 runs at rate 0 (finite, checkpointed), step 2 at
+  # 1e30/1000, which overflows the parameters (their norm is inf) -> stop before saving step 2.
+  workdir = str(tmp_path / "wd")
+  cfg = tiny_run_config(
+    tmp_path,
+    num_train_steps=6,
+    checkpoint_every=1,
+    async_checkpoints=False,
+    **{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 1000},
+  )
+  kept = r"at step 2; stopping: the last good checkpoint \(step 1\)"
+  with pytest.raises(TrainingError, match=kept):
+    train_and_evaluate(cfg, workdir)
+  mgr = checkpoint.CheckpointManager(workdir)
+  assert mgr.all_steps() == [1]
+  mgr.close()
+  _, params = checkpoint.restore_params(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  assert not os.path.exists(os.path.join(workdir, "export"))
+
+
+def test_bad_starts_leave_the_workdir_untouched(tmp_path):
+  def listing(d):
+    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+
+  # Tokenizer larger than the model's vocabulary: nothing at all is written.
+  workdir = tmp_path / "wd"
+  cfg = tiny_run_config(tmp_path, **{"model.vocab_size": 128})
+  with pytest.raises(TrainingError, match="tokenizer has 384 ids but config.model.vocab_size"):
+    train_and_evaluate(cfg, str(workdir))
+  assert listing(workdir) == []
+
+  # A malformed eval file is found before the workdir is written to.
+  bad = tmp_path / "bad.tsv"
+  bad.write_text("a\tb\nno tab here\n")
+  cfg = tiny_run_config(tmp_path, **{"data.eval_file": str(bad)})
+  with pytest.raises(data.DataError, match=rf"{bad}:2: expected 2 tab-separated fields"):
+    train_and_evaluate(cfg, str(workdir))
+  assert listing(workdir) == []
+
+
+def test_metric_rows_past_the_resumed_checkpoint_are_dropped(tmp_path):
+  from t5jax.train import _drop_rows_after
+
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": s, "split": "train"} for s in (1, 2, 3, 4)] + [{"step": 2, "split": "eval"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  _drop_rows_after(str(path), 2)
+  kept = [json.loads(line) for line in path.read_text().splitlines()]
+  assert kept == [rows[0], rows[1], rows[4]]
+
+
+def test_check_finite_names_the_step_and_what_is_kept():
+  from t5jax.train import _check_finite
+
+  ok = {"loss": 1.0, "grad_norm": 1.0, "update_norm": 1.0, "param_norm": 1.0}
+  _check_finite(3, ok, None, "/w")
+  with pytest.raises(TrainingError, match="loss is nan at step 7; .*no checkpoint"):
+    _check_finite(7, {**ok, "loss": float("nan")}, None, "/w")
+  with pytest.raises(TrainingError, match=r"param_norm is inf at step 9; .*\(step 8\)"):
+    _check_finite(9, {**ok, "param_norm": float("inf")}, 8, "/w")
