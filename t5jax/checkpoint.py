@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run, and loading a workdir for inference.
 
 A workdir holds:
-  config.json            the run's full configuration (ml_collections, as JSON)
+  train_config.json      the run's full configuration (ml_collections, as JSON)
   model_config.json      the `T5Config` of the model
   tokenizer/             the tokenizer (SentencePiece model or the ByT5 marker)
   checkpoints/<step>/    orbax: `state` (step, params, optimizer state, sharded) and `data`
@@ -122,28 +122,29 @@ def load_model_config(workdir: str) -> T5Config:
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
-  """Parameters alone (as host numpy arrays) from the latest (or given) checkpoint."""
+  """Parameters alone (on the first local device) from the latest (or given) checkpoint.
+
+  The abstract tree comes from the checkpoint's own metadata, so no config or optimizer is
+  needed, and every array is placed on one device whatever mesh saved it.
+  """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  mgr = ocp.CheckpointManager(directory)
-  step = mgr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{directory}: no checkpoint")
-  meta = mgr.item_metadata(step)["state"]
-  abstract = jax.tree.map(
-    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_cpu_sharding()),
-    meta.tree if hasattr(meta, "tree") else meta,
+  mgr = ocp.CheckpointManager(
+    directory,
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
   )
-  out = mgr.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-        item=abstract,
-        restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=_cpu_sharding()),
-                                  abstract),
-      )
-    ),
-  )  # fmt: skip
-  mgr.close()
+  try:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no checkpoint")
+    meta = mgr.item_metadata(step)["state"]
+    cpu = _cpu_sharding()
+    abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
+      meta.tree if hasattr(meta, "tree") else meta,
+    )
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  finally:
+    mgr.close()
   return step, out["state"]["params"]
 
 

@@ -277,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not tok_saved:
       tokenizer.save(tok_dir)
     checkpoint.save_json(saved_cfg_path, model_cfg.to_dict())
-    checkpoint.save_json(os.path.join(workdir, "config.json"), config.to_dict())
+    # Not "config.json": decode.py takes a folder holding one for a HuggingFace model.
+    checkpoint.save_json(os.path.join(workdir, "train_config.json"), config.to_dict())
 
   ckpt = checkpoint.CheckpointManager(
     workdir,

@@ -1,0 +1,330 @@
+"""End-to-end tests of `train.py`: signals, kill -9 and resume, NaN stop, one-line errors, demo.
+
+Starting a Python that imports JAX, orbax, transformers and TensorBoard costs ~10 s, so most runs
+go through a fork server: one subprocess imports `train.py` (without parsing flags or touching a
+device) and forks a child per run, which parses its own argv and runs `train.py`'s entry point
+with stdout/stderr sent to files. Each child is a real process of its own (signals, exit status,
+`kill -9`), only its start is cheap. The demo test starts genuine `python train.py` and
+`python decode.py` processes, the way a user does.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from test_train import write_tsv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_FLAGS = [
+  "--config.model.d_model=32",
+  "--config.model.d_kv=8",
+  "--config.model.d_ff=64",
+  "--config.model.num_heads=2",
+  "--config.model.num_layers=1",
+  "--config.model.num_decoder_layers=1",
+  "--config.batch_size=4",
+  "--config.progress_bar=False",
+  "--config.log_every=1",
+]
+
+_SERVER = textwrap.dedent(
+  """
+  import importlib.util, json, os, sys, traceback
+  sys.path.insert(0, REPO)
+  spec = importlib.util.spec_from_file_location("train_cli", os.path.join(REPO, "train.py"))
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  import t5jax.data, t5jax.hf, t5jax.train, t5jax.generate, tensorboardX, sacrebleu  # warm
+  print(json.dumps({"ready": True}), flush=True)
+  for line in sys.stdin:
+    req = json.loads(line)
+    if "wait" in req:
+      _, status = os.waitpid(req["wait"], 0)
+      print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+      continue
+    pid = os.fork()
+    if pid:
+      print(json.dumps({"pid": pid}), flush=True)
+      continue
+    for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
+      os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = ["train.py", *req["argv"]]
+    code = 0
+    try:
+      cli.run()
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+      traceback.print_exc()
+      code = 99
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  """
+).replace("REPO", repr(REPO))
+
+
+class Run:
+  """A `train.py` child of the fork server."""
+
+  def __init__(self, server, pid, out, err):
+    self.server, self.pid, self.out, self.err = server, pid, out, err
+    self.rc = None
+
+  def wait(self) -> "Run":
+    if self.rc is None:
+      self.rc = self.server._call({"wait": self.pid})["rc"]
+    return self
+
+  @property
+  def stderr(self) -> str:
+    with open(self.err) as fh:
+      return fh.read()
+
+
+class ForkServer:
+  def __init__(self, tmp_dir):
+    self.tmp_dir, self.n = str(tmp_dir), 0
+    self.proc = subprocess.Popen(
+      [sys.executable, "-c", _SERVER],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      cwd=REPO,
+    )
+    assert self._read() == {"ready": True}
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"fork server exited with {self.proc.wait()}")
+    return json.loads(line)
+
+  def _call(self, req):
+    self.proc.stdin.write(json.dumps(req) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def start(self, *argv) -> Run:
+    self.n += 1
+    out, err = (os.path.join(self.tmp_dir, f"run{self.n}.{s}") for s in ("out", "err"))
+    pid = self._call({"argv": [str(a) for a in argv], "stdout": out, "stderr": err})["pid"]
+    return Run(self, pid, out, err)
+
+  def run(self, *argv) -> Run:
+    return self.start(*argv).wait()
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  s = ForkServer(tmp_path_factory.mktemp("fork_server"))
+  yield s
+  s.close()
+
+
+def tsv_args(tmp_path, workdir, *extra):
+  train = write_tsv(tmp_path / "train.tsv", 40)
+  return [
+    "--config=configs/demo.py",
+    f"--workdir={workdir}",
+    "--config.data.kind=tsv",
+    "--config.data.tokenizer=byt5",
+    f"--config.data.train_file={train}",
+    "--config.data.max_input_length=12",
+    "--config.data.max_target_length=12",
+    *TINY_FLAGS,
+    *extra,
+  ]
+
+
+def steps(workdir, sub="checkpoints"):
+  d = os.path.join(workdir, sub)
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def snapshot(workdir):
+  """Every file under workdir with its size and modification time."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      st = os.stat(os.path.join(root, f))
+      out[os.path.relpath(os.path.join(root, f), workdir)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def train_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+    return [r for r in map(json.loads, fh) if r["split"] == "train"]
+
+
+def wait_for_checkpoint(run, workdir, timeout=240):
+  t0 = time.time()
+  while not steps(workdir):
+    assert run.rc is None and time.time() - t0 < timeout, run.stderr
+    time.sleep(0.2)
+  return steps(workdir)[0]
+
+
+def assert_one_line_error(run, *fragments):
+  assert run.rc not in (0, None), run.stderr
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("train.py: error: "), run.stderr
+  for f in fragments:
+    assert f in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line_error_and_changes_nothing(server, tmp_path):
+  empty, bad_tsv, bad_jsonl = tmp_path / "empty.tsv", tmp_path / "bad.tsv", tmp_path / "bad.jsonl"
+  empty.write_text("\n \n")
+  bad_tsv.write_text("a b\tb a\nc\tc\nno tab here\n")
+  bad_jsonl.write_text('{"input": "a", "target": "b"}\n{"input": "a", \n')
+  missing = tmp_path / "missing.tsv"
+  fresh = tmp_path / "fresh"
+  cases = [
+    ([f"--config.data.train_file={missing}"], [f"{missing}: no such data file"]),
+    ([f"--config.data.train_file={empty}"], [f"{empty}: file is empty"]),
+    ([f"--config.data.train_file={bad_tsv}"], [f"{bad_tsv}:3: expected 2 tab-separated"]),
+    (
+      ["--config.data.kind=jsonl", f"--config.data.train_file={bad_jsonl}"],
+      [f"{bad_jsonl}:2: invalid JSON"],
+    ),
+    (["--config.model.vocab_size=128"], ["tokenizer has 384 ids", "vocab_size is 128"]),
+  ]
+  runs = [server.start(*tsv_args(tmp_path, fresh, *extra)) for extra, _ in cases]
+  for run, (_, fragments) in zip(runs, cases, strict=True):
+    assert_one_line_error(run.wait(), *fragments)
+  assert snapshot(fresh) == {}
+
+  # A good run writes nothing to stderr (no orbax/absl INFO lines)...
+  workdir = tmp_path / "wd"
+  ok = server.run(*tsv_args(tmp_path, workdir, "--config.num_train_steps=2"))
+  assert ok.rc == 0 and ok.stderr == "", ok.stderr
+  assert steps(workdir) == [2]
+  # ...and resuming it with another architecture or bad data leaves it exactly as it was.
+  before = snapshot(workdir)
+  for extra, fragments in [
+    (["--config.model.d_model=64"], ["cannot resume", "d_model: saved 32, now 64"]),
+    ([f"--config.data.train_file={bad_tsv}"], [f"{bad_tsv}:3:"]),
+  ]:
+    run = server.run(*tsv_args(tmp_path, workdir, "--config.num_train_steps=4", *extra))
+    assert_one_line_error(run, *fragments)
+  assert snapshot(workdir) == before
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_0(server, tmp_path):
+  workdir = tmp_path / "wd"
+  run = server.start(
+    *tsv_args(tmp_path, workdir, "--config.num_train_steps=100000", "--config.checkpoint_every=3")
+  )
+  first = wait_for_checkpoint(run, workdir)
+  os.kill(run.pid, signal.SIGTERM)
+  assert run.wait().rc == 0, run.stderr
+  assert run.stderr == ""
+  last = steps(workdir)[-1]
+  assert last > first  # the save on SIGTERM, not only the periodic one
+  assert train_rows(workdir)[-1]["step"] == last
+  assert not os.path.exists(workdir / "export")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_finishes(server, tmp_path):
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=2")
+  run = server.start(*args, "--config.num_train_steps=100000")
+  wait_for_checkpoint(run, workdir)
+  time.sleep(0.5)
+  os.kill(run.pid, signal.SIGKILL)
+  assert run.wait().rc == -signal.SIGKILL
+  last = steps(workdir)[-1]
+  total = last + 3
+  resumed = server.run(*args, f"--config.num_train_steps={total}")
+  assert resumed.rc == 0, resumed.stderr
+  assert steps(workdir)[-1] == total
+  # Steps the killed run logged past its checkpoint were redone: each step is logged once.
+  assert [r["step"] for r in train_rows(workdir)] == list(range(1, total + 1))
+  assert os.path.isfile(workdir / "export" / "params.safetensors")
+  assert os.path.isfile(workdir / "export" / "hf" / "config.json")
+
+
+@pytest.mark.slow
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(server, tmp_path):
+  workdir = tmp_path / "wd"
+  run = server.run(
+    *tsv_args(
+      tmp_path,
+      workdir,
+      "--config.num_train_steps=6",
+      "--config.checkpoint_every=1",
+      "--config.optimizer.schedule=constant",
+      "--config.optimizer.learning_rate=1e30",
+      "--config.optimizer.warmup_steps=1000",
+    )
+  )
+  assert_one_line_error(run, "at step 2", "last good checkpoint (step 1)")
+  assert steps(workdir) == [1]
+
+
+@pytest.mark.slow
+def test_demo_config_trains_then_decode_answers(tmp_path):
+  workdir = tmp_path / "demo"
+  train = subprocess.run(
+    [
+      sys.executable,
+      "train.py",
+      "--config=configs/demo.py",
+      f"--workdir={workdir}",
+      *TINY_FLAGS,
+      "--config.batch_size=8",
+      "--config.num_train_steps=3",
+      "--config.checkpoint_every=3",
+      "--config.eval_every=3",
+      "--config.data.builtin_train_size=300",
+      "--config.data.builtin_eval_size=8",
+      "--config.data.spm_vocab_size=300",
+      "--config.eval_generate_examples=4",
+      "--config.eval_batch_size=4",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert train.returncode == 0, train.stderr
+  assert train.stderr == ""
+  evals = [json.loads(x) for x in open(workdir / "metrics.jsonl") if '"eval"' in x]
+  assert evals and {"loss", "accuracy", "exact_match", "bleu", "chrf"} <= set(evals[-1])
+  prompts = "add: 17 + 25\nreverse: a b c d\nsort: 9 3 7 1\n"
+  # JSONL output: an untrained model emits arbitrary bytes, newlines and control characters
+  # included, which JSON escapes, so each input's answer is exactly one line.
+  decode = subprocess.run(
+    [
+      sys.executable,
+      "decode.py",
+      f"--checkpoint={workdir}",
+      "--max_new_tokens=8",
+      "--no_progress",
+      "--output_format=jsonl",
+    ],
+    cwd=REPO,
+    input=prompts,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert decode.returncode == 0, decode.stderr
+  assert decode.stderr == ""
+  lines = decode.stdout.split("\n")
+  assert lines[-1] == "" and len(lines) == 4, decode.stdout
+  assert all(isinstance(json.loads(line), dict) for line in lines[:-1])
