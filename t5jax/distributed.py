@@ -1,36 +1,109 @@
-"""Multi-host start-up: `jax.distributed.initialize` when launched as several processes."""
+"""Multi-host start-up: `jax.distributed.initialize` when launched as several processes.
+
+Every process runs the same program; after `maybe_initialize`, `jax.devices()` lists the devices
+of all processes and one `jax.jit` over a mesh of them is one program across hosts. How the
+processes find each other, first match wins:
+
+1. explicit arguments (`train.py --coordinator_address host:port --num_processes N
+   --process_id i`), else the environment variables `T5JAX_COORDINATOR`, `T5JAX_NUM_PROCESSES`,
+   `T5JAX_PROCESS_ID`;
+2. SLURM: inside an `srun` step with more than one task (`SLURM_STEP_NODELIST` set and
+   `SLURM_NTASKS` > 1); JAX derives the coordinator from the node list and the job id;
+3. `T5JAX_DISTRIBUTED=auto`: JAX's own cluster detection (Cloud TPU slices, GKE, Open MPI), for
+   multi-host TPU slices where no SLURM variables exist; `TPU_WORKER_HOSTNAMES` listing several
+   hosts also selects it.
+
+Otherwise (one process) nothing happens. On CPU-only processes (tests, debugging) the collectives
+between processes go through gloo.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 
 import jax
+
+
+def _cpu_collectives() -> None:
+  """Cross-process collectives on CPU devices need an implementation; gloo ships with jaxlib."""
+  platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+  if platforms.split(",")[0] == "cpu":
+    try:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # an option some jax versions lack or default
+      pass
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+  value = env.get(name, "")
+  return int(value) if value.strip() else None
 
 
 def maybe_initialize(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
   process_id: int | None = None,
+  *,
+  local_device_ids: Sequence[int] | None = None,
+  env: Mapping[str, str] | None = None,
 ) -> bool:
   """Initialises JAX's distributed runtime when this is one of several processes.
 
-  Explicit arguments win; otherwise T5JAX_COORDINATOR / T5JAX_NUM_PROCESSES / T5JAX_PROCESS_ID
-  are read; otherwise, under SLURM (SLURM_JOB_ID with more than one task) or on a multi-host TPU,
-  JAX's own cluster auto-detection is used. A single process does nothing.
+  Must run before anything touches a JAX device (no arrays created, no `jax.devices()` yet).
+
+  Args:
+    coordinator_address: `host:port` of process 0 (any free port; every process passes the same).
+    num_processes: the number of processes.
+    process_id: this process's index in `[0, num_processes)`.
+    local_device_ids: the local devices this process uses (default: all it sees).
+    env: the environment to read (default `os.environ`).
 
   Returns:
-    True if the distributed runtime was initialised.
+    True if the distributed runtime was initialised (or already was), False for a single process.
+
+  Raises:
+    ValueError: a multi-process setting is incomplete (e.g. no process id).
   """
-  env = os.environ
-  coordinator_address = coordinator_address or env.get("T5JAX_COORDINATOR")
-  if num_processes is None and env.get("T5JAX_NUM_PROCESSES"):
-    num_processes = int(env["T5JAX_NUM_PROCESSES"])
-  if process_id is None and env.get("T5JAX_PROCESS_ID"):
-    process_id = int(env["T5JAX_PROCESS_ID"])
-  if coordinator_address and num_processes and num_processes > 1:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  env = os.environ if env is None else env
+  if jax.distributed.is_initialized():
     return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-    jax.distributed.initialize()  # JAX detects SLURM and TPU pods itself
+  coordinator_address = coordinator_address or env.get("T5JAX_COORDINATOR") or None
+  if num_processes is None:
+    num_processes = _int(env, "T5JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _int(env, "T5JAX_PROCESS_ID")
+  if num_processes is not None and num_processes > 1:
+    if not coordinator_address or process_id is None:
+      raise ValueError(
+        f"{num_processes} processes need a coordinator address (host:port of process 0) and a "
+        "process id for each: pass --coordinator_address and --process_id "
+        "(or T5JAX_COORDINATOR / T5JAX_PROCESS_ID)"
+      )
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"process id {process_id} is not in [0, {num_processes})")
+    _cpu_collectives()
+    jax.distributed.initialize(
+      coordinator_address, num_processes, process_id, local_device_ids=local_device_ids
+    )
+    return True
+  slurm = "SLURM_STEP_NODELIST" in env and (_int(env, "SLURM_NTASKS") or 1) > 1
+  tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+  if slurm or tpu_hosts or env.get("T5JAX_DISTRIBUTED") == "auto":
+    _cpu_collectives()
+    jax.distributed.initialize(local_device_ids=local_device_ids)  # JAX detects the cluster
     return True
   return False
+
+
+def is_main_process() -> bool:
+  """True on process 0, the one that writes logs, metrics and exports."""
+  return jax.process_index() == 0
+
+
+def describe() -> str:
+  """One line on the topology, e.g. `process 0/2, 2 local of 4 devices (cpu)`."""
+  return (
+    f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local of "
+    f"{jax.device_count()} devices ({jax.devices()[0].platform})"
+  )
