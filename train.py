@@ -30,16 +30,35 @@ def main(argv):
   train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def _error(message: str, status: int) -> None:
+  print(f"train.py: error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse_flags(argv):
+  """absl's parsing, with a one-line error (not a traceback or usage dump) for a bad flag."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.keys()  # config_flags defers a config file's load error to the first access
+    return rest
+  except Exception as e:  # noqa: BLE001 - a bad --config file or override raises anything
+    # A misspelt override arrives as AttributeError(KeyError("'key'\nDid you mean ...")).
+    while isinstance(e, KeyError | AttributeError) and e.args and isinstance(e.args[0], Exception):
+      e = e.args[0]
+    if isinstance(e, KeyError | AttributeError) and e.args:
+      e = f"unknown config field {e.args[0]}"
+    _error(e, 2)
+
+
 def run():
   from t5jax.data import DataError
   from t5jax.hf import CheckpointError
   from t5jax.train import TrainingError
 
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except (TrainingError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
-    print(f"train.py: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _error(e, 1)
 
 
 if __name__ == "__main__":

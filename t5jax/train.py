@@ -204,13 +204,17 @@ def export(workdir: str, model_cfg: T5Config, params) -> None:
 
 
 class _StopFlag:
-  """Set by SIGTERM / SIGINT: the loop saves a checkpoint and returns normally."""
+  """Set by SIGTERM / SIGINT: the loop saves a checkpoint and returns normally (a second
+  signal kills the process the default way, e.g. when the save itself hangs)."""
 
   def __init__(self):
     self.signal = None
 
   def __call__(self, signum, frame):
     del frame
+    if self.signal is not None:  # a second signal: the user wants out now, unsaved
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
     self.signal = signum
 
   def install(self):

@@ -200,6 +200,9 @@ def test_bad_input_is_one_line_error_and_changes_nothing(server, tmp_path):
       [f"{bad_jsonl}:2: invalid JSON"],
     ),
     (["--config.model.vocab_size=128"], ["tokenizer has 384 ids", "vocab_size is 128"]),
+    (["--config.model.d_modle=3"], ["unknown config field 'd_modle'", 'Did you mean "d_model"']),
+    (["--config.batch_size=abc"], ["--config.batch_size=abc"]),
+    (["--config=configs/no_such.py"], ["configs/no_such.py", "No such file"]),
   ]
   runs = [server.start(*tsv_args(tmp_path, fresh, *extra)) for extra, _ in cases]
   for run, (_, fragments) in zip(runs, cases, strict=True):
