@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import os
+import struct
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from t5jax import checkpoint, data, hf, model, optim, sharding, trainer
 from t5jax.config import get_config as get_model_config
-from t5jax.train import TrainingError, train_and_evaluate
+from t5jax.train import TrainingError, crc32c, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +82,35 @@ def read_metrics(workdir, split="train"):
   with open(os.path.join(workdir, "metrics.jsonl")) as fh:
     rows = [json.loads(line) for line in fh if line.strip()]
   return [r for r in rows if r["split"] == split]
+
+
+def read_events(path) -> dict[str, list[tuple[int, float]]]:
+  """Scalars of a TensorBoard event file, parsed with tensorboardX's protos; checks the CRCs."""
+  from tensorboardX.proto import event_pb2
+
+  def masked_crc(b: bytes) -> int:
+    c = crc32c(b)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+  raw, i, out, events = open(path, "rb").read(), 0, {}, []
+  while i < len(raw):
+    header = raw[i : i + 8]
+    (n,) = struct.unpack("<Q", header)
+    assert struct.unpack("<I", raw[i + 8 : i + 12])[0] == masked_crc(header)
+    body = raw[i + 12 : i + 12 + n]
+    assert struct.unpack("<I", raw[i + 12 + n : i + 16 + n])[0] == masked_crc(body)
+    events.append(event_pb2.Event.FromString(body))
+    i += 16 + n
+  assert events[0].file_version == "brain.Event:2"
+  for ev in events[1:]:
+    for v in ev.summary.value:
+      out.setdefault(v.tag, []).append((ev.step, np.float32(v.simple_value)))
+  return out
+
+
+def test_crc32c_known_answer():
+  assert crc32c(b"123456789") == 0xE3069283
+  assert crc32c(b"") == 0
 
 
 def _batch(rng: np.random.Generator, lengths, s_len=10, t_len=8, vocab=64):
@@ -211,8 +241,11 @@ def test_interrupted_run_reproduces_the_uninterrupted_one(tmp_path):
   assert mgr.best_steps() == [max(evals, key=lambda r: r["loss"])["step"]]
   mgr.close()
 
-  # TensorBoard events, and the export equals the final checkpoint.
-  assert any(n.startswith("events.out.tfevents") for n in os.listdir(whole))
+  # TensorBoard has every logged scalar (float32), and the export equals the final checkpoint.
+  (events,) = [n for n in os.listdir(whole) if n.startswith("events.out.tfevents")]
+  scalars = read_events(os.path.join(whole, events))
+  assert scalars["train/loss"] == [(r["step"], np.float32(r["loss"])) for r in rows_whole]
+  assert [s for s, _ in scalars["eval/loss"]] == [2, 4, 6, 8]
   _, params = checkpoint.restore_params(whole)
   _, exported = hf.load_hf(os.path.join(whole, "export", "hf"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, exported)
