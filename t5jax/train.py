@@ -448,23 +448,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if pbar is not None:
         pbar.update(1)
       do_eval = datasets.eval is not None and (step % int(config.eval_every) == 0 or step == total)
-      do_save = step % int(config.checkpoint_every) == 0 or step == total or stop.signal
-      if do_eval or do_save:
-        consume(pending)  # a non-finite loss stops here, before anything is saved
-        pending = None
       if do_eval:
+        consume(pending)  # a non-finite loss stops here, before anything is evaluated or saved
+        pending = None
         last_eval = evaluate(config, model_cfg, state, datasets.eval, eval_step, tokenizer, mesh)
         writer.write(step, "eval", last_eval)
         if pbar is not None:
           pbar.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
         if config.best_metric:
           ckpt.save_best(step, state, _gather_json(datasets.train.get_state()), last_eval)
-      if do_save:
+      # Read once, after the evaluation: a signal that arrives during it (or from here on) still
+      # gets its save, now or after the next step.
+      signalled = stop.signal
+      if step % int(config.checkpoint_every) == 0 or step == total or signalled:
+        if pending is not None:
+          consume(pending)
+          pending = None
         ckpt.save(step, state, _gather_json(datasets.train.get_state()), force=True)
         last_saved = step
-      if stop.signal:
+      if signalled:
         if pbar is not None:
-          pbar.write(f"signal {stop.signal}: saved step {step}; exiting")
+          pbar.write(f"signal {signalled}: saved step {step}; exiting")
         break
     if pending is not None:
       consume(pending)

@@ -10,6 +10,7 @@ with stdout/stderr sent to files. Each child is a real process of its own (signa
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,7 +41,7 @@ _SERVER = textwrap.dedent(
   spec = importlib.util.spec_from_file_location("train_cli", os.path.join(REPO, "train.py"))
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
-  import t5jax.data, t5jax.hf, t5jax.train, t5jax.generate, tensorboardX, sacrebleu  # warm
+  import t5jax.data, t5jax.hf, t5jax.train, t5jax.generate, sacrebleu  # warm
   print(json.dumps({"ready": True}), flush=True)
   for line in sys.stdin:
     req = json.loads(line)
@@ -175,6 +176,13 @@ def wait_for_checkpoint(run, workdir, timeout=240):
   return steps(workdir)[0]
 
 
+def assert_quiet(stderr: str) -> None:
+  """No tracebacks and no INFO lines (orbax logs every save at INFO); warnings may appear, e.g.
+  orbax's "waiting for previous save" on a loaded machine with a checkpoint every 2 steps."""
+  assert "Traceback" not in stderr, stderr
+  assert not [line for line in stderr.splitlines() if re.match(r"I\d{4} ", line)], stderr
+
+
 def assert_one_line_error(run, *fragments):
   assert run.rc not in (0, None), run.stderr
   lines = run.stderr.strip().splitlines()
@@ -212,7 +220,8 @@ def test_bad_input_is_one_line_error_and_changes_nothing(server, tmp_path):
   # A good run writes nothing to stderr (no orbax/absl INFO lines)...
   workdir = tmp_path / "wd"
   ok = server.run(*tsv_args(tmp_path, workdir, "--config.num_train_steps=2"))
-  assert ok.rc == 0 and ok.stderr == "", ok.stderr
+  assert ok.rc == 0, ok.stderr
+  assert_quiet(ok.stderr)
   assert steps(workdir) == [2]
   # ...and resuming it with another architecture or bad data leaves it exactly as it was.
   before = snapshot(workdir)
@@ -234,7 +243,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(server, tmp_path):
   first = wait_for_checkpoint(run, workdir)
   os.kill(run.pid, signal.SIGTERM)
   assert run.wait().rc == 0, run.stderr
-  assert run.stderr == ""
+  assert_quiet(run.stderr)
   last = steps(workdir)[-1]
   assert last > first  # the save on SIGTERM, not only the periodic one
   assert train_rows(workdir)[-1]["step"] == last
@@ -305,7 +314,7 @@ def test_demo_config_trains_then_decode_answers(tmp_path):
     timeout=300,
   )
   assert train.returncode == 0, train.stderr
-  assert train.stderr == ""
+  assert_quiet(train.stderr)
   evals = [json.loads(x) for x in open(workdir / "metrics.jsonl") if '"eval"' in x]
   assert evals and {"loss", "accuracy", "exact_match", "bleu", "chrf"} <= set(evals[-1])
   prompts = "add: 17 + 25\nreverse: a b c d\nsort: 9 3 7 1\n"
@@ -327,7 +336,7 @@ def test_demo_config_trains_then_decode_answers(tmp_path):
     timeout=300,
   )
   assert decode.returncode == 0, decode.stderr
-  assert decode.stderr == ""
+  assert_quiet(decode.stderr)
   lines = decode.stdout.split("\n")
   assert lines[-1] == "" and len(lines) == 4, decode.stdout
   assert all(isinstance(json.loads(line), dict) for line in lines[:-1])
