@@ -1,0 +1,186 @@
+"""Training-state memory per device under FSDP: the largest T5 that fits, and one measured point.
+
+  python benchmarks/memory.py                    # tables + measured point (8 CPU devices, ~1 min)
+  python benchmarks/memory.py --no_measure       # tables only (seconds)
+
+Model state per parameter, all float32 (t5jax keeps parameters in float32 whatever the compute
+dtype): parameters 4 B + gradients 4 B + optimizer state: Adafactor (T5's default) keeps factored
+row/column second moments, a few bytes per *row*, so ~0 B/param for matrices; AdamW keeps two
+moments, 8 B/param. Counts are exact, from `jax.eval_shape` of `init_params` and `tx.init`.
+FSDP (`--config.mesh.fsdp=N`) splits all three N ways (`t5jax.sharding`: the `embed` dimension
+of every matrix), so the per-device state is total / N. Activations are not included: they scale
+with the per-device batch and sequence lengths, and `num_microbatches` trades them for steps;
+the tables keep 25% of the device for them (a model "fits" when state <= 75% of memory).
+
+The measured point compiles the real train step at a small config for one device and for an
+8-device FSDP mesh on CPU (`--xla_force_host_platform_device_count=8`) and prints XLA's
+`memory_analysis()` per device: arguments (the train state and the batch, donated), temporaries
+(activations, gradients, gathered parameters), next to the bytes predicted from the shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __name__ == "__main__" and "--no_measure" not in sys.argv:
+  # Must precede the jax import: 8 host devices for the measured FSDP point.
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from t5jax import model, optim  # noqa: E402
+from t5jax.config import get_config  # noqa: E402
+
+PRESETS = [
+  "t5-v1_1-small",
+  "t5-v1_1-base",
+  "t5-v1_1-large",
+  "t5-v1_1-xl",
+  "t5-v1_1-xxl",
+  "mt5-xxl",
+]
+DEVICE_COUNTS = [1, 2, 4, 8, 16]  # from 16 devices on, every preset fits (mt5-xxl is largest)
+MEMORY_GB = [16, 40, 80]  # e.g. TPU v5e / V100-16G, A100-40G, A100/H100-80G
+HEADROOM = 0.75  # fraction of device memory the state may use; the rest is for activations
+GB = 1e9
+
+
+def _nbytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def state_bytes(preset: str) -> dict[str, float]:
+  """Parameter count and total train-state bytes (params + grads + optimizer) per optimizer."""
+  cfg = get_config(preset)
+  params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+  p = _nbytes(params)
+  out = {"params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))}
+  for name in ("adafactor", "adamw"):
+    ocfg = optim.default_optimizer_config()
+    ocfg.name = name
+    opt = _nbytes(jax.eval_shape(optim.make_optimizer(ocfg).init, params))
+    out[name] = 2 * p + opt  # params + grads + optimizer state
+    out[name + "_opt"] = opt
+  return out
+
+
+def print_tables() -> dict[str, dict[str, float]]:
+  sizes = {name: state_bytes(name) for name in PRESETS}
+  print("## Train state (fp32 params + grads + optimizer), total over all devices\n")
+  print("| model | params | Adafactor state | bytes/param | AdamW state | bytes/param |")
+  print("|---|---:|---:|---:|---:|---:|")
+  for name, s in sizes.items():
+    n = s["params"]
+    print(
+      f"| {name} | {n / 1e6:,.0f}M | {s['adafactor'] / GB:,.1f} GB | {s['adafactor'] / n:.2f} "
+      f"| {s['adamw'] / GB:,.1f} GB | {s['adamw'] / n:.2f} |"
+    )
+  print(
+    f"\n## Largest model whose state fits with FSDP over N devices "
+    f"(state / N <= {HEADROOM:.0%} of device memory)\n"
+  )
+  head = " | ".join(f"{m} GB Adafactor | {m} GB AdamW" for m in MEMORY_GB)
+  print(f"| devices | {head} |")
+  print("|---:|" + "---|---|" * len(MEMORY_GB))
+  for n in DEVICE_COUNTS:
+    cells = []
+    for mem in MEMORY_GB:
+      for opt in ("adafactor", "adamw"):
+        fits = [name for name, s in sizes.items() if s[opt] / n <= HEADROOM * mem * GB]
+        cells.append(fits[-1] if fits else "-")
+    print(f"| {n} | " + " | ".join(cells) + " |")
+  return sizes
+
+
+def measure(num_layers: int = 2, batch: int = 8) -> None:
+  """Compiled train step's per-device memory, one device vs 8-way FSDP, at a small config."""
+  import ml_collections
+
+  from t5jax import sharding, trainer
+
+  cfg = get_config("t5-v1_1-small", num_layers=num_layers, num_decoder_layers=num_layers)
+  ocfg = optim.default_optimizer_config()
+  schedule = optim.make_schedule(ocfg)
+  tx = optim.make_optimizer(ocfg, schedule)
+  loss_cfg = ml_collections.ConfigDict(
+    {"label_smoothing": 0.0, "z_loss": 1e-4, "normalizer": "num_tokens"}
+  )
+  step_fn = trainer.make_train_step(cfg, tx, schedule, loss_cfg)
+  s_len, t_len = 128, 32
+  shapes = jax.eval_shape(
+    lambda: trainer.create_train_state(model.init_params(cfg, jax.random.key(0)), tx)
+  )
+  # Arguments hold the state (params + optimizer) and the batch; gradients are temporaries.
+  predicted_state = _nbytes(shapes.params) + _nbytes(shapes.opt_state)
+  predicted_grads = _nbytes(shapes.params)
+  print(
+    f"\n## Measured: t5-v1_1-small with {num_layers}+{num_layers} layers "
+    f"({_nbytes(shapes.params) / 4 / 1e6:.1f}M params), Adafactor, batch {batch} x "
+    f"{s_len}/{t_len} tokens, XLA CPU memory_analysis per device\n"
+  )
+  print(
+    "| mesh (data, fsdp, tensor) | arguments | predicted params + opt / N "
+    "| temporaries | predicted grads / N |"
+  )
+  print("|---|---:|---:|---:|---:|")
+  # The last row lowers under `jax.set_mesh(mesh)`, which turns on the model's activation
+  # constraints (hidden states split over the batch, whole along `embed`).
+  for mesh_shape, set_mesh in [((1, 1, 1), False), ((1, 8, 1), False), ((1, 8, 1), True)]:
+    n = int(np.prod(mesh_shape))
+    if jax.device_count() < n:
+      print(f"| {mesh_shape} | (needs {n} devices) | | | |")
+      continue
+    mesh_cfg = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, mesh_shape, strict=True)))
+    mesh = sharding.create_mesh(mesh_cfg, jax.devices()[:n])
+    state_sh = trainer.state_shardings(cfg, tx, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh
+    )
+    abstract_batch = {
+      name: jax.ShapeDtypeStruct((batch, length), dtype, sharding=batch_sh)
+      for name, length, dtype in [
+        ("encoder_input_tokens", s_len, np.int32),
+        ("decoder_input_tokens", t_len, np.int32),
+        ("decoder_target_tokens", t_len, np.int32),
+        ("decoder_loss_weights", t_len, np.float32),
+      ]
+    }
+    jitted = trainer.jit_train_step(step_fn, state_sh, mesh)
+    if set_mesh:  # activates the model's activation sharding constraints
+      with jax.set_mesh(mesh):
+        lowered = jitted.lower(abstract_state, abstract_batch, jax.random.key(0))
+    else:
+      lowered = jitted.lower(abstract_state, abstract_batch, jax.random.key(0))
+    mem = lowered.compile().memory_analysis()
+    label = f"{mesh_shape}{' + set_mesh' if set_mesh else ''}"
+    if mem is None:
+      print(f"| {label} | (memory_analysis unavailable on this backend) | | | |")
+      continue
+    print(
+      f"| {label} | {mem.argument_size_in_bytes / 1e6:.1f} MB | {predicted_state / n / 1e6:.1f} MB "
+      f"| {mem.temp_size_in_bytes / 1e6:.1f} MB | {predicted_grads / n / 1e6:.1f} MB |"
+    )
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--no_measure", action="store_true", help="only the computed tables")
+  parser.add_argument("--layers", type=int, default=2, help="layers of the measured config")
+  parser.add_argument("--batch", type=int, default=8, help="global rows of the measured step")
+  args = parser.parse_args()
+  print_tables()
+  if not args.no_measure:
+    measure(args.layers, args.batch)
+
+
+if __name__ == "__main__":
+  main()
