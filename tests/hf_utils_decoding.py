@@ -96,14 +96,19 @@ def hf_generate(model, tokens, **kwargs):
   import torch
 
   ids = torch.tensor(tokens, dtype=torch.long)
-  with torch.no_grad():
-    out = model.generate(
-      input_ids=ids,
-      attention_mask=(ids != 0).long(),
-      return_dict_in_generate=True,
-      output_scores=True,
-      **kwargs,
-    )
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # tiny matrices: threads only add contention with the other worker
+  try:
+    with torch.no_grad():
+      out = model.generate(
+        input_ids=ids,
+        attention_mask=(ids != 0).long(),
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kwargs,
+      )
+  finally:
+    torch.set_num_threads(threads)
   seqs = out.sequences[:, 1:].numpy()
   scores = getattr(out, "sequences_scores", None)
   return seqs, None if scores is None else scores.numpy()

@@ -68,7 +68,7 @@ def test_text_in_order_batched_bucketed_truncated(checkpoint, tmp_path, capsys):
   inp = write(tmp_path, "in.txt", "\n".join(TEXTS) + "\n")
   out = str(tmp_path / "out.txt")
   args = ["--checkpoint", checkpoint, "--input_file", inp, "--output_file", out]
-  args += ["--batch_size", "3", "--max_new_tokens", "6", "--max_input_length", "16"]
+  args += ["--batch_size", "2", "--max_new_tokens", "6", "--max_input_length", "16"]
   code, stdout, err = run_cli(args, capsys)
   assert code == 0, err
   assert "truncated 1 of 7 inputs" in err
@@ -83,7 +83,7 @@ def test_jsonl_beam_with_tsv_input(checkpoint, tmp_path, capsys):
   inp = write(tmp_path, "in.tsv", rows)
   args = ["--checkpoint", checkpoint, "--input_file", inp, "--output_format", "jsonl"]
   args += ["--method", "beam", "--num_beams", "3", "--num_return_sequences", "2"]
-  args += ["--max_new_tokens", "5", "--batch_size", "4"]
+  args += ["--max_new_tokens", "6", "--batch_size", "2"]
   code, stdout, err = run_cli(args, capsys)
   assert code == 0, err
   records = [json.loads(line) for line in stdout.splitlines()]
@@ -97,7 +97,7 @@ def test_jsonl_input_sampling_deterministic(checkpoint, tmp_path, capsys):
   lines = "".join(json.dumps({"text": t, "other": 1}) + "\n" for t in TEXTS[:3])
   inp = write(tmp_path, "in.jsonl", lines)
   args = ["--checkpoint", checkpoint, "--input_file", inp, "--method", "sample", "--seed", "3"]
-  args += ["--top_k", "20", "--top_p", "0.9", "--temperature", "0.8", "--max_new_tokens", "5"]
+  args += ["--top_k", "20", "--top_p", "0.9", "--temperature", "0.8", "--max_new_tokens", "6"]
   args += ["--input_column", "text", "--batch_size", "2", "--no_progress"]
   first = run_cli(args, capsys)
   second = run_cli(args, capsys)
@@ -110,7 +110,7 @@ def test_sentencepiece_tokenizer_flag(checkpoint, tmp_path, capsys):
   train_sentencepiece(corpus, 300, spm_path)
   inp = write(tmp_path, "in.txt", "the fox\nthe dog jumps\n")
   args = ["--checkpoint", checkpoint, "--input_file", inp, "--tokenizer", spm_path]
-  args += ["--max_new_tokens", "4", "--batch_size", "2"]
+  args += ["--max_new_tokens", "6", "--batch_size", "2"]
   code, stdout, err = run_cli(args, capsys)
   assert code == 0, err
   assert len(stdout.splitlines()) == 2
@@ -120,7 +120,7 @@ def test_sentencepiece_tokenizer_flag(checkpoint, tmp_path, capsys):
 def test_stdin_stdout_subprocess(checkpoint):
   proc = subprocess.run(
     [sys.executable, os.path.join(ROOT, "decode.py"), "--checkpoint", checkpoint]
-    + ["--max_new_tokens", "3", "--batch_size", "2"],
+    + ["--max_new_tokens", "6", "--batch_size", "2"],
     input=b"one\ntwo\nthree\n",
     capture_output=True,
     timeout=300,
