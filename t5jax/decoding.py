@@ -422,8 +422,9 @@ def beam_search(
   )
   state = jax.lax.while_loop(cond, body, init)
   fin_seqs, fin_scores = state[4], state[5]
-  # Padding after EOS (candidate sequences are built on pad-filled rows, so this only matters for
-  # rows that never finished, which cannot be returned once max_len is reached).
+  # Hypotheses grow on pad-filled rows, so positions after EOS already hold pad_id. Every slot is
+  # filled on exit: the loop ends at max_len (where the top n candidates all finish), or once all
+  # slots of every example are finished (early_stopping=True or the bound heuristic).
   return fin_seqs, fin_scores
 
 
