@@ -347,13 +347,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  if main:
-    if not tok_saved:
-      tokenizer.save(tok_dir)
-    checkpoint.save_json(saved_cfg_path, model_cfg.to_dict())
-    # Not "config.json": decode.py takes a folder holding one for a HuggingFace model.
-    checkpoint.save_json(os.path.join(workdir, "train_config.json"), config.to_dict())
-
   ckpt = checkpoint.CheckpointManager(
     workdir,
     keep=int(config.keep_checkpoints),
@@ -373,9 +366,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
       state, data_states = ckpt.restore(abstract, last_saved)
     except (ValueError, KeyError, TypeError) as e:  # e.g. another optimizer's state
+      ckpt.close()
       raise TrainingError(
         f"{workdir}: cannot restore checkpoint {last_saved} into this config's train state "
-        f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); use a new --workdir"
+        f"(was it saved with another optimizer? {type(e).__name__}: "
+        f"{str(e).splitlines()[0][:300].rstrip(':')}); use the saved config or a new --workdir"
       ) from e
     key = str(jax.process_index())
     if key not in data_states or len(data_states) != jax.process_count():
@@ -389,6 +384,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = trainer.state_from_params(params, tx, state_sh)
   else:
     state = trainer.init_state_sharded(model_cfg, tx, mesh, jax.random.PRNGKey(seed), state_sh)
+  if main:  # the run can go ahead: record what it is
+    if not tok_saved:
+      tokenizer.save(tok_dir)
+    checkpoint.save_json(saved_cfg_path, model_cfg.to_dict())
+    # Not "config.json": decode.py takes a folder holding one for a HuggingFace model.
+    checkpoint.save_json(os.path.join(workdir, "train_config.json"), config.to_dict())
 
   loss_cfg = config.loss
   step_fn = trainer.make_train_step(

@@ -232,6 +232,20 @@ def test_interrupted_run_reproduces_the_uninterrupted_one(tmp_path):
     np.testing.assert_array_equal(batches[4][k], nxt[k], err_msg=k)
   assert not np.array_equal(batches[3]["encoder_input_tokens"], nxt["encoder_input_tokens"])
 
+  # Resuming with another optimizer is refused, and changes nothing.
+  def mtimes(d):
+    return {
+      os.path.join(r, f): os.stat(os.path.join(r, f)).st_mtime_ns
+      for r, _, fs in os.walk(d)
+      for f in fs
+    }
+
+  before = mtimes(part)
+  other = tiny_run_config(tmp_path, num_train_steps=10, **common, **{"optimizer.name": "adafactor"})
+  with pytest.raises(TrainingError, match="cannot restore checkpoint 8 .* another optimizer"):
+    train_and_evaluate(other, part)
+  assert mtimes(part) == before
+
   # keep-last-K and best-by-metric (best_mode="max" on the eval loss: the worst, so that the
   # choice differs from "latest" whatever the loss curve does).
   mgr = checkpoint.CheckpointManager(whole, keep=3, best_metric="loss", best_mode="max")
