@@ -42,6 +42,7 @@ def parse_args():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--no_hf", action="store_true", help="skip transformers")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--torch_threads", type=int, help="torch.set_num_threads (default: torch's)")
   p.add_argument(
     "--tiny", action="store_true", help="shrink the preset to 2 layers, d_model 64 (smoke test)"
   )
@@ -81,7 +82,8 @@ def main():
     import torch
     import transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as d:
       t5jax.save_hf(config, params, d)
       hf_model = transformers.T5ForConditionalGeneration.from_pretrained(
@@ -91,7 +93,10 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_model.to(device)
     hf_ids = torch.tensor(tokens, dtype=torch.long, device=device)
-    print(f"transformers {transformers.__version__}, torch {torch.__version__} on {device}")
+    print(
+      f"transformers {transformers.__version__}, torch {torch.__version__} on {device}, "
+      f"{torch.get_num_threads()} threads"
+    )
 
   params = jax.device_put(params)
   print(f"{'method':8} {'impl':13} {'compile s':>9} {'time s':>8} {'tokens/s':>10}")
