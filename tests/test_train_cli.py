@@ -45,9 +45,10 @@ _SERVER = textwrap.dedent(
   print(json.dumps({"ready": True}), flush=True)
   for line in sys.stdin:
     req = json.loads(line)
-    if "wait" in req:
-      _, status = os.waitpid(req["wait"], 0)
-      print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+    if "wait" in req or "poll" in req:
+      pid, status = os.waitpid(req.get("wait", req.get("poll")), 0 if "wait" in req else os.WNOHANG)
+      rc = os.waitstatus_to_exitcode(status) if pid else None
+      print(json.dumps({"rc": rc}), flush=True)
       continue
     pid = os.fork()
     if pid:
@@ -83,6 +84,11 @@ class Run:
       self.rc = self.server._call({"wait": self.pid})["rc"]
     return self
 
+  def poll(self) -> int | None:
+    if self.rc is None:
+      self.rc = self.server._call({"poll": self.pid})["rc"]
+    return self.rc
+
   @property
   def stderr(self) -> str:
     with open(self.err) as fh:
@@ -91,7 +97,7 @@ class Run:
 
 class ForkServer:
   def __init__(self, tmp_dir):
-    self.tmp_dir, self.n = str(tmp_dir), 0
+    self.tmp_dir, self.n, self.runs = str(tmp_dir), 0, []
     self.proc = subprocess.Popen(
       [sys.executable, "-c", _SERVER],
       stdin=subprocess.PIPE,
@@ -116,12 +122,17 @@ class ForkServer:
     self.n += 1
     out, err = (os.path.join(self.tmp_dir, f"run{self.n}.{s}") for s in ("out", "err"))
     pid = self._call({"argv": [str(a) for a in argv], "stdout": out, "stderr": err})["pid"]
-    return Run(self, pid, out, err)
+    self.runs.append(Run(self, pid, out, err))
+    return self.runs[-1]
 
   def run(self, *argv) -> Run:
     return self.start(*argv).wait()
 
   def close(self):
+    for run in self.runs:  # children a failed test left running
+      if run.poll() is None:
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
     self.proc.stdin.close()
     self.proc.wait(timeout=30)
 
@@ -171,7 +182,7 @@ def train_rows(workdir):
 def wait_for_checkpoint(run, workdir, timeout=240):
   t0 = time.time()
   while not steps(workdir):
-    assert run.rc is None and time.time() - t0 < timeout, run.stderr
+    assert run.poll() is None and time.time() - t0 < timeout, run.stderr
     time.sleep(0.2)
   return steps(workdir)[0]
 
