@@ -157,6 +157,7 @@ def _step_setup(num_microbatches=1):
   return step, init, mesh
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_repeated_batch():
   step, init, mesh = _step_setup()
   state = init()
@@ -171,6 +172,7 @@ def test_loss_falls_on_a_repeated_batch():
   assert set(metrics) >= {"loss", "accuracy", "grad_norm", "update_norm", "param_norm"}
 
 
+@pytest.mark.slow
 def test_accumulation_equals_the_large_batch():
   # Rows of very different lengths: averaging per microbatch (instead of normalising the summed
   # gradient once by all tokens) would weigh them differently and fail this test.
