@@ -96,6 +96,20 @@ def maybe_initialize(
   return False
 
 
+def barrier(name: str, timeout_s: float = 900.0) -> None:
+  """Waits until every process reaches `name`, through the coordination service (no devices).
+
+  Device collectives on CPU (gloo) give up when the processes reach their first collective more
+  than ~30 s apart, e.g. when one compiles much more slowly; compile ahead of time
+  (`.lower(...).compile()`), then meet here, then run. A no-op for a single process.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the client has no public accessor
+
+  jax_distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def is_main_process() -> bool:
   """True on process 0, the one that writes logs, metrics and exports."""
   return jax.process_index() == 0

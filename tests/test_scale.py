@@ -52,6 +52,7 @@ def test_maybe_initialize_single_process_and_errors():
   with pytest.raises(ValueError, match="not in"):
     distributed.maybe_initialize("h:1", 2, 2, env={})
   assert distributed.is_main_process()
+  distributed.barrier("single process: a no-op")
   assert distributed.describe().startswith("process 0/1")
 
 
@@ -129,9 +130,6 @@ def test_two_processes_match_one(tmp_path):
   assert data_state == {"0": {"pos": steps}, "1": {"pos": steps}}
   jax.tree.map(close, jax.device_get(state), want_state)
   # Parameters alone, as decode.py loads them.
-  try:
-    step, params = checkpoint.restore_params(str(tmp_path))
-  except ValueError as e:
-    pytest.xfail(f"checkpoint.restore_params on a checkpoint from other devices: {e}")
+  step, params = checkpoint.restore_params(str(tmp_path))
   assert step == steps
   jax.tree.map(close, params, want_state.params)

@@ -1,7 +1,8 @@
 """8-device checks (run as a script with `--xla_force_host_platform_device_count=8`).
 
 1. Two train steps on meshes (8,1,1), (2,4,1), (2,2,2), (1,1,8) give the single-device losses,
-   metrics and parameters (dropout on: its mask must not depend on the layout).
+   metrics and parameters (dropout on: its mask must not depend on the layout); (2,4,1) and
+   (2,2,2) run under `jax.set_mesh`, which activates the model's activation constraints.
 2. A checkpoint saved on (2,2,2) restores onto (1,1,8) and onto a 4-device (1,4,1) mesh, with the
    target shardings and the saved values; a step after restoring matches the reference's.
 3. Greedy and beam decoding with sharded params and inputs equal unsharded decoding.
@@ -27,6 +28,7 @@ from t5jax import checkpoint, model, sharding, trainer  # noqa: E402
 from t5jax.generate import generate  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+MESH_CONTEXT = {(2, 4, 1), (2, 2, 2)}  # these train under `jax.set_mesh` (activation constraints)
 RTOL, ATOL = 2e-5, 2e-6  # float reassociation of sharded reductions
 
 
@@ -46,6 +48,7 @@ class Run:
 
   def __init__(self, config, tx, step_fn, mesh, host_state=None):
     self.mesh = mesh
+    self.mesh_context = tuple(mesh.shape.values()) in MESH_CONTEXT
     self.state_sh = trainer.state_shardings(config, tx, mesh)
     if host_state is None:  # each device creates only its shards
       self.state = trainer.init_state_sharded(config, tx, mesh, jax.random.key(0), self.state_sh)
@@ -57,7 +60,11 @@ class Run:
     losses = []
     for i in range(steps):
       batch = sharding.shard_batch(common.batch(i), self.mesh)
-      self.state, metrics = self.step(self.state, batch, jax.random.key(7))
+      if self.mesh_context:  # turns on the model's activation sharding constraints
+        with jax.set_mesh(self.mesh):
+          self.state, metrics = self.step(self.state, batch, jax.random.key(7))
+      else:
+        self.state, metrics = self.step(self.state, batch, jax.random.key(7))
       losses.append(jax.device_get(metrics))
     return losses
 

@@ -33,17 +33,25 @@ def main(port: str, process_id: str, workdir: str, steps: str):
   mesh = sharding.create_mesh(common.mesh_cfg(2, 2, 1))
   state_sh = trainer.state_shardings(config, tx, mesh)
   state = trainer.init_state_sharded(config, tx, mesh, jax.random.key(0), state_sh)
-  train_step = trainer.jit_train_step(step_fn, state_sh, mesh)
   half = common.B // 2
   lo = jax.process_index() * half
+  batches = [
+    sharding.shard_batch({k: v[lo : lo + half] for k, v in common.batch(i).items()}, mesh)
+    for i in range(int(steps))
+  ]  # each process passes only its own rows
+  train_step = trainer.jit_train_step(step_fn, state_sh, mesh)
+  train_step = train_step.lower(state, batches[0], jax.random.key(7)).compile()
+  # On a loaded machine one process may finish compiling long after the other: meet before the
+  # first cross-process collective (gloo waits only ~30 s for its peers).
+  distributed.barrier("compiled")
   losses = []
-  for i in range(int(steps)):
-    local = {k: v[lo : lo + half] for k, v in common.batch(i).items()}  # this process's rows
-    state, metrics = train_step(state, sharding.shard_batch(local, mesh), jax.random.key(7))
+  for batch in batches:
+    state, metrics = train_step(state, batch, jax.random.key(7))
     losses.append(float(metrics["loss"]))  # replicated: every process can read it
 
   from jax.experimental import multihost_utils
 
+  distributed.barrier("trained")
   saved = multihost_utils.process_allgather(state, tiled=True)
   mgr = checkpoint.CheckpointManager(workdir, async_save=False)
   mgr.save(int(steps), state, {"0": {"pos": int(steps)}, "1": {"pos": int(steps)}}, force=True)
@@ -57,6 +65,7 @@ def main(port: str, process_id: str, workdir: str, steps: str):
                           shapes, sh2)  # fmt: skip
   restored, _ = mgr.restore(abstract, int(steps))
   mgr.close()
+  distributed.barrier("restored")
   got = multihost_utils.process_allgather(restored, tiled=True)
   jax.tree.map(np.testing.assert_array_equal, got, saved)
   if distributed.is_main_process():
