@@ -32,9 +32,20 @@ import numpy as np
 
 from t5jax.config import T5Config
 from t5jax.layers import MLP, Attention, RelativePositionBias, RMSNorm, normal_param
+from t5jax.sharding import with_logical_constraint
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
+
+
+def _hidden(x_BSD: jax.Array) -> jax.Array:
+  """Keeps hidden states split over the batch (and whole along `embed`) under a mesh.
+
+  Without it, propagation from FSDP-sharded weights can split activations along `embed` and then
+  reshard them every layer; with it the weights are gathered instead. A no-op without
+  `jax.set_mesh` (see `t5jax.sharding.with_logical_constraint`).
+  """
+  return with_logical_constraint(x_BSD, ("batch", "length", "embed"))
 
 
 # --- masks and relative positions ------------------------------------------------------------
@@ -155,9 +166,9 @@ class Encoder(nn.Module):
     rel = _relative_positions(s, s, positions, positions)
     bias = None if self.config.per_layer_position_bias else self.relpos_bias(rel)
     mask = _attention_mask(valid_BS, valid_BS, segment_ids, segment_ids)
-    x = self.dropout(x_BSD, deterministic=deterministic)
+    x = _hidden(self.dropout(x_BSD, deterministic=deterministic))
     for layer in self.layers:
-      x = layer(x, bias, rel, mask, deterministic)
+      x = _hidden(layer(x, bias, rel, mask, deterministic))
     return self.dropout(self.encoder_norm(x), deterministic=deterministic)
 
 
@@ -182,10 +193,11 @@ class Decoder(nn.Module):
     t = y_BTD.shape[1]
     rel = _relative_positions(t, t, positions, positions)
     bias = self._bias(rel)
-    y = self.dropout(y_BTD, deterministic=deterministic)
+    y = _hidden(self.dropout(y_BTD, deterministic=deterministic))
     for layer in self.layers:
       k, v = layer.cross_kv(encoded_BSD)
       y, _ = layer(y, bias, rel, self_mask, k, v, cross_mask, deterministic)
+      y = _hidden(y)
     return self.dropout(self.decoder_norm(y), deterministic=deterministic)
 
   def step(self, y_N1D, cache, cross, step):
@@ -236,9 +248,10 @@ class T5(nn.Module):
       w_DV = self.shared.T
     else:
       w_DV = self.lm_head
-    return jnp.einsum(
+    logits_BTV = jnp.einsum(
       "btd,dv->btv", y_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32
     )
+    return with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
 
   def encode(self, tokens_BS, segment_ids=None, positions=None, deterministic=True):
     valid = tokens_BS != self.config.pad_token_id if segment_ids is None else segment_ids != 0
