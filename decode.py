@@ -217,8 +217,8 @@ def load_checkpoint(path: str, tokenizer_path: str | None):
       ) from e
     try:
       config, params, found_tokenizer = load_for_inference(path)
-    except (OSError, ValueError) as e:
-      raise CLIError(f"{path}: no weights found ({e})") from e
+    except (OSError, ValueError, KeyError) as e:
+      raise CLIError(f"cannot load t5jax workdir: {e}") from e
   source = tokenizer_path or found_tokenizer
   if source is None:
     raise CLIError(f"{path}: no tokenizer found; pass --tokenizer")
