@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from t5jax import checkpoint, data, hf, model, optim, sharding, trainer
+from t5jax import metrics as metrics_lib
 from t5jax.config import T5Config, get_config
 
 
@@ -64,122 +64,6 @@ def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
       f"{workdir}: cannot resume with an incompatible model config ({'; '.join(diffs)}); "
       "use a new --workdir or the saved config"
     )
-
-
-# --- metrics ---------------------------------------------------------------------------------
-
-
-def _make_crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), the checksum of TFRecord files."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    low, n = n & 0x7F, n >> 7
-    out.append(low | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _len_field(tag: int, payload: bytes) -> bytes:
-  return bytes([tag]) + _varint(len(payload)) + payload
-
-
-class EventFileWriter:
-  """TensorBoard scalars, written as TFRecords of `Event` protos by hand.
-
-  tensorboardX's writer imports torch (several seconds at every start); scalars need only a few
-  protobuf fields: Event{wall_time=1 (double), step=2 (int64), file_version=3, summary=5},
-  Summary{value=1}, Summary.Value{tag=1, simple_value=2 (float)}.
-  """
-
-  def __init__(self, logdir: str):
-    import socket
-
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self.path = os.path.join(logdir, name)
-    self._fh = open(self.path, "ab")
-    self._write(self._event(0, _len_field(0x1A, b"brain.Event:2")))
-
-  @staticmethod
-  def _event(step: int, field: bytes) -> bytes:
-    return b"\x09" + struct.pack("<d", time.time()) + b"\x10" + _varint(step) + field
-
-  def _write(self, event: bytes) -> None:
-    def masked(b: bytes) -> bytes:
-      c = crc32c(b)
-      return struct.pack("<I", (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-    header = struct.pack("<Q", len(event))
-    self._fh.write(header + masked(header) + event + masked(event))
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    summary = b"".join(
-      _len_field(0x0A, _len_field(0x0A, tag.encode()) + b"\x15" + struct.pack("<f", v))
-      for tag, v in values.items()
-    )
-    self._write(self._event(step, _len_field(0x2A, summary)))
-    self._fh.flush()
-
-  def close(self) -> None:
-    self._fh.close()
-
-
-class MetricWriter:
-  """metrics.jsonl plus TensorBoard event files, written by process 0 only."""
-
-  def __init__(self, workdir: str, enabled: bool, resume_step: int = 0):
-    self.enabled = enabled
-    if enabled:
-      path = os.path.join(workdir, "metrics.jsonl")
-      _drop_rows_after(path, resume_step)
-      self._tb = EventFileWriter(workdir)
-      self._fh = open(path, "a")
-
-  def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    row = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
-    self._fh.write(json.dumps(row) + "\n")
-    self._fh.flush()
-    self._tb.scalars(step, {f"{split}/{k}": float(v) for k, v in metrics.items()})
-
-  def close(self) -> None:
-    if self.enabled:
-      self._fh.close()
-      self._tb.close()
-
-
-def _drop_rows_after(path: str, step: int) -> None:
-  """Forgets rows a killed run logged past the checkpoint it resumes from (they are redone)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as fh:
-    lines = fh.read().splitlines()
-  keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-  if len(keep) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-      fh.write("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
 
 
 def _gather_json(obj: Any) -> dict[str, Any]:
@@ -401,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
 
-  writer = MetricWriter(workdir, main, resume_step=int(jax.device_get(state.step)))
+  writer = metrics_lib.MetricWriter(workdir, main, resume_step=int(jax.device_get(state.step)))
   stop = _StopFlag()
   stop.install()
   total = int(config.num_train_steps)

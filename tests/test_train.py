@@ -9,7 +9,6 @@ import functools
 import importlib.util
 import json
 import os
-import struct
 
 import jax
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 
 from t5jax import checkpoint, data, hf, model, optim, sharding, trainer
 from t5jax.config import get_config as get_model_config
-from t5jax.train import TrainingError, crc32c, train_and_evaluate
+from t5jax.train import TrainingError, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,32 +84,15 @@ def read_metrics(workdir, split="train"):
 
 
 def read_events(path) -> dict[str, list[tuple[int, float]]]:
-  """Scalars of a TensorBoard event file, parsed with tensorboardX's protos; checks the CRCs."""
-  from tensorboardX.proto import event_pb2
+  """Scalars of a TensorBoard event file, read back with TensorBoard's own loader."""
+  from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-  def masked_crc(b: bytes) -> int:
-    c = crc32c(b)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-  raw, i, out, events = open(path, "rb").read(), 0, {}, []
-  while i < len(raw):
-    header = raw[i : i + 8]
-    (n,) = struct.unpack("<Q", header)
-    assert struct.unpack("<I", raw[i + 8 : i + 12])[0] == masked_crc(header)
-    body = raw[i + 12 : i + 12 + n]
-    assert struct.unpack("<I", raw[i + 12 + n : i + 16 + n])[0] == masked_crc(body)
-    events.append(event_pb2.Event.FromString(body))
-    i += 16 + n
+  out, events = {}, list(LegacyEventFileLoader(path).Load())
   assert events[0].file_version == "brain.Event:2"
   for ev in events[1:]:
     for v in ev.summary.value:
       out.setdefault(v.tag, []).append((ev.step, np.float32(v.simple_value)))
   return out
-
-
-def test_crc32c_known_answer():
-  assert crc32c(b"123456789") == 0xE3069283
-  assert crc32c(b"") == 0
 
 
 def _batch(rng: np.random.Generator, lengths, s_len=10, t_len=8, vocab=64):
@@ -313,7 +295,7 @@ def test_bad_starts_leave_the_workdir_untouched(tmp_path):
 
 
 def test_metric_rows_past_the_resumed_checkpoint_are_dropped(tmp_path):
-  from t5jax.train import _drop_rows_after
+  from t5jax.metrics import _drop_rows_after
 
   path = tmp_path / "metrics.jsonl"
   rows = [{"step": s, "split": "train"} for s in (1, 2, 3, 4)] + [{"step": 2, "split": "eval"}]

@@ -1,0 +1,61 @@
+"""Training metrics: `metrics.jsonl` rows and TensorBoard event files, from process 0 only.
+
+Event files are written with TensorBoard's own `EventFileWriter` and protos (the `tensorboard`
+package, which imports in well under a second without TensorFlow); tensorboardX imports torch
+when it is installed, which cost several seconds at every start of train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class MetricWriter:
+  """Appends `{"step", "split", **metrics}` rows to metrics.jsonl and scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool, resume_step: int = 0):
+    self.enabled = enabled
+    if enabled:
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_rows_after(path, resume_step)
+      self._tb = EventFileWriter(workdir)
+      self._fh = open(path, "a")
+
+  def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
+    self._fh.write(json.dumps(row) + "\n")
+    self._fh.flush()
+    summary = summary_pb2.Summary(
+      value=[
+        summary_pb2.Summary.Value(tag=f"{split}/{k}", simple_value=float(v))
+        for k, v in metrics.items()
+      ]
+    )
+    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._fh.close()
+      self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Forgets rows a killed run logged past the checkpoint it resumes from (they are redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as fh:
+    lines = fh.read().splitlines()
+  keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+      fh.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
