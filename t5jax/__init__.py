@@ -1,6 +1,7 @@
 """t5jax: T5 in JAX/Flax — HuggingFace-exact model, jitted decoders, sharded training."""
 
 from t5jax.config import PRESETS, T5Config, get_config
+from t5jax.generate import GenerateOutput, ScoreOutput, generate, score
 from t5jax.hf import CheckpointError, load_hf, save_hf
 from t5jax.model import (
   decode_step,
@@ -17,9 +18,12 @@ __all__ = [
   "PRESETS",
   "CheckpointError",
   "T5Config",
+  "GenerateOutput",
+  "ScoreOutput",
   "decode_step",
   "encode",
   "forward",
+  "generate",
   "get_config",
   "init_cross_cache",
   "init_params",
@@ -27,6 +31,7 @@ __all__ = [
   "load_hf",
   "param_axes",
   "save_hf",
+  "score",
   "shift_right",
 ]
 
