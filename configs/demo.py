@@ -1,9 +1,16 @@
 """The embedded default: a small T5 learns built-in text-to-text tasks on a CPU.
 
 Command:  python train.py --config configs/demo.py --workdir workdir/demo
-Then:     printf 'add: 17 + 25\n' | python decode.py --checkpoint workdir/demo
-Runtime:  about N minutes on a 2-core CPU (see README).
-Expected: eval exact_match >= 0.95 on the held-out split (add, reverse, sort, number to words).
+Then:     printf 'add: 17 + 25\nreverse: a b c d\n' | python decode.py --checkpoint workdir/demo
+
+Data: `t5jax.data.builtin_task_examples` (add, reverse, sort, number to words; T5 prefixes; a
+held-out split disjoint by input). A 340-piece SentencePiece model is trained on it first (~2 s).
+Model: 128-wide T5.1.1 (gated GELU), 3 encoder / 2 decoder layers, 8 heads, ~1.1M parameters.
+Training: 2400 steps of 32 packed rows (~120 examples each), AdamW 4e-3, cosine; greedy exact
+match on the 200 held-out examples at steps 1200 and 2400 (metrics.jsonl, split "eval").
+
+Runtime:  being measured (1500 steps of this model: eval exact_match 0.92, 732 CPU-seconds).
+Expected: eval exact_match >= 0.95 on the held-out split.
 """
 
 import os
@@ -21,29 +28,33 @@ def get_config():
     "t5-v1_1-small",
     vocab_size=0,  # the trained tokenizer's size, rounded up to 128
     d_model=128,
-    d_kv=32,
+    d_kv=16,
     d_ff=256,
-    num_heads=4,
-    num_layers=2,
+    num_heads=8,  # 8 narrow heads learn positional tasks (reverse, digit order) faster than 4
+    num_layers=3,  # encoder: a third layer helps it work out where each token sits
     num_decoder_layers=2,
     dropout_rate=0.0,
   )
   c.data.kind = "builtin"
-  c.data.spm_vocab_size = 400
-  c.data.max_input_length = 24
-  c.data.max_target_length = 12
+  # 340 pieces (256 of them bytes) keep every digit a piece of its own, so numbers are read and
+  # written digit by digit; larger vocabularies merge frequent pairs ("63") and hurt add / words.
+  c.data.spm_vocab_size = 340
+  # Inputs are at most 17 pieces and targets 11; packing puts ~4 examples in each 48 / 24 row.
+  c.data.max_input_length = 48
+  c.data.max_target_length = 24
+  c.data.pack = True
   c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 3e-3
+  c.optimizer.learning_rate = 4e-3  # 3e-3 with 4 heads was much slower; 1e-2 diverged
   c.optimizer.schedule = "cosine"
-  c.optimizer.warmup_steps = 200
-  c.optimizer.total_steps = 3000
+  c.optimizer.warmup_steps = 100
+  c.optimizer.total_steps = 2400
   c.optimizer.end_learning_rate = 1e-5
   c.optimizer.grad_clip_norm = 1.0
-  c.batch_size = 64
-  c.num_train_steps = 3000
+  c.batch_size = 32  # packed rows: ~120 examples per step
+  c.num_train_steps = 2400
   c.log_every = 100
-  c.eval_every = 1000
-  c.checkpoint_every = 1000
+  c.eval_every = 1200
+  c.checkpoint_every = 600
   c.eval_generate_examples = 200
   c.best_metric = "exact_match"
   return c
