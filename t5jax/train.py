@@ -323,43 +323,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       t_window = time.perf_counter()
 
   try:
-    while step < total:
-      batch = sharding.shard_batch(next(datasets.train), mesh)
-      state, metrics = train_step(state, batch, dropout_rng)
-      step += 1
-      if pending is not None:
-        consume(pending)
-      pending = (step, metrics)
-      if pbar is not None:
-        pbar.update(1)
-      do_eval = datasets.eval is not None and (step % int(config.eval_every) == 0 or step == total)
-      if do_eval:
-        consume(pending)  # a non-finite loss stops here, before anything is evaluated or saved
-        pending = None
-        last_eval = evaluate(config, model_cfg, state, datasets.eval, eval_step, tokenizer, mesh)
-        writer.write(step, "eval", last_eval)
-        if pbar is not None:
-          pbar.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
-        if config.best_metric:
-          ckpt.save_best(step, state, _gather_json(datasets.train.get_state()), last_eval)
-      # Read once, after the evaluation: a signal that arrives during it (or from here on) still
-      # gets its save, now or after the next step.
-      signalled = stop.signal
-      if step % int(config.checkpoint_every) == 0 or step == total or signalled:
+    # Under the mesh, the model's activation constraints (t5jax.sharding) take effect.
+    with jax.set_mesh(mesh):
+      while step < total:
+        batch = sharding.shard_batch(next(datasets.train), mesh)
+        state, metrics = train_step(state, batch, dropout_rng)
+        step += 1
         if pending is not None:
           consume(pending)
-          pending = None
-        ckpt.save(step, state, _gather_json(datasets.train.get_state()), force=True)
-        last_saved = step
-      if signalled:
+        pending = (step, metrics)
         if pbar is not None:
-          pbar.write(f"signal {signalled}: saved step {step}; exiting")
-        break
-    if pending is not None:
-      consume(pending)
-    ckpt.wait()
-    if step >= total:
-      export(workdir, model_cfg, state.params)
+          pbar.update(1)
+        do_eval = datasets.eval is not None and (
+          step % int(config.eval_every) == 0 or step == total
+        )
+        if do_eval:
+          consume(pending)  # a non-finite loss stops here, before anything is evaluated or saved
+          pending = None
+          last_eval = evaluate(config, model_cfg, state, datasets.eval, eval_step, tokenizer, mesh)
+          writer.write(step, "eval", last_eval)
+          if pbar is not None:
+            pbar.write(
+              f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in last_eval.items())
+            )
+          if config.best_metric:
+            ckpt.save_best(step, state, _gather_json(datasets.train.get_state()), last_eval)
+        # Read once, after the evaluation: a signal that arrives during it (or from here on) still
+        # gets its save, now or after the next step.
+        signalled = stop.signal
+        if step % int(config.checkpoint_every) == 0 or step == total or signalled:
+          if pending is not None:
+            consume(pending)
+            pending = None
+          ckpt.save(step, state, _gather_json(datasets.train.get_state()), force=True)
+          last_saved = step
+        if signalled:
+          if pbar is not None:
+            pbar.write(f"signal {signalled}: saved step {step}; exiting")
+          break
+      if pending is not None:
+        consume(pending)
+      ckpt.wait()
+      if step >= total:
+        export(workdir, model_cfg, state.params)
   finally:
     stop.restore()
     if pbar is not None:
