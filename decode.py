@@ -9,8 +9,14 @@ objects. Outputs: the best sequence per line (text), or JSON objects with every 
 and its score (jsonl). Inputs are grouped into power-of-two length buckets and fixed-size batches
 (the last one padded), so the decoder compiles once per bucket.
 
+Several devices: the parameters are placed on a `("data", "fsdp", "tensor")` mesh of this
+process's devices (`--mesh_data/--mesh_fsdp/--mesh_tensor`, `t5jax.sharding`; default plain data
+parallelism over all of them, a no-op on one device) and each batch's rows are split over
+data x fsdp, so a model too large for one device still decodes. Outputs equal a one-device run.
+
 Bad input (missing or unreadable files, invalid UTF-8, no inputs, a checkpoint without weights or
-tokenizer, incompatible flags) exits with status 2 and a one-line error.
+tokenizer, incompatible flags, a mesh that does not fit the devices) exits with status 2 and a
+one-line error.
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--seed", type=int)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="computation dtype")
   p.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
+  # Device mesh (t5jax.sharding); the product must equal the device count, -1 = the rest.
+  p.add_argument("--mesh_data", type=int, default=-1, help="data-parallel replicas (-1: the rest)")
+  p.add_argument("--mesh_fsdp", type=int, default=1, help="parameters split along embed")
+  p.add_argument("--mesh_tensor", type=int, default=1, help="heads/mlp/vocab split")
   return p.parse_args(argv)
 
 
@@ -265,6 +275,40 @@ def make_batches(token_ids: list[list[int]], batch_size: int, max_len: int):
       yield idx + [-1] * (batch_size - len(idx)), batch
 
 
+# --- devices ---------------------------------------------------------------------------------
+
+
+def make_mesh(args: argparse.Namespace):
+  """The `("data", "fsdp", "tensor")` mesh over this process's devices, from the --mesh_* flags."""
+  import jax
+
+  from t5jax import sharding
+
+  cfg = sharding.default_mesh_config()
+  cfg.data, cfg.fsdp, cfg.tensor = args.mesh_data, args.mesh_fsdp, args.mesh_tensor
+  devices = jax.local_devices()
+  try:
+    return sharding.create_mesh(cfg, devices)
+  except ValueError as e:
+    raise CLIError(
+      f"bad --mesh_data/--mesh_fsdp/--mesh_tensor ({len(devices)} "
+      f"{devices[0].platform} devices): {e}"
+    ) from e
+
+
+def round_batch_size(batch_size: int, mesh) -> int:
+  """--batch_size rounded up to a multiple of the batch shards (data x fsdp), with a warning."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rounded = -(-batch_size // shards) * shards
+  if rounded != batch_size:
+    print(
+      f"{PROG}: warning: --batch_size {batch_size} rounded up to {rounded}, a multiple of the "
+      f"{shards} batch shards (mesh data x fsdp)",
+      file=sys.stderr,
+    )
+  return rounded
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -280,13 +324,17 @@ def run(args: argparse.Namespace) -> int:
   import jax
   from tqdm import tqdm
 
+  from t5jax import sharding
   from t5jax.generate import generate
 
+  mesh = make_mesh(args)
+  batch_size = round_batch_size(args.batch_size, mesh)
   config, params, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer)
   if args.dtype:
     config = config.replace(dtype=args.dtype)
   token_ids = encode_inputs(tokenizer, texts, args.max_input_length, args.strict)
-  params = jax.device_put(params)
+  params = jax.device_put(params, sharding.param_shardings(config, mesh))
+  inputs_sharding = sharding.batch_sharding(mesh)
   kwargs = dict(
     method=args.method,
     max_new_tokens=args.max_new_tokens,
@@ -310,10 +358,10 @@ def run(args: argparse.Namespace) -> int:
   results: list = [None] * len(texts)
   n = args.num_return_sequences
   with tqdm(total=len(texts), file=sys.stderr, disable=args.no_progress, unit="ex") as bar:
-    for k, (idx, batch) in enumerate(
-      make_batches(token_ids, args.batch_size, args.max_input_length)
-    ):
-      out = generate(params, config, batch, rng=jax.random.fold_in(rng, k), **kwargs)
+    for k, (idx, batch) in enumerate(make_batches(token_ids, batch_size, args.max_input_length)):
+      with jax.set_mesh(mesh):
+        batch = jax.device_put(batch, inputs_sharding)
+        out = generate(params, config, batch, rng=jax.random.fold_in(rng, k), **kwargs)
       seqs = np.asarray(out.sequences).reshape(len(idx), n, -1)
       scores = np.asarray(out.scores).reshape(len(idx), n)
       for r, i in enumerate(idx):

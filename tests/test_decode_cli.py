@@ -129,6 +129,41 @@ def test_stdin_stdout_subprocess(checkpoint):
   assert len(proc.stdout.decode().splitlines()) == 3
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "mesh,method",
+  [
+    (["--mesh_data", "2", "--mesh_tensor", "2"], ["--method", "greedy"]),
+    (["--mesh_fsdp", "4"], ["--method", "beam", "--num_beams", "2", "--num_return_sequences", "2"]),
+  ],
+)
+def test_mesh_of_four_devices_matches_one_device(checkpoint, tmp_path, capsys, mesh, method):
+  """decode.py on 4 (forced host) devices, sharded, gives the one-device run's outputs."""
+  inp = write(tmp_path, "in.txt", "\n".join(TEXTS) + "\n")
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--output_format", "jsonl"]
+  args += ["--max_new_tokens", "6", "--max_input_length", "16", "--no_progress", *method]
+  # Reference: this process (one device unless XLA_FLAGS says otherwise), batches of 4 rows.
+  code, want, err = run_cli(args + ["--batch_size", "4"], capsys)
+  assert code == 0, err
+  env = dict(os.environ)
+  flags = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  env["XLA_FLAGS"] = flags.strip()
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "decode.py"), *args, "--batch_size", "3", *mesh],
+    capture_output=True,
+    env=env,
+    timeout=300,
+  )
+  err = proc.stderr.decode()
+  assert proc.returncode == 0, err
+  assert "--batch_size 3 rounded up to 4" in err  # data x fsdp is 2 or 4
+  want = [json.loads(line) for line in want.splitlines()]
+  got = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+  assert [r["outputs"] for r in got] == [r["outputs"] for r in want]
+  # Sharded matmuls and reductions sum in another order: scores agree to float32 rounding.
+  np.testing.assert_allclose([r["scores"] for r in got], [r["scores"] for r in want], atol=1e-4)
+
+
 def _error(args, capsys):
   code, stdout, err = run_cli(args, capsys)
   assert code == 2 and stdout == ""
@@ -167,6 +202,9 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
     (["--method", "beam", "--num_beams", "2", "--num_return_sequences", "3"], "<= --num_beams"),
     (["--method", "sample", "--top_p", "0"], "--top_p must be in"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--mesh_data", "3", "--mesh_tensor", "5"], "needs 15 devices, have"),
+    (["--mesh_fsdp", "0"], "mesh sizes must be positive"),
+    (["--mesh_fsdp", "-1"], "at most one -1"),
   ],
 )
 def test_incompatible_flags(checkpoint, tmp_path, capsys, flags, message):
