@@ -179,6 +179,23 @@ class _StopFlag:
       signal.signal(s, h)
 
 
+def _agreed_stop(signal_number: int | None, step: int, every: int) -> int | None:
+  """The signal to stop on at this step, the same on every process.
+
+  One process alone may receive SIGTERM; if it saved and left while the others ran on, the next
+  collective would hang. With several processes the flags are compared every `every` steps (a
+  small all-gather), and all stop together at the first such step after any was signalled.
+  """
+  if jax.process_count() == 1:
+    return signal_number
+  if step % every:
+    return None
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.array([signal_number or 0], np.int32))
+  return int(np.max(flags)) or None
+
+
 def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, workdir: str):
   # The parameter norm catches an update that overflowed the parameters while the loss of this
   # step (computed before the update) was still finite: that state must not be saved either.
@@ -350,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.save_best(step, state, _gather_json(datasets.train.get_state()), last_eval)
         # Read once, after the evaluation: a signal that arrives during it (or from here on) still
         # gets its save, now or after the next step.
-        signalled = stop.signal
+        signalled = _agreed_stop(stop.signal, step, int(config.log_every))
         if step % int(config.checkpoint_every) == 0 or step == total or signalled:
           if pending is not None:
             consume(pending)
