@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import save_file
 
-from t5jax import checkpoint, data, hf, model, optim, sharding, trainer
+from t5jax import checkpoint, data, hf, optim, sharding, trainer
 from t5jax import metrics as metrics_lib
 from t5jax.config import T5Config, get_config
 
@@ -257,13 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   last_saved = ckpt.latest_step()
   if last_saved is not None:
-    abstract = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      jax.eval_shape(
-        lambda: trainer.create_train_state(model.init_params(model_cfg, jax.random.key(0)), tx)
-      ),
-      state_sh,
-    )
+    abstract = trainer.abstract_state(model_cfg, tx, state_sh)
     try:
       state, data_states = ckpt.restore(abstract, last_saved)
     except (ValueError, KeyError, TypeError) as e:  # e.g. another optimizer's state

@@ -149,12 +149,26 @@ def make_eval_step(config: T5Config, loss_cfg: Any) -> Callable[[Any, Batch], di
   return eval_step
 
 
+def state_shapes(config: T5Config, tx: optax.GradientTransformation) -> TrainState:
+  """ShapeDtypeStructs of the whole train state (nothing is computed)."""
+  return jax.eval_shape(
+    lambda: create_train_state(model.init_params(config, jax.random.key(0)), tx)
+  )
+
+
+def abstract_state(config: T5Config, tx, shardings: TrainState) -> TrainState:
+  """The train state's shapes placed in `shardings`: the target of a checkpoint restore."""
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    state_shapes(config, tx),
+    shardings,
+  )
+
+
 def state_shardings(config: T5Config, tx: optax.GradientTransformation, mesh) -> TrainState:
   """NamedShardings of the whole train state, derived from the parameters' logical axes."""
   param_sh = sharding.param_shardings(config, mesh)
-  shapes = jax.eval_shape(
-    lambda: create_train_state(model.init_params(config, jax.random.key(0)), tx)
-  )
+  shapes = state_shapes(config, tx)
   state_sh = sharding.derive_shardings(shapes, shapes.params, param_sh, mesh)
   return state_sh.replace(params=param_sh)
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import common  # noqa: E402
 
-from t5jax import checkpoint, model, sharding, trainer  # noqa: E402
+from t5jax import checkpoint, sharding, trainer  # noqa: E402
 from t5jax.generate import generate  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
@@ -96,12 +96,7 @@ def check_train(config, tx, step_fn, steps=2):
 
 
 def _abstract(config, tx, state_sh):
-  shapes = jax.eval_shape(
-    lambda: trainer.create_train_state(model.init_params(config, jax.random.key(0)), tx)
-  )
-  return jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh
-  )
+  return trainer.abstract_state(config, tx, state_sh)
 
 
 def check_checkpoint(config, tx, step_fn, ref, runs):

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import common  # noqa: E402
 
-from t5jax import checkpoint, distributed, model, sharding, trainer  # noqa: E402
+from t5jax import checkpoint, distributed, sharding, trainer  # noqa: E402
 
 
 def main(port: str, process_id: str, workdir: str, steps: str):
@@ -58,11 +58,7 @@ def main(port: str, process_id: str, workdir: str, steps: str):
   mgr.wait()
   mesh2 = sharding.create_mesh(common.mesh_cfg(1, 4, 1))
   sh2 = trainer.state_shardings(config, tx, mesh2)
-  shapes = jax.eval_shape(
-    lambda: trainer.create_train_state(model.init_params(config, jax.random.key(0)), tx)
-  )
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, sh2)  # fmt: skip
+  abstract = trainer.abstract_state(config, tx, sh2)
   restored, _ = mgr.restore(abstract, int(steps))
   mgr.close()
   distributed.barrier("restored")
