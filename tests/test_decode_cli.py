@@ -7,15 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from hf_utils_decoding import make_hf_model, save_hf_model
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from hf_utils_decoding import make_hf_model, save_hf_model  # noqa: E402
-
-from t5jax.generate import generate  # noqa: E402
-from t5jax.hf import load_hf  # noqa: E402
-from t5jax.tokenizer import ByteTokenizer, load_tokenizer, train_sentencepiece  # noqa: E402
+from t5jax.generate import generate
+from t5jax.hf import load_hf
+from t5jax.tokenizer import ByteTokenizer, load_tokenizer, train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ TOL = dict(atol=1e-4, rtol=1e-5)
 def family(request, tmp_path_factory):
   """(name, hf_model, t5jax config, t5jax params) loaded through a saved HF folder."""
   name = request.param
-  model = make_hf_model(name, seed=hash(name) % 1000)
+  model = make_hf_model(name, seed=zlib.crc32(name.encode()) % 1000)  # same in every process
   path = tmp_path_factory.mktemp(name)
   model.save_pretrained(path)
   config, params = t5jax.load_hf(str(path))
@@ -177,7 +179,10 @@ def test_bfloat16_compute_is_close_to_float32():
   f32 = t5jax.forward(params, config, enc, dec)
   bf16 = t5jax.forward(params, config.replace(dtype="bfloat16"), enc, dec)
   assert bf16.dtype == jnp.float32
-  assert np.abs(np.asarray(bf16) - np.asarray(f32)).max() < 0.1 * np.abs(np.asarray(f32)).max()
+  err = np.abs(np.asarray(bf16) - np.asarray(f32)).max() / np.abs(np.asarray(f32)).max()
+  # bf16 keeps 8 significant bits (one rounding: 0.39% relative); measured 0.44-0.72% of the
+  # largest logit over 5 seeds. Zero would mean the computation did not run in bf16.
+  assert 0 < err < 0.02
 
 
 def test_param_axes_cover_every_parameter():

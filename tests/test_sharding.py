@@ -141,7 +141,7 @@ def test_derive_shardings_whole_train_state():
 
 
 def test_model_param_shardings():
-  model = pytest.importorskip("t5jax.model")
+  from t5jax import model
   from t5jax.config import get_config
 
   cfg = get_config("t5-small", num_layers=1, num_decoder_layers=1)
