@@ -2,8 +2,9 @@
 
 XLA's CPU backend spends most of a tiny model's compile time optimising code that then runs for
 microseconds; the suite compiles hundreds of such programs, so it asks for -O0 code generation
-(about 3x faster to compile). Results agree with optimised builds well within the parity
-tolerances. Set T5JAX_TEST_XLA_OPT=1 to test with the default optimisation level.
+(about 3x faster to compile). tests/test_optimized_build.py reruns the parity core (logits,
+cached decoding, greedy, beam) at the default level in CI; set T5JAX_TEST_XLA_OPT=1 to run
+everything at the default level.
 
 Many tests (and the CLI subprocesses they start) compile the same small programs; JAX's
 persistent compilation cache, keyed by the program and the compiler flags, lets the second
