@@ -331,6 +331,92 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(server, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigint_saves_a_checkpoint_exits_0_and_the_run_resumes(server, tmp_path):
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=3")
+  run = server.start(*args, "--config.num_train_steps=100000")
+  first = wait_for_checkpoint(run, workdir)  # the handler is installed before the first step
+  os.kill(run.pid, signal.SIGINT)
+  assert run.wait().rc == 0, run.stderr
+  assert_quiet(run.stderr)
+  last = steps(workdir)[-1]
+  # The save on SIGINT: step `first` was saved before the signal was sent, so a later one.
+  assert last > first
+  assert train_rows(workdir)[-1]["step"] == last
+  assert not os.path.exists(workdir / "export")
+  total = last + 2
+  resumed = server.run(*args, f"--config.num_train_steps={total}")
+  assert resumed.rc == 0, resumed.stderr
+  assert_quiet(resumed.stderr)
+  assert steps(workdir)[-1] == total
+  assert [r["step"] for r in train_rows(workdir)] == list(range(1, total + 1))
+  assert os.path.isfile(workdir / "export" / "params.safetensors")
+
+
+# Run in the child before train.py: the first checkpoint save that returns after a stop signal was
+# handled (the one the signal asked for, or a periodic one in progress) is dispatched, then the
+# child writes HELD (the step) and holds in the loop, as a slow save would, for at most 60 s.
+_HOLD_AFTER_SIGNALLED_SAVE = textwrap.dedent(
+  """
+  import time
+  import t5jax.train as train_lib
+  from t5jax import checkpoint as checkpoint_lib
+
+  signalled = []
+  handle = train_lib._StopFlag.__call__
+
+  def record_then_handle(self, signum, frame):
+    signalled.append(signum)
+    handle(self, signum, frame)
+
+  save = checkpoint_lib.CheckpointManager.save
+
+  def save_then_hold(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if signalled and not os.path.exists(HELD):
+      with open(HELD + ".tmp", "w") as fh:
+        fh.write(str(step))
+      os.rename(HELD + ".tmp", HELD)
+      t0 = time.monotonic()
+      while time.monotonic() - t0 < 60:
+        time.sleep(0.05)
+
+  train_lib._StopFlag.__call__ = record_then_handle
+  checkpoint_lib.CheckpointManager.save = save_then_hold
+  """
+)
+
+
+@pytest.mark.slow
+def test_a_second_signal_during_the_save_kills_at_once_and_the_run_resumes(server, tmp_path):
+  workdir, held = tmp_path / "wd", tmp_path / "held"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=3")
+  setup = "import os\nHELD = " + repr(str(held)) + "\n" + _HOLD_AFTER_SIGNALLED_SAVE
+  run = server.start(*args, "--config.num_train_steps=100000", setup=setup)
+  first = wait_for_checkpoint(run, workdir)
+  os.kill(run.pid, signal.SIGINT)
+  wait_for_file(run, held)  # the first signal is being handled: its save was dispatched
+  saving = int(held.read_text())
+  os.kill(run.pid, signal.SIGINT)  # Ctrl-C again: out now, without finishing
+  # Killed by the signal itself (not a clean exit after the 60 s hold, not a traceback).
+  assert run.wait().rc == -signal.SIGINT, run.stderr
+  assert "Traceback" not in run.stderr, run.stderr
+  assert not os.path.exists(workdir / "export")
+  # What is listed is committed: the save in progress (`saving`), if it finished, else an earlier
+  # one; never less than the checkpoint seen before the first signal.
+  kept = steps(workdir)
+  assert kept and first <= kept[-1] <= saving, (first, kept, saving)
+  # ...and the run resumes from the last of them and finishes, each step logged once.
+  total = kept[-1] + 2
+  resumed = server.run(*args, f"--config.num_train_steps={total}")
+  assert resumed.rc == 0, resumed.stderr
+  assert_quiet(resumed.stderr)
+  assert steps(workdir)[-1] == total
+  assert [r["step"] for r in train_rows(workdir)] == list(range(1, total + 1))
+  assert os.path.isfile(workdir / "export" / "params.safetensors")
+
+
+@pytest.mark.slow
 def test_kill_9_then_resume_finishes(server, tmp_path):
   workdir = tmp_path / "wd"
   args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=2")
