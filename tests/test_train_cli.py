@@ -6,6 +6,11 @@ device) and forks a child per run, which parses its own argv and runs `train.py`
 with stdout/stderr sent to files. Each child is a real process of its own (signals, exit status,
 `kill -9`), only its start is cheap. The demo test starts genuine `python train.py` and
 `python decode.py` processes, the way a user does.
+
+Nothing waits without a limit: each answer of the fork server, each run and each wait for a file
+has a generous timeout (a hang fails the test instead of hanging CI), and a test's children still
+running when it ends are killed with SIGKILL. No test sleeps for a guessed duration: signals are
+sent once a file shows that the run has reached the state the test needs.
 """
 
 import json
@@ -15,6 +20,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -59,6 +65,7 @@ _SERVER = textwrap.dedent(
     sys.argv = ["train.py", *req["argv"]]
     code = 0
     try:
+      exec(req.get("setup", ""), {})  # test hooks (e.g. to hold the run at a chosen point)
       cli.run()
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else int(e.code is not None)
@@ -72,6 +79,12 @@ _SERVER = textwrap.dedent(
 ).replace("REPO", repr(REPO))
 
 
+# Seconds before a run, an answer of the fork server or an awaited file counts as hung. A tiny
+# run takes seconds; these limits only bound how long a broken test can take.
+RUN_TIMEOUT = 300
+SERVER_TIMEOUT = 300
+
+
 class Run:
   """A `train.py` child of the fork server."""
 
@@ -79,10 +92,24 @@ class Run:
     self.server, self.pid, self.out, self.err = server, pid, out, err
     self.rc = None
 
-  def wait(self) -> "Run":
-    if self.rc is None:
-      self.rc = self.server._call({"wait": self.pid})["rc"]
+  def wait(self, timeout: float = RUN_TIMEOUT) -> "Run":
+    """Waits for the exit status; a run still going after `timeout` s is killed and fails."""
+    deadline = time.monotonic() + timeout
+    while self.poll() is None:
+      if time.monotonic() > deadline:
+        self.kill()
+        raise AssertionError(f"run {self.pid} did not end within {timeout} s:\n{self.stderr}")
+      time.sleep(0.1)
     return self
+
+  def kill(self) -> None:
+    """SIGKILL (if still running) and reap."""
+    if self.rc is None:
+      try:
+        os.kill(self.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      self.rc = self.server._call({"wait": self.pid})["rc"]
 
   def poll(self) -> int | None:
     if self.rc is None:
@@ -107,10 +134,18 @@ class ForkServer:
     )
     assert self._read() == {"ready": True}
 
-  def _read(self):
-    line = self.proc.stdout.readline()
+  def _read(self, timeout: float = SERVER_TIMEOUT):
+    # A server that does not answer in time is killed, which ends the readline.
+    timer = threading.Timer(timeout, self.proc.kill)
+    timer.start()
+    try:
+      line = self.proc.stdout.readline()
+    finally:
+      timer.cancel()
     if not line:
-      raise RuntimeError(f"fork server exited with {self.proc.wait()}")
+      raise RuntimeError(
+        f"fork server exited with {self.proc.wait()} (killed if silent for {timeout} s)"
+      )
     return json.loads(line)
 
   def _call(self, req):
@@ -118,30 +153,55 @@ class ForkServer:
     self.proc.stdin.flush()
     return self._read()
 
-  def start(self, *argv) -> Run:
+  def start(self, *argv, setup: str = "") -> Run:
+    """Starts `train.py argv`; `setup` is Python run in the child first (test hooks)."""
     self.n += 1
     out, err = (os.path.join(self.tmp_dir, f"run{self.n}.{s}") for s in ("out", "err"))
-    pid = self._call({"argv": [str(a) for a in argv], "stdout": out, "stderr": err})["pid"]
+    req = {"argv": [str(a) for a in argv], "stdout": out, "stderr": err, "setup": setup}
+    pid = self._call(req)["pid"]
     self.runs.append(Run(self, pid, out, err))
     return self.runs[-1]
 
   def run(self, *argv) -> Run:
     return self.start(*argv).wait()
 
+  def kill_running(self):
+    """Kills the children a (failed) test left running."""
+    for run in self.runs:
+      if self.proc.poll() is None:
+        if run.poll() is None:
+          run.kill()
+      elif run.rc is None:  # the server is gone (killed as hung): kill the orphan directly
+        try:
+          os.kill(run.pid, signal.SIGKILL)
+        except ProcessLookupError:
+          pass
+    self.runs = []
+
   def close(self):
-    for run in self.runs:  # children a failed test left running
-      if run.poll() is None:
-        os.kill(run.pid, signal.SIGKILL)
-        run.wait()
-    self.proc.stdin.close()
-    self.proc.wait(timeout=30)
+    try:
+      self.kill_running()
+    finally:
+      self.proc.stdin.close()
+      try:
+        self.proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _fork_server(tmp_path_factory):
   s = ForkServer(tmp_path_factory.mktemp("fork_server"))
   yield s
   s.close()
+
+
+@pytest.fixture
+def server(_fork_server):
+  """The module's fork server; what a test leaves running is killed when it ends."""
+  yield _fork_server
+  _fork_server.kill_running()
 
 
 def tsv_args(tmp_path, workdir, *extra):
@@ -185,6 +245,15 @@ def wait_for_checkpoint(run, workdir, timeout=240):
     assert run.poll() is None and time.time() - t0 < timeout, run.stderr
     time.sleep(0.2)
   return steps(workdir)[0]
+
+
+def wait_for_file(run, path, timeout=240):
+  """Waits until `path` exists while `run` is alive (a run that ends or hangs first fails)."""
+  t0 = time.time()
+  while not os.path.exists(path):
+    assert run.poll() is None, f"run ended with {run.rc} before {path} appeared:\n{run.stderr}"
+    assert time.time() - t0 < timeout, f"no {path} after {timeout} s:\n{run.stderr}"
+    time.sleep(0.1)
 
 
 def assert_quiet(stderr: str) -> None:
@@ -259,6 +328,92 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(server, tmp_path):
   assert last > first  # the save on SIGTERM, not only the periodic one
   assert train_rows(workdir)[-1]["step"] == last
   assert not os.path.exists(workdir / "export")
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_exits_0_and_the_run_resumes(server, tmp_path):
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=3")
+  run = server.start(*args, "--config.num_train_steps=100000")
+  first = wait_for_checkpoint(run, workdir)  # the handler is installed before the first step
+  os.kill(run.pid, signal.SIGINT)
+  assert run.wait().rc == 0, run.stderr
+  assert_quiet(run.stderr)
+  last = steps(workdir)[-1]
+  # The save on SIGINT: step `first` was saved before the signal was sent, so a later one.
+  assert last > first
+  assert train_rows(workdir)[-1]["step"] == last
+  assert not os.path.exists(workdir / "export")
+  total = last + 2
+  resumed = server.run(*args, f"--config.num_train_steps={total}")
+  assert resumed.rc == 0, resumed.stderr
+  assert_quiet(resumed.stderr)
+  assert steps(workdir)[-1] == total
+  assert [r["step"] for r in train_rows(workdir)] == list(range(1, total + 1))
+  assert os.path.isfile(workdir / "export" / "params.safetensors")
+
+
+# Run in the child before train.py: the first checkpoint save that returns after a stop signal was
+# handled (the one the signal asked for, or a periodic one in progress) is dispatched, then the
+# child writes HELD (the step) and holds in the loop, as a slow save would, for at most 60 s.
+_HOLD_AFTER_SIGNALLED_SAVE = textwrap.dedent(
+  """
+  import time
+  import t5jax.train as train_lib
+  from t5jax import checkpoint as checkpoint_lib
+
+  signalled = []
+  handle = train_lib._StopFlag.__call__
+
+  def record_then_handle(self, signum, frame):
+    signalled.append(signum)
+    handle(self, signum, frame)
+
+  save = checkpoint_lib.CheckpointManager.save
+
+  def save_then_hold(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if signalled and not os.path.exists(HELD):
+      with open(HELD + ".tmp", "w") as fh:
+        fh.write(str(step))
+      os.rename(HELD + ".tmp", HELD)
+      t0 = time.monotonic()
+      while time.monotonic() - t0 < 60:
+        time.sleep(0.05)
+
+  train_lib._StopFlag.__call__ = record_then_handle
+  checkpoint_lib.CheckpointManager.save = save_then_hold
+  """
+)
+
+
+@pytest.mark.slow
+def test_a_second_signal_during_the_save_kills_at_once_and_the_run_resumes(server, tmp_path):
+  workdir, held = tmp_path / "wd", tmp_path / "held"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=3")
+  setup = "import os\nHELD = " + repr(str(held)) + "\n" + _HOLD_AFTER_SIGNALLED_SAVE
+  run = server.start(*args, "--config.num_train_steps=100000", setup=setup)
+  first = wait_for_checkpoint(run, workdir)
+  os.kill(run.pid, signal.SIGINT)
+  wait_for_file(run, held)  # the first signal is being handled: its save was dispatched
+  saving = int(held.read_text())
+  os.kill(run.pid, signal.SIGINT)  # Ctrl-C again: out now, without finishing
+  # Killed by the signal itself (not a clean exit after the 60 s hold, not a traceback).
+  assert run.wait().rc == -signal.SIGINT, run.stderr
+  assert "Traceback" not in run.stderr, run.stderr
+  assert not os.path.exists(workdir / "export")
+  # What is listed is committed: the save in progress (`saving`), if it finished, else an earlier
+  # one; never less than the checkpoint seen before the first signal.
+  kept = steps(workdir)
+  assert kept and first <= kept[-1] <= saving, (first, kept, saving)
+  # ...and the run resumes from the last of them and finishes, each step logged once.
+  total = kept[-1] + 2
+  resumed = server.run(*args, f"--config.num_train_steps={total}")
+  assert resumed.rc == 0, resumed.stderr
+  assert_quiet(resumed.stderr)
+  assert steps(workdir)[-1] == total
+  assert [r["step"] for r in train_rows(workdir)] == list(range(1, total + 1))
+  assert os.path.isfile(workdir / "export" / "params.safetensors")
 
 
 @pytest.mark.slow
