@@ -108,7 +108,7 @@ def test_logical_to_sharding_tree_and_opt_state():
   cfg.adafactor.min_dim_size_to_factor = 8
   tx = optim.make_optimizer(cfg)
   state_shapes = jax.eval_shape(tx.init, shapes)
-  st = sharding.opt_state_sharding(state_shapes, shapes, shard, mesh)
+  st = sharding.derive_shardings(state_shapes, shapes, shard, mesh)
   assert jax.tree.structure(st) == jax.tree.structure(state_shapes)
   # shared (32, 16): factored; v_row drops the largest dim (vocab), v_col the other (embed).
   assert st[0].v_row["shared"].spec == P("fsdp")
@@ -121,7 +121,7 @@ def test_logical_to_sharding_tree_and_opt_state():
   adam.name = "adamw"
   tx = optim.make_optimizer(adam)
   state_shapes = jax.eval_shape(tx.init, shapes)
-  st = sharding.opt_state_sharding(state_shapes, shapes, shard, mesh)
+  st = sharding.derive_shardings(state_shapes, shapes, shard, mesh)
   mu, nu = st[0].mu, st[0].nu
   assert mu["encoder"]["layers_0"]["mlp"]["wi"].spec == P("fsdp", "tensor")
   assert nu["lm_head"].spec == shard["lm_head"].spec
@@ -189,7 +189,7 @@ def _check_sharded_params_and_update():
       lambda s: jnp.sin(jnp.arange(s.size, dtype=jnp.float32) + offset).reshape(s.shape), shapes
     )
 
-  params = sharding.sharded_init(init, jax.random.key(0), shard)
+  params = jax.jit(init, out_shardings=shard)(jax.random.key(0))
   wi = params["encoder"]["layers_0"]["mlp"]["wi"]  # (16, 64) on (fsdp=2, tensor=2)
   assert {s.data.shape for s in wi.addressable_shards} == {(8, 32)}
   assert {s.data.shape for s in params["lm_head"].addressable_shards} == {(8, 15)}
@@ -197,7 +197,7 @@ def _check_sharded_params_and_update():
   cfg = optim.default_optimizer_config()
   cfg.adafactor.min_dim_size_to_factor = 8
   tx = optim.make_optimizer(cfg)
-  opt_shard = sharding.opt_state_sharding(jax.eval_shape(tx.init, params), shapes, shard, mesh)
+  opt_shard = sharding.derive_shardings(jax.eval_shape(tx.init, params), shapes, shard, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
   v_row = opt_state[0].v_row["shared"]  # (16,) over fsdp
   assert {s.data.shape for s in v_row.addressable_shards} == {(8,)}
