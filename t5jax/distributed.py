@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
+from t5jax.errors import ConfigError
+
 
 def _cpu_collectives() -> None:
   """Cross-process collectives on CPU devices need an implementation; gloo ships with jaxlib."""
@@ -75,13 +77,13 @@ def maybe_initialize(
     process_id = _int(env, "T5JAX_PROCESS_ID")
   if num_processes is not None and num_processes > 1:
     if not coordinator_address or process_id is None:
-      raise ValueError(
+      raise ConfigError(
         f"{num_processes} processes need a coordinator address (host:port of process 0) and a "
         "process id for each: pass --coordinator_address and --process_id "
         "(or T5JAX_COORDINATOR / T5JAX_PROCESS_ID)"
       )
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"process id {process_id} is not in [0, {num_processes})")
+      raise ConfigError(f"process id {process_id} is not in [0, {num_processes})")
     _cpu_collectives()
     jax.distributed.initialize(
       coordinator_address, num_processes, process_id, local_device_ids=local_device_ids

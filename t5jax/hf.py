@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from t5jax.config import T5Config
+from t5jax.errors import CheckpointError as CheckpointError  # its home is t5jax.errors
 
 # Tensors HuggingFace checkpoints may carry that the model does not use: copies of `shared`, and
 # a cross-attention bias table some original T5 1.0 exports include but nothing reads.
@@ -38,10 +39,6 @@ _ST_DTYPES = {
   "I64": np.int64,
   "I32": np.int32,
 }
-
-
-class CheckpointError(ValueError):
-  """A checkpoint folder that cannot be loaded as the stated architecture."""
 
 
 # --- the key map -----------------------------------------------------------------------------

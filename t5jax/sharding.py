@@ -25,12 +25,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from t5jax import model
+from t5jax.errors import ConfigError
 from t5jax.partitioning import DEFAULT_RULES as DEFAULT_RULES
 from t5jax.partitioning import MESH_AXES as MESH_AXES
 from t5jax.partitioning import Rules as Rules
@@ -39,36 +39,27 @@ from t5jax.partitioning import is_axes_leaf as is_axes_leaf
 from t5jax.partitioning import logical_to_sharding as logical_to_sharding
 from t5jax.partitioning import logical_to_spec as logical_to_spec
 from t5jax.partitioning import with_logical_constraint as with_logical_constraint
+from t5jax.train_config import MeshConfig
 
 
-def default_mesh_config() -> ml_collections.ConfigDict:
-  """The `config.mesh` section: sizes of the mesh axes (their product = number of devices)."""
-  c = ml_collections.ConfigDict()
-  c.data = -1  # Data-parallel replicas; -1 = all devices left over by the other axes.
-  c.fsdp = 1  # Parameter/optimizer-state sharding along `embed`; the batch is split over it too.
-  c.tensor = 1  # Tensor parallelism over heads, mlp and vocab; keep it within a host.
-  return c
-
-
-def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Resolves the `-1` in a `config.mesh` section; checks the product equals `num_devices`."""
-  sizes = [int(cfg[name]) for name in MESH_AXES]
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """Resolves the `-1` of a `MeshConfig` (which checked its sizes); checks the product equals
+  `num_devices`."""
+  sizes = [getattr(cfg, name) for name in MESH_AXES]
   unknown = [i for i, s in enumerate(sizes) if s == -1]
-  if len(unknown) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes must be positive with at most one -1, got {sizes}")
   known = math.prod(s for s in sizes if s != -1)
   if unknown:
     if num_devices % known:
-      raise ValueError(f"{num_devices} devices cannot be split as {sizes}")
+      raise ConfigError(f"{num_devices} devices cannot be split as {sizes}")
     sizes[unknown[0]] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(
+    raise ConfigError(
       f"mesh {sizes} (data, fsdp, tensor) needs {math.prod(sizes)} devices, have {num_devices}"
     )
   return tuple(sizes)
 
 
-def create_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+def create_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
   """Builds the `("data", "fsdp", "tensor")` mesh over all (global) devices.
 
   `jax.make_mesh` orders devices for the interconnect; on several hosts `jax.devices()` lists every
@@ -76,7 +67,7 @@ def create_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = 
   `tensor` axis stays within one.
 
   Args:
-    cfg: a `config.mesh` section (see `default_mesh_config`).
+    cfg: the mesh axes' sizes.
     devices: defaults to `jax.devices()`.
   """
   devices = list(jax.devices() if devices is None else devices)

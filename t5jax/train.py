@@ -20,24 +20,22 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import save_file
 
-from t5jax import checkpoint, data, hf, optim, sharding, trainer
+from t5jax import checkpoint, data, hf, optim, sharding, train_config, trainer
 from t5jax import metrics as metrics_lib
 from t5jax.config import T5Config, get_config
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot start or continue; the message says why and what is kept."""
-
+from t5jax.errors import ConfigError
+from t5jax.errors import TrainingError as TrainingError  # its home is t5jax.errors
+from t5jax.train_config import TrainConfig
 
 # --- configuration ---------------------------------------------------------------------------
 
 
-def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> T5Config:
+def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
   """The T5Config of a run: `init_from`'s architecture, else `config.model` (preset + fields)."""
-  fields = dict(config.model.to_dict())
+  fields = dict(config.model)
   preset = fields.pop("preset", "")
   dtype = fields.get("dtype", "float32")
-  if config.get("init_from"):
+  if config.init_from:
     cfg = T5Config.from_hf_dict(
       hf.read_hf_config(config.init_from),
       has_lm_head=None,
@@ -45,12 +43,15 @@ def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> T5Config:
     return cfg.replace(
       dtype=dtype, dropout_rate=float(fields.get("dropout_rate", cfg.dropout_rate))
     )
-  base = get_config(preset).to_dict() if preset else {}
-  base.update(fields)
-  if not base.get("vocab_size"):
-    # 0 = the tokenizer's size, rounded up to a multiple of 128 as T5 does.
-    base["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
-  return T5Config.from_dict(base)
+  try:
+    base = get_config(preset).to_dict() if preset else {}
+    base.update(fields)
+    if not base.get("vocab_size"):
+      # 0 = the tokenizer's size, rounded up to a multiple of 128 as T5 does.
+      base["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
+    return T5Config.from_dict(base)
+  except ValueError as e:  # an unknown preset, dtype or an inconsistent architecture
+    raise ConfigError(str(e)) from e
 
 
 def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
@@ -209,8 +210,13 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, 
       raise TrainingError(f"{key} is {metrics[key]} at step {step}; stopping: {kept}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict | TrainConfig, workdir: str
+) -> dict[str, Any]:
   """Runs (or resumes) training as `config` says; returns the last train and eval metrics."""
+  if not isinstance(config, TrainConfig):
+    config = train_config.from_config_dict(config)
+  config.check_processes(jax.process_count())
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   main = jax.process_index() == 0
@@ -236,10 +242,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = optim.make_optimizer(config.optimizer, schedule)
   state_sh = trainer.state_shardings(model_cfg, tx, mesh)
   global_bs = int(config.batch_size)
-  if global_bs % (jax.process_count() * int(config.num_microbatches)):
-    raise TrainingError(
-      f"--config.batch_size={global_bs} must divide by process count x num_microbatches"
-    )
   datasets = data.make_datasets(
     config.data,
     tokenizer,
@@ -274,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"processes; this run has {jax.process_count()}"
       )
     datasets.train.set_state(data_states[key])
-  elif config.get("init_from"):
+  elif config.init_from:
     _, params = hf.load_hf(config.init_from, config=model_cfg)
     state = trainer.state_from_params(params, tx, state_sh)
   else:
