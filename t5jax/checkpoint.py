@@ -152,10 +152,11 @@ def _cpu_sharding():
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def load_for_inference(workdir: str) -> tuple[T5Config, Any, str]:
-  """`(config, params, tokenizer_path)` of a t5jax training workdir, for `decode.py`.
+def load_for_inference(workdir: str, step: int | None = None) -> tuple[T5Config, Any, str]:
+  """`(config, params, tokenizer_path)` of a t5jax training workdir (see `t5jax.inference.load`).
 
-  Uses the latest checkpoint when there is one, else the exported HuggingFace folder.
+  Uses checkpoint `step` (default the latest) when there is one, else the exported HuggingFace
+  folder.
   """
   from t5jax.hf import load_hf
 
@@ -164,7 +165,7 @@ def load_for_inference(workdir: str) -> tuple[T5Config, Any, str]:
     raise FileNotFoundError(f"{workdir}: no tokenizer/ folder in this t5jax workdir")
   ckpt = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
-    _, params = restore_params(workdir)
+    _, params = restore_params(workdir, step)
     return load_model_config(workdir), params, tok
   hf = os.path.join(workdir, "export", "hf")
   if os.path.isfile(os.path.join(hf, "config.json")):

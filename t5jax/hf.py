@@ -151,6 +151,19 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
   return {k: t.detach().to(torch.float32).numpy() for k, t in sd.items()}
 
 
+_WEIGHT_NAMES = (
+  "model.safetensors",
+  "model.safetensors.index.json",
+  "pytorch_model.bin",
+  "pytorch_model.bin.index.json",
+)
+
+
+def has_weights(folder: str) -> bool:
+  """True when `folder` holds one of the weight files `load_hf` reads."""
+  return any(os.path.exists(os.path.join(folder, n)) for n in _WEIGHT_NAMES)
+
+
 def _weight_files(folder: str, allow_pickle: bool) -> Iterator[tuple[str, Callable]]:
   def p(name):
     return os.path.join(folder, name)
