@@ -19,10 +19,13 @@ between processes go through gloo.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
+import numpy as np
 
 from t5jax.errors import ConfigError
 
@@ -115,6 +118,37 @@ def barrier(name: str, timeout_s: float = 900.0) -> None:
 def is_main_process() -> bool:
   """True on process 0, the one that writes logs, metrics and exports."""
   return jax.process_index() == 0
+
+
+def gather_json(obj: Any) -> dict[str, Any]:
+  """Every process's JSON-able `obj`, keyed by process index (for data iterator states)."""
+  if jax.process_count() == 1:
+    return {"0": obj}
+  from jax.experimental import multihost_utils
+
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  n = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+  padded = np.zeros(n, np.uint8)
+  padded[: raw.size] = raw
+  everything = multihost_utils.process_allgather(padded)
+  return {str(i): json.loads(bytes(row).rstrip(b"\0").decode()) for i, row in enumerate(everything)}
+
+
+def agreed_stop(signal_number: int | None, step: int, every: int) -> int | None:
+  """The signal to stop on at this step, the same on every process.
+
+  One process alone may receive SIGTERM; if it saved and left while the others ran on, the next
+  collective would hang. With several processes the flags are compared every `every` steps (a
+  small all-gather), and all stop together at the first such step after any was signalled.
+  """
+  if jax.process_count() == 1:
+    return signal_number
+  if step % every:
+    return None
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.array([signal_number or 0], np.int32))
+  return int(np.max(flags)) or None
 
 
 def describe() -> str:

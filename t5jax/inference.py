@@ -1,4 +1,4 @@
-"""A model to decode with, and generation over lists of token ids: what decode.py and evaluation share.
+"""A model to decode with, and generation over lists of token ids (decode.py and evaluation).
 
 * `load(path)`: `(T5Config, params, tokenizer)` from a HuggingFace folder or a t5jax training
   workdir (its latest checkpoint, or a given step, else its `export/hf`).
