@@ -546,6 +546,50 @@ def _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process
   )
 
 
+def _span_corruption_datasets(
+  data_cfg: DataConfig, tokenizer: Tokenizer, common: dict[str, Any], process_index, process_count
+) -> Datasets:
+  """`make_datasets` for kind="span_corruption": corpus chunks, corrupted per element."""
+  s_len, t_len, batch_size = common["input_length"], common["target_length"], common["batch_size"]
+  raw = span_corruption_raw_length(
+    s_len, t_len, data_cfg.noise_density, data_cfg.mean_noise_span_length
+  )
+  # Targets hold one sentinel per span: length = noise + spans + eos.
+  num_noise = min(max(int(round(raw * data_cfg.noise_density)), 1), raw - 1)
+  num_spans = _corrupted_lengths(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length)[1]
+  num_spans -= num_noise + 1
+  if num_spans > getattr(tokenizer, "extra_ids", 0):
+    raise DataError(f"span corruption needs {num_spans} sentinels; the tokenizer has fewer")
+  corrupt = dict(
+    sentinel_id=tokenizer.sentinel_id,
+    noise_density=data_cfg.noise_density,
+    mean_noise_span_length=data_cfg.mean_noise_span_length,
+  )
+
+  def preprocess(chunk, rng):
+    inputs, targets = span_corrupt(chunk, rng, **corrupt)
+    return {"inputs": inputs, "targets": targets}
+
+  chunks = corpus_chunks(read_corpus(data_cfg.train_file, data_cfg.text_field), tokenizer, raw)
+  if not chunks:
+    raise DataError(f"{data_cfg.train_file}: corpus has fewer than 2 tokens")
+  train = _batch_stream(chunks, preprocess, **common)
+  if not data_cfg.eval_file:
+    return Datasets(train, None)
+  eval_chunks = corpus_chunks(read_corpus(data_cfg.eval_file, data_cfg.text_field), tokenizer, raw)
+  tokenized = [preprocess(c, np.random.default_rng([0, k])) for k, c in enumerate(eval_chunks)]
+  examples = [
+    (
+      tokenizer.decode(t["inputs"], keep_sentinels=True),
+      tokenizer.decode(t["targets"], keep_sentinels=True),
+    )
+    for t in tokenized
+  ]
+  return Datasets(
+    train, _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process_count)
+  )
+
+
 def make_datasets(
   data_cfg: DataConfig,
   tokenizer: Tokenizer,
@@ -580,45 +624,7 @@ def make_datasets(
     process_count=process_count,
   )
   if data_cfg.kind == "span_corruption":
-    raw = span_corruption_raw_length(
-      s_len, t_len, data_cfg.noise_density, data_cfg.mean_noise_span_length
-    )
-    # Targets hold one sentinel per span: length = noise + spans + eos.
-    num_noise = min(max(int(round(raw * data_cfg.noise_density)), 1), raw - 1)
-    num_spans = _corrupted_lengths(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length)[1]
-    num_spans -= num_noise + 1
-    if num_spans > getattr(tokenizer, "extra_ids", 0):
-      raise DataError(f"span corruption needs {num_spans} sentinels; the tokenizer has fewer")
-    corrupt = dict(
-      sentinel_id=tokenizer.sentinel_id,
-      noise_density=data_cfg.noise_density,
-      mean_noise_span_length=data_cfg.mean_noise_span_length,
-    )
-
-    def preprocess(chunk, rng):
-      inputs, targets = span_corrupt(chunk, rng, **corrupt)
-      return {"inputs": inputs, "targets": targets}
-
-    chunks = corpus_chunks(read_corpus(data_cfg.train_file, data_cfg.text_field), tokenizer, raw)
-    if not chunks:
-      raise DataError(f"{data_cfg.train_file}: corpus has fewer than 2 tokens")
-    train = _batch_stream(chunks, preprocess, **common)
-    if not data_cfg.eval_file:
-      return Datasets(train, None)
-    eval_chunks = corpus_chunks(
-      read_corpus(data_cfg.eval_file, data_cfg.text_field), tokenizer, raw
-    )
-    tokenized = [preprocess(c, np.random.default_rng([0, k])) for k, c in enumerate(eval_chunks)]
-    examples = [
-      (
-        tokenizer.decode(t["inputs"], keep_sentinels=True),
-        tokenizer.decode(t["targets"], keep_sentinels=True),
-      )
-      for t in tokenized
-    ]
-    return Datasets(
-      train, _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process_count)
-    )
+    return _span_corruption_datasets(data_cfg, tokenizer, common, process_index, process_count)
 
   def encode_pair(pair, rng=None):
     del rng
