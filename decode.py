@@ -3,7 +3,7 @@
   python decode.py --checkpoint DIR [--input_file F] [--output_file G] [--method greedy|beam|sample]
 
 DIR is a HuggingFace model folder (config.json + model.safetensors, tokenizer spiece.model / a
-.model / ByT5 marker) or a t5jax training workdir (through `t5jax.checkpoint.load_for_inference`).
+.model / ByT5 marker) or a t5jax training workdir (both through `t5jax.inference.load`).
 Inputs: one per line (text), or a named column of a TSV file with a header row or of JSONL
 objects. Outputs: the best sequence per line (text), or JSON objects with every returned sequence
 and its score (jsonl). Inputs are grouped into power-of-two length buckets and fixed-size batches
