@@ -3,7 +3,7 @@
   python decode.py --checkpoint DIR [--input_file F] [--output_file G] [--method greedy|beam|sample]
 
 DIR is a HuggingFace model folder (config.json + model.safetensors, tokenizer spiece.model / a
-.model / ByT5 marker) or a t5jax training workdir (through `t5jax.checkpoint.load_for_inference`).
+.model / ByT5 marker) or a t5jax training workdir (both through `t5jax.inference.load`).
 Inputs: one per line (text), or a named column of a TSV file with a header row or of JSONL
 objects. Outputs: the best sequence per line (text), or JSON objects with every returned sequence
 and its score (jsonl). Inputs are grouped into power-of-two length buckets and fixed-size batches
@@ -22,19 +22,45 @@ one-line error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 
-import numpy as np
+import jax
+from tqdm import tqdm
+
+from t5jax import inference, sharding
+from t5jax.errors import CheckpointError, ConfigError
+from t5jax.generate import GenerateConfig
+from t5jax.inference import bucket_length as bucket_length  # noqa: F401 (decode.bucket_length)
+from t5jax.inference import make_batches as make_batches  # noqa: F401 (decode.make_batches)
+from t5jax.train_config import MeshConfig
 
 PROG = "decode.py"
 DEFAULT_COLUMNS = ("inputs", "input", "text", "source")
+# GenerateConfig fields with a flag, and decode.py's own defaults for some of them.
+GENERATE_FLAGS = [f for f in dataclasses.fields(GenerateConfig) if f.metadata.get("flag", True)]
+FLAG_DEFAULTS = {"max_new_tokens": 64}
 
 
 class CLIError(Exception):
   """A user error reported as one line on stderr with exit status 2."""
+
+
+def _add_generate_flags(p: argparse.ArgumentParser) -> None:
+  """One flag per GenerateConfig field. A beam- or sample-only one defaults to None (= not given,
+  so that its use with another method is detected), then to GenerateConfig's default."""
+  for f in GENERATE_FLAGS:
+    method, choices = f.metadata["method"], f.metadata.get("choices")
+    default = None if method else FLAG_DEFAULTS.get(f.name, f.default)
+    kind = {"int": int, "float": float}.get(str(f.type))
+    only = f" ({method} only)" if method else ""
+    choices = list(choices) if choices else None
+    p.add_argument(f"--{f.name}", type=kind, choices=choices, default=default,
+                   help=f.metadata["help"] + only)  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,21 +72,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--input_format", choices=("auto", "text", "tsv", "jsonl"), default="auto")
   p.add_argument("--input_column", help=f"TSV/JSONL field (default: first of {DEFAULT_COLUMNS})")
   p.add_argument("--output_format", choices=("text", "jsonl"), default="text")
-  p.add_argument("--method", choices=("greedy", "beam", "sample"), default="greedy")
-  p.add_argument("--max_new_tokens", type=int, default=64)
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--max_input_length", type=int, default=512)
   p.add_argument("--strict", action="store_true", help="reject (not truncate) too-long inputs")
-  p.add_argument("--num_return_sequences", type=int, default=1)
-  # Beam search only (None = not given, so that misuse is detected).
-  p.add_argument("--num_beams", type=int)
-  p.add_argument("--length_penalty", type=float)
-  p.add_argument("--early_stopping", choices=("true", "false", "never"))
-  # Sampling only.
-  p.add_argument("--temperature", type=float)
-  p.add_argument("--top_k", type=int)
-  p.add_argument("--top_p", type=float)
-  p.add_argument("--seed", type=int)
+  _add_generate_flags(p)
+  p.add_argument("--seed", type=int, help="sampling seed (sample only)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="computation dtype")
   p.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
   # Device mesh (t5jax.sharding); the product must equal the device count, -1 = the rest.
@@ -70,30 +86,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def check_flags(args: argparse.Namespace) -> None:
-  """Rejects flag combinations that would be silently ignored."""
-  beam_flags = ("num_beams", "length_penalty", "early_stopping")
-  sample_flags = ("temperature", "top_k", "top_p", "seed")
-  for name in beam_flags:
-    if getattr(args, name) is not None and args.method != "beam":
-      raise CLIError(f"--{name} requires --method beam (got --method {args.method})")
-  for name in sample_flags:
-    if getattr(args, name) is not None and args.method != "sample":
-      raise CLIError(f"--{name} requires --method sample (got --method {args.method})")
-  for name in ("max_new_tokens", "batch_size", "max_input_length", "num_return_sequences"):
+def generate_config(args: argparse.Namespace) -> GenerateConfig:
+  """The GenerateConfig of the flags; flags that the method would silently ignore are errors, and
+  GenerateConfig's own checks come back in terms of the flags."""
+  methods = {f.name: f.metadata["method"] for f in GENERATE_FLAGS} | {"seed": "sample"}
+  for name, method in methods.items():
+    if method and getattr(args, name) is not None and args.method != method:
+      raise CLIError(f"--{name} requires --method {method} (got --method {args.method})")
+  for name in ("batch_size", "max_input_length"):
     if getattr(args, name) < 1:
       raise CLIError(f"--{name} must be >= 1")
-  if args.method == "greedy" and args.num_return_sequences > 1:
-    raise CLIError("--num_return_sequences > 1 requires --method beam or sample")
-  num_beams = 4 if args.num_beams is None else args.num_beams
-  if args.method == "beam" and not 1 <= args.num_return_sequences <= num_beams:
-    raise CLIError(f"--num_return_sequences must be <= --num_beams ({num_beams})")
-  if args.temperature is not None and not args.temperature > 0:
-    raise CLIError("--temperature must be > 0")
-  if args.top_k is not None and args.top_k < 0:
-    raise CLIError("--top_k must be >= 0 (0 disables)")
-  if args.top_p is not None and not 0 < args.top_p <= 1:
-    raise CLIError("--top_p must be in (0, 1] (1 disables)")
+  given = {f.name: getattr(args, f.name) for f in GENERATE_FLAGS}
+  for f in GENERATE_FLAGS:  # flag spellings of non-string values, e.g. --early_stopping true
+    if isinstance(f.metadata.get("choices"), dict) and given[f.name] is not None:
+      given[f.name] = f.metadata["choices"][given[f.name]]
+  try:
+    return GenerateConfig(**{k: v for k, v in given.items() if v is not None})
+  except ValueError as e:
+    names = "|".join(f.name for f in GENERATE_FLAGS)
+    raise CLIError(re.sub(rf"\b({names})\b", r"--\1", str(e))) from e
 
 
 # --- input -----------------------------------------------------------------------------------
@@ -194,102 +205,17 @@ def encode_inputs(tokenizer, texts, max_len: int, strict: bool) -> list[list[int
   return out
 
 
-# --- checkpoint --------------------------------------------------------------------------------
-
-
-def _has_hf_weights(folder: str) -> bool:
-  names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-  return any(os.path.exists(os.path.join(folder, n)) for n in names)
-
-
-def load_checkpoint(path: str, tokenizer_path: str | None):
-  """(config, params, tokenizer) from a HuggingFace folder or a t5jax workdir."""
-  from t5jax.hf import load_hf
-  from t5jax.tokenizer import load_tokenizer
-
-  if not os.path.isdir(path):
-    raise CLIError(f"checkpoint folder not found: {path}")
-  if os.path.exists(os.path.join(path, "config.json")):
-    if not _has_hf_weights(path):
-      raise CLIError(f"{path}: config.json but no weights (model.safetensors)")
-    try:
-      config, params = load_hf(path)
-    except (OSError, ValueError) as e:
-      raise CLIError(f"cannot load {path}: {e}") from e
-    found_tokenizer = path
-  else:
-    try:
-      from t5jax.checkpoint import load_for_inference
-    except ImportError as e:
-      raise CLIError(
-        f"{path}: no config.json + model.safetensors, and t5jax.checkpoint.load_for_inference "
-        "is unavailable to read a t5jax workdir"
-      ) from e
-    try:
-      config, params, found_tokenizer = load_for_inference(path)
-    except (OSError, ValueError, KeyError) as e:
-      raise CLIError(f"cannot load t5jax workdir: {e}") from e
-  source = tokenizer_path or found_tokenizer
-  if source is None:
-    raise CLIError(f"{path}: no tokenizer found; pass --tokenizer")
-  try:
-    tokenizer = load_tokenizer(source)
-  except (OSError, ValueError) as e:
-    hint = "" if tokenizer_path else "; pass --tokenizer"
-    raise CLIError(f"no tokenizer in {source}: {e}{hint}") from e
-  if tokenizer.vocab_size > config.vocab_size:
-    raise CLIError(
-      f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's ({config.vocab_size})"
-    )
-  return config, params, tokenizer
-
-
-# --- batching ------------------------------------------------------------------------------------
-
-
-def bucket_length(n: int, max_len: int, minimum: int = 8) -> int:
-  """Smallest power of two >= n (at least `minimum`), capped at `max_len`."""
-  b = minimum
-  while b < n:
-    b *= 2
-  return min(b, max_len)
-
-
-def make_batches(token_ids: list[list[int]], batch_size: int, max_len: int):
-  """Yields (row indices, int32 [batch_size, bucket]) batches; padding rows have index -1.
-
-  Inputs are sorted by length so each batch has one bucket length; the last batch of a bucket is
-  filled with copies of a one-token input, so shapes repeat and compile once per bucket.
-  """
-  order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-  buckets: dict[int, list[int]] = {}
-  for i in order:
-    buckets.setdefault(bucket_length(len(token_ids[i]), max_len), []).append(i)
-  for length, rows in sorted(buckets.items()):
-    for start in range(0, len(rows), batch_size):
-      idx = rows[start : start + batch_size]
-      batch = np.zeros((batch_size, length), np.int32)
-      batch[:, 0] = 1  # padding rows: a lone EOS
-      for r, i in enumerate(idx):
-        batch[r, : len(token_ids[i])] = token_ids[i]
-      yield idx + [-1] * (batch_size - len(idx)), batch
-
-
 # --- devices ---------------------------------------------------------------------------------
 
 
 def make_mesh(args: argparse.Namespace):
   """The `("data", "fsdp", "tensor")` mesh over this process's devices, from the --mesh_* flags."""
-  import jax
-
-  from t5jax import sharding
-
-  cfg = sharding.default_mesh_config()
-  cfg.data, cfg.fsdp, cfg.tensor = args.mesh_data, args.mesh_fsdp, args.mesh_tensor
   devices = jax.local_devices()
   try:
-    return sharding.create_mesh(cfg, devices)
-  except ValueError as e:
+    return sharding.create_mesh(
+      MeshConfig(args.mesh_data, args.mesh_fsdp, args.mesh_tensor), devices
+    )
+  except ConfigError as e:
     raise CLIError(
       f"bad --mesh_data/--mesh_fsdp/--mesh_tensor ({len(devices)} "
       f"{devices[0].platform} devices): {e}"
@@ -312,8 +238,19 @@ def round_batch_size(batch_size: int, mesh) -> int:
 # --- main --------------------------------------------------------------------------------------
 
 
+def load(args: argparse.Namespace):
+  """(config, params, tokenizer) of --checkpoint (`t5jax.inference.load`), errors as CLIError."""
+  try:
+    config, params, tokenizer = inference.load(args.checkpoint, args.tokenizer)
+  except inference.TokenizerNotFound as e:
+    raise CLIError(f"{e}{'' if args.tokenizer else '; pass --tokenizer'}") from e
+  except CheckpointError as e:
+    raise CLIError(str(e)) from e
+  return (config.replace(dtype=args.dtype) if args.dtype else config), params, tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
-  check_flags(args)
+  gen_cfg = generate_config(args)
   lines, name = read_lines(args.input_file)
   texts = parse_inputs(lines, name, args.input_format, args.input_column)
   if args.output_file:
@@ -321,54 +258,20 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(out_dir):
       raise CLIError(f"output folder does not exist: {out_dir}")
 
-  import jax
-  from tqdm import tqdm
-
-  from t5jax import sharding
-  from t5jax.generate import generate
-
   mesh = make_mesh(args)
   batch_size = round_batch_size(args.batch_size, mesh)
-  config, params, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer)
-  if args.dtype:
-    config = config.replace(dtype=args.dtype)
+  config, params, tokenizer = load(args)
   token_ids = encode_inputs(tokenizer, texts, args.max_input_length, args.strict)
   params = jax.device_put(params, sharding.param_shardings(config, mesh))
-  inputs_sharding = sharding.batch_sharding(mesh)
-  kwargs = dict(
-    method=args.method,
-    max_new_tokens=args.max_new_tokens,
-    num_return_sequences=args.num_return_sequences,
-  )
-  if args.method == "beam":
-    kwargs.update(
-      num_beams=4 if args.num_beams is None else args.num_beams,
-      length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
-      early_stopping={"true": True, "false": False, "never": "never", None: False}[
-        args.early_stopping
-      ],
-    )
-  if args.method == "sample":
-    kwargs.update(
-      temperature=1.0 if args.temperature is None else args.temperature,
-      top_k=0 if args.top_k is None else args.top_k,
-      top_p=1.0 if args.top_p is None else args.top_p,
-    )
-  rng = jax.random.key(0 if args.seed is None else args.seed)
-  results: list = [None] * len(texts)
-  n = args.num_return_sequences
   with tqdm(total=len(texts), file=sys.stderr, disable=args.no_progress, unit="ex") as bar:
-    for k, (idx, batch) in enumerate(make_batches(token_ids, batch_size, args.max_input_length)):
-      with jax.set_mesh(mesh):
-        batch = jax.device_put(batch, inputs_sharding)
-        out = generate(params, config, batch, rng=jax.random.fold_in(rng, k), **kwargs)
-      seqs = np.asarray(out.sequences).reshape(len(idx), n, -1)
-      scores = np.asarray(out.scores).reshape(len(idx), n)
-      for r, i in enumerate(idx):
-        if i >= 0:
-          outputs = [tokenizer.decode(s.tolist()).replace("\n", " ") for s in seqs[r]]
-          results[i] = (outputs, scores[r].tolist())
-      bar.update(sum(i >= 0 for i in idx))
+    sequences, scores = inference.generate_all(
+      params, config, token_ids, gen_cfg, batch_size=batch_size, max_len=args.max_input_length,
+      rng=jax.random.key(args.seed or 0), mesh=mesh, on_batch=bar.update,
+    )  # fmt: skip
+  results = [
+    ([tokenizer.decode(s.tolist()).replace("\n", " ") for s in seqs], sc.tolist())
+    for seqs, sc in zip(sequences, scores, strict=True)
+  ]
 
   if args.output_format == "text":
     body = "".join(outputs[0] + "\n" for outputs, _ in results)

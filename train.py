@@ -51,13 +51,11 @@ def _parse_flags(argv):
 
 
 def run():
-  from t5jax.data import DataError
-  from t5jax.hf import CheckpointError
-  from t5jax.train import TrainingError
+  from t5jax.errors import USER_ERRORS
 
   try:
     app.run(main, flags_parser=_parse_flags)
-  except (TrainingError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+  except USER_ERRORS as e:  # anything else is a bug: its traceback is kept
     _error(e, 1)
 
 

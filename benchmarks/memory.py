@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from t5jax import model, optim  # noqa: E402
 from t5jax.config import get_config  # noqa: E402
+from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig  # noqa: E402
 
 PRESETS = [
   "t5-v1_1-small",
@@ -64,8 +65,7 @@ def state_bytes(preset: str) -> dict[str, float]:
   p = _nbytes(params)
   out = {"params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))}
   for name in ("adafactor", "adamw"):
-    ocfg = optim.default_optimizer_config()
-    ocfg.name = name
+    ocfg = OptimizerConfig(name=name)
     opt = _nbytes(jax.eval_shape(optim.make_optimizer(ocfg).init, params))
     out[name] = 2 * p + opt  # params + grads + optimizer state
     out[name + "_opt"] = opt
@@ -102,17 +102,13 @@ def print_tables() -> dict[str, dict[str, float]]:
 
 def measure(num_layers: int = 2, batch: int = 8) -> None:
   """Compiled train step's per-device memory, one device vs 8-way FSDP, at a small config."""
-  import ml_collections
-
   from t5jax import sharding, trainer
 
   cfg = get_config("t5-v1_1-small", num_layers=num_layers, num_decoder_layers=num_layers)
-  ocfg = optim.default_optimizer_config()
+  ocfg = OptimizerConfig()
   schedule = optim.make_schedule(ocfg)
   tx = optim.make_optimizer(ocfg, schedule)
-  loss_cfg = ml_collections.ConfigDict(
-    {"label_smoothing": 0.0, "z_loss": 1e-4, "normalizer": "num_tokens"}
-  )
+  loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
   step_fn = trainer.make_train_step(cfg, tx, schedule, loss_cfg)
   s_len, t_len = 128, 32
   shapes = jax.eval_shape(
@@ -138,8 +134,7 @@ def measure(num_layers: int = 2, batch: int = 8) -> None:
     if jax.device_count() < n:
       print(f"| {mesh_shape} | (needs {n} devices) | | | |")
       continue
-    mesh_cfg = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, mesh_shape, strict=True)))
-    mesh = sharding.create_mesh(mesh_cfg, jax.devices()[:n])
+    mesh = sharding.create_mesh(MeshConfig(*mesh_shape), jax.devices()[:n])
     state_sh = trainer.state_shardings(cfg, tx, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     abstract_state = jax.tree.map(

@@ -38,13 +38,13 @@ import tempfile
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import t5jax  # noqa: E402
 from t5jax import flops, optim, sharding, trainer  # noqa: E402
+from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig  # noqa: E402
 
 
 def parse_args():
@@ -119,18 +119,14 @@ def make_batch(config, args) -> dict[str, np.ndarray]:
 
 
 def run_t5jax(config, params, batch_np, args) -> dict:
-  opt_cfg = optim.default_optimizer_config()
-  opt_cfg.name = args.optimizer
-  opt_cfg.learning_rate = args.lr
-  opt_cfg.schedule = "constant"
-  opt_cfg.warmup_steps = 0
+  opt_cfg = OptimizerConfig(
+    name=args.optimizer, learning_rate=args.lr, schedule="constant", warmup_steps=0
+  )
   schedule = optim.make_schedule(opt_cfg)
   tx = optim.make_optimizer(opt_cfg, schedule)
-  loss_cfg = ml_collections.ConfigDict(
-    {"label_smoothing": 0.0, "z_loss": 0.0, "normalizer": "num_tokens"}
-  )
+  loss_cfg = LossConfig(label_smoothing=0.0, z_loss=0.0, normalizer="num_tokens")
 
-  mesh = sharding.create_mesh(sharding.default_mesh_config())
+  mesh = sharding.create_mesh(MeshConfig())
   state_sh = trainer.state_shardings(config, tx, mesh)
   state = trainer.state_from_params(params, tx, state_sh)
   param_bytes, opt_bytes = _tree_bytes(state.params), _tree_bytes(state.opt_state)
@@ -185,7 +181,7 @@ def run_transformers(config, params, batch_np, args) -> dict:
       model.parameters(), lr=args.lr, scale_parameter=True, relative_step=False, warmup_init=False
     )
   else:
-    a = optim.default_optimizer_config().adamw
+    a = OptimizerConfig().adamw
     opt = torch.optim.AdamW(
       model.parameters(), lr=args.lr, betas=(a.b1, a.b2), eps=a.eps, weight_decay=0.0
     )

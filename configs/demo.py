@@ -13,13 +13,8 @@ Runtime:  8 min 20 s wall on an otherwise idle 2-core CPU (jax 0.10.2), peak RSS
 Expected: eval exact_match 0.965 at step 2000 (0.875 at step 1000); the target is >= 0.95.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-
-from base import get_config as base_config  # noqa: E402
-from base import model_section
+from configs.base import get_config as base_config
+from configs.base import model_section
 
 
 def get_config():

@@ -1,8 +1,9 @@
 """t5jax: T5 in JAX/Flax — HuggingFace-exact model, jitted decoders, sharded training."""
 
 from t5jax.config import PRESETS, T5Config, get_config
-from t5jax.generate import GenerateOutput, ScoreOutput, generate, score
-from t5jax.hf import CheckpointError, load_hf, save_hf
+from t5jax.errors import CheckpointError
+from t5jax.generate import GenerateConfig, GenerateOutput, ScoreOutput, generate, score
+from t5jax.hf import load_hf, save_hf
 from t5jax.model import (
   decode_step,
   encode,
@@ -18,6 +19,7 @@ __all__ = [
   "PRESETS",
   "CheckpointError",
   "T5Config",
+  "GenerateConfig",
   "GenerateOutput",
   "ScoreOutput",
   "decode_step",

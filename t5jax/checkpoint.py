@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, and loading a workdir for inference.
+"""Orbax checkpoints of a training run, its export, and loading a workdir for inference.
 
 A workdir holds:
   train_config.json      the run's full configuration (ml_collections, as JSON)
@@ -22,8 +22,11 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from safetensors.numpy import save_file
 
+from t5jax import distributed, hf
 from t5jax.config import T5Config
 
 
@@ -152,22 +155,48 @@ def _cpu_sharding():
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def load_for_inference(workdir: str) -> tuple[T5Config, Any, str]:
-  """`(config, params, tokenizer_path)` of a t5jax training workdir, for `decode.py`.
+def load_for_inference(workdir: str, step: int | None = None) -> tuple[T5Config, Any, str]:
+  """`(config, params, tokenizer_path)` of a t5jax training workdir (see `t5jax.inference.load`).
 
-  Uses the latest checkpoint when there is one, else the exported HuggingFace folder.
+  Uses checkpoint `step` (default the latest) when there is one, else the exported HuggingFace
+  folder.
   """
-  from t5jax.hf import load_hf
-
   tok = os.path.join(workdir, "tokenizer")
   if not os.path.isdir(tok) or not os.listdir(tok):
     raise FileNotFoundError(f"{workdir}: no tokenizer/ folder in this t5jax workdir")
   ckpt = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
-    _, params = restore_params(workdir)
+    _, params = restore_params(workdir, step)
     return load_model_config(workdir), params, tok
-  hf = os.path.join(workdir, "export", "hf")
-  if os.path.isfile(os.path.join(hf, "config.json")):
-    config, params = load_hf(hf)
+  hf_dir = os.path.join(workdir, "export", "hf")
+  if os.path.isfile(os.path.join(hf_dir, "config.json")):
+    config, params = hf.load_hf(hf_dir)
     return config, params, tok
   raise FileNotFoundError(f"{workdir}: no checkpoints/ and no export/hf/ with weights")
+
+
+def export(workdir: str, model_cfg: T5Config, params) -> None:
+  """Writes `export/params.safetensors` (parameters alone) and `export/hf/` (HuggingFace, with
+  the workdir's tokenizer). Every process calls it (the parameters are gathered); process 0
+  writes."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    params = multihost_utils.process_allgather(params, tiled=True)
+  params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+  if not distributed.is_main_process():
+    return
+  out = os.path.join(workdir, "export")
+  os.makedirs(out, exist_ok=True)
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in path): v
+    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  save_file(flat, os.path.join(out, "params.safetensors"))
+  hf.save_hf(model_cfg, params, os.path.join(out, "hf"))
+  tok = os.path.join(workdir, "tokenizer")
+  for name in os.listdir(tok) if os.path.isdir(tok) else []:
+    with open(os.path.join(tok, name), "rb") as src:
+      dst = "spiece.model" if name.endswith(".model") else name
+      with open(os.path.join(out, "hf", dst), "wb") as fh:
+        fh.write(src.read())

@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import grain
-import ml_collections
 import numpy as np
 
+from t5jax.errors import DataError as DataError  # its home is t5jax.errors
 from t5jax.tasks import (  # noqa: F401  (number_to_words re-exported)
   BUILTIN_TASKS,
   Example,
@@ -32,48 +32,11 @@ from t5jax.tasks import (  # noqa: F401  (number_to_words re-exported)
   number_to_words,
 )
 from t5jax.tokenizer import EOS_ID, Tokenizer, load_tokenizer, train_sentencepiece
+from t5jax.train_config import DataConfig
 
 # Background preprocessing: a few threads and a short buffer (grain's default, 16 threads and 500
 # elements, makes the first batch and every restore slow on a small CPU host).
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """The `config.data` fields read by `make_datasets` and `build_tokenizer`."""
-  c = ml_collections.ConfigDict()
-  # "builtin" (generated demo tasks), "tsv" (input<TAB>target lines), "jsonl" (one object per line
-  # with input_field / target_field) or "span_corruption" (T5 pretraining on a plain-text corpus).
-  c.kind = "builtin"
-  c.train_file = ""  # tsv / jsonl / corpus file for training (corpus: one document per line, or
-  # .jsonl with text_field).
-  c.eval_file = ""  # same format, for evaluation; "" = no evaluation set (except for builtin).
-  c.input_field = "input"  # jsonl: field holding the input text.
-  c.target_field = "target"  # jsonl: field holding the target text.
-  c.text_field = "text"  # span_corruption with a .jsonl corpus: field holding the document.
-  # Tokenizer: "byt5", a SentencePiece .model or a folder with spiece.model; "" trains a
-  # SentencePiece model of spm_vocab_size pieces on the training text (saved in the workdir).
-  c.tokenizer = ""
-  c.spm_vocab_size = 512  # used only when training the tokenizer; includes 256 byte pieces.
-  c.extra_ids = 100  # sentinels of a SentencePiece tokenizer (ByT5 always has 125).
-  c.max_input_length = 32  # S: encoder length; longer inputs are truncated (eos kept last).
-  c.max_target_length = 16  # T: decoder length; longer targets are truncated (eos kept last).
-  c.pack = False  # pack several examples per row (segment ids / positions) for training.
-  c.shuffle = (
-    True  # shuffle training examples (seeded by make_datasets' seed, new order each epoch).
-  )
-  c.max_eval_examples = 0  # cap on evaluation examples; 0 = all.
-  # Builtin demo tasks (kind="builtin"): comma-separated subset of BUILTIN_TASKS.
-  c.builtin_tasks = ",".join(BUILTIN_TASKS)
-  c.builtin_train_size = 20000  # generated training examples (a fixed pool, repeated).
-  c.builtin_eval_size = 200  # generated held-out examples.
-  # Span corruption (kind="span_corruption"), T5 defaults.
-  c.noise_density = 0.15  # fraction of tokens masked.
-  c.mean_noise_span_length = 3.0  # mean length of a masked span.
-  return c
-
-
-class DataError(ValueError):
-  """A malformed or empty data file; the message starts with `file:line:` where it applies."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,7 +487,7 @@ def _batch_stream(
   return BatchIterator(it)
 
 
-def _training_texts(data_cfg: ml_collections.ConfigDict, seed: int) -> list[str]:
+def _training_texts(data_cfg: DataConfig, seed: int) -> list[str]:
   """The raw text a tokenizer is trained on: inputs and targets, or corpus documents."""
   kind = data_cfg.kind
   if kind == "span_corruption":
@@ -533,9 +496,7 @@ def _training_texts(data_cfg: ml_collections.ConfigDict, seed: int) -> list[str]
   return [t for pair in pairs for t in pair if t]
 
 
-def _read_pairs(
-  data_cfg: ml_collections.ConfigDict, path: str, split: str, seed: int
-) -> list[Example]:
+def _read_pairs(data_cfg: DataConfig, path: str, split: str, seed: int) -> list[Example]:
   kind = data_cfg.kind
   if kind == "builtin":
     n = data_cfg.builtin_train_size if split == "train" else data_cfg.builtin_eval_size
@@ -545,26 +506,27 @@ def _read_pairs(
     return read_tsv(path)
   if kind == "jsonl":
     return read_jsonl(path, data_cfg.input_field, data_cfg.target_field)
-  raise ValueError(f"unknown data kind {kind!r}: use builtin, tsv, jsonl or span_corruption")
+  raise ValueError(f"no example pairs in data kind {kind!r}")  # span_corruption: a corpus
 
 
-def build_tokenizer(
-  data_cfg: ml_collections.ConfigDict, workdir: str | None = None, seed: int = 0
-) -> Tokenizer:
+def build_tokenizer(data_cfg: DataConfig, workdir: str | None = None, seed: int = 0) -> Tokenizer:
   """Loads `data_cfg.tokenizer`, or trains one on the training text and saves it in workdir.
 
   A tokenizer already saved in `<workdir>/tokenizer` is reused, so a resumed run keeps its ids.
   """
-  if data_cfg.tokenizer:
-    return load_tokenizer(
-      data_cfg.tokenizer, extra_ids=None if data_cfg.tokenizer == "byt5" else data_cfg.extra_ids
-    )
-  out_dir = os.path.join(workdir, "tokenizer") if workdir else None
-  if out_dir and os.path.isdir(out_dir) and os.listdir(out_dir):
-    return load_tokenizer(out_dir)
-  return train_sentencepiece(
-    _training_texts(data_cfg, seed), data_cfg.spm_vocab_size, out_dir, extra_ids=data_cfg.extra_ids
-  )
+  try:
+    if data_cfg.tokenizer:
+      extra_ids = None if data_cfg.tokenizer == "byt5" else data_cfg.extra_ids
+      return load_tokenizer(data_cfg.tokenizer, extra_ids=extra_ids)
+    out_dir = os.path.join(workdir, "tokenizer") if workdir else None
+    if out_dir and os.path.isdir(out_dir) and os.listdir(out_dir):
+      return load_tokenizer(out_dir)
+    texts, size = _training_texts(data_cfg, seed), data_cfg.spm_vocab_size
+    return train_sentencepiece(texts, size, out_dir, extra_ids=data_cfg.extra_ids)
+  except DataError:
+    raise
+  except ValueError as e:  # a SentencePiece model or training text that cannot make a tokenizer
+    raise DataError(str(e)) from e
 
 
 def _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process_count) -> EvalData:
@@ -584,8 +546,52 @@ def _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process
   )
 
 
+def _span_corruption_datasets(
+  data_cfg: DataConfig, tokenizer: Tokenizer, common: dict[str, Any], process_index, process_count
+) -> Datasets:
+  """`make_datasets` for kind="span_corruption": corpus chunks, corrupted per element."""
+  s_len, t_len, batch_size = common["input_length"], common["target_length"], common["batch_size"]
+  raw = span_corruption_raw_length(
+    s_len, t_len, data_cfg.noise_density, data_cfg.mean_noise_span_length
+  )
+  # Targets hold one sentinel per span: length = noise + spans + eos.
+  num_noise = min(max(int(round(raw * data_cfg.noise_density)), 1), raw - 1)
+  num_spans = _corrupted_lengths(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length)[1]
+  num_spans -= num_noise + 1
+  if num_spans > getattr(tokenizer, "extra_ids", 0):
+    raise DataError(f"span corruption needs {num_spans} sentinels; the tokenizer has fewer")
+  corrupt = dict(
+    sentinel_id=tokenizer.sentinel_id,
+    noise_density=data_cfg.noise_density,
+    mean_noise_span_length=data_cfg.mean_noise_span_length,
+  )
+
+  def preprocess(chunk, rng):
+    inputs, targets = span_corrupt(chunk, rng, **corrupt)
+    return {"inputs": inputs, "targets": targets}
+
+  chunks = corpus_chunks(read_corpus(data_cfg.train_file, data_cfg.text_field), tokenizer, raw)
+  if not chunks:
+    raise DataError(f"{data_cfg.train_file}: corpus has fewer than 2 tokens")
+  train = _batch_stream(chunks, preprocess, **common)
+  if not data_cfg.eval_file:
+    return Datasets(train, None)
+  eval_chunks = corpus_chunks(read_corpus(data_cfg.eval_file, data_cfg.text_field), tokenizer, raw)
+  tokenized = [preprocess(c, np.random.default_rng([0, k])) for k, c in enumerate(eval_chunks)]
+  examples = [
+    (
+      tokenizer.decode(t["inputs"], keep_sentinels=True),
+      tokenizer.decode(t["targets"], keep_sentinels=True),
+    )
+    for t in tokenized
+  ]
+  return Datasets(
+    train, _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process_count)
+  )
+
+
 def make_datasets(
-  data_cfg: ml_collections.ConfigDict,
+  data_cfg: DataConfig,
   tokenizer: Tokenizer,
   *,
   batch_size: int,
@@ -593,10 +599,10 @@ def make_datasets(
   process_index: int = 0,
   process_count: int = 1,
 ) -> Datasets:
-  """Builds this host's training iterator and evaluation set from `config.data`.
+  """Builds this host's training iterator and evaluation set from its `DataConfig`.
 
   Args:
-    data_cfg: fields of `default_data_config()`.
+    data_cfg: the data settings.
     tokenizer: from `build_tokenizer` / `load_tokenizer`.
     batch_size: rows per batch on this host.
     seed: shuffle / corruption seed; the same seed gives the same batches.
@@ -618,45 +624,7 @@ def make_datasets(
     process_count=process_count,
   )
   if data_cfg.kind == "span_corruption":
-    raw = span_corruption_raw_length(
-      s_len, t_len, data_cfg.noise_density, data_cfg.mean_noise_span_length
-    )
-    # Targets hold one sentinel per span: length = noise + spans + eos.
-    num_noise = min(max(int(round(raw * data_cfg.noise_density)), 1), raw - 1)
-    num_spans = _corrupted_lengths(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length)[1]
-    num_spans -= num_noise + 1
-    if num_spans > getattr(tokenizer, "extra_ids", 0):
-      raise ValueError(f"span corruption needs {num_spans} sentinels; the tokenizer has fewer")
-    corrupt = dict(
-      sentinel_id=tokenizer.sentinel_id,
-      noise_density=data_cfg.noise_density,
-      mean_noise_span_length=data_cfg.mean_noise_span_length,
-    )
-
-    def preprocess(chunk, rng):
-      inputs, targets = span_corrupt(chunk, rng, **corrupt)
-      return {"inputs": inputs, "targets": targets}
-
-    chunks = corpus_chunks(read_corpus(data_cfg.train_file, data_cfg.text_field), tokenizer, raw)
-    if not chunks:
-      raise DataError(f"{data_cfg.train_file}: corpus has fewer than 2 tokens")
-    train = _batch_stream(chunks, preprocess, **common)
-    if not data_cfg.eval_file:
-      return Datasets(train, None)
-    eval_chunks = corpus_chunks(
-      read_corpus(data_cfg.eval_file, data_cfg.text_field), tokenizer, raw
-    )
-    tokenized = [preprocess(c, np.random.default_rng([0, k])) for k, c in enumerate(eval_chunks)]
-    examples = [
-      (
-        tokenizer.decode(t["inputs"], keep_sentinels=True),
-        tokenizer.decode(t["targets"], keep_sentinels=True),
-      )
-      for t in tokenized
-    ]
-    return Datasets(
-      train, _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process_count)
-    )
+    return _span_corruption_datasets(data_cfg, tokenizer, common, process_index, process_count)
 
   def encode_pair(pair, rng=None):
     del rng

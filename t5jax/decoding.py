@@ -23,7 +23,7 @@ Sampling warpers are pure functions over logits [..., V] that reproduce transfor
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -313,7 +313,6 @@ def beam_search(
   Returns:
     sequences int32 [B, n, L] sorted best first, scores float32 [B, n] (length-normalised).
   """
-  n = num_beams
   eos = -1 if eos_id is None else eos_id
   # Length penalty and early-stopping mode may be traced: one compilation serves all their values.
   if isinstance(early_stopping, (bool, str)):
@@ -322,110 +321,131 @@ def beam_search(
     early_stopping = EARLY_STOPPING_CODES[early_stopping]
   mode = jnp.asarray(early_stopping, jnp.int32)
   alpha = jnp.asarray(length_penalty, jnp.float32)
-  stop_at_full = mode == EARLY_STOPPING_CODES[True]
   bound_at_max_len = ((mode == EARLY_STOPPING_CODES["never"]) | (length_penalty_style == "t5x")) & (
     alpha > 0
   )
-  top_n_mask = jnp.arange(2 * n) < n
-  batch_offsets = (jnp.arange(batch_size) * n)[:, None]
+  rules = _BeamRules(
+    n=num_beams, batch_size=batch_size, max_len=max_len, eos=eos, alpha=alpha,
+    style=length_penalty_style, stop_at_full=mode == EARLY_STOPPING_CODES[True],
+    bound_at_max_len=bound_at_max_len,
+  )  # fmt: skip
 
-  def penalty(length):
-    return length_penalty_denominator(length, alpha, length_penalty_style)
+  def cond(s: _Beams):
+    exists_open_beam = ~(jnp.all(s.fin_mask) & rules.stop_at_full)
+    return (s.step < max_len) & jnp.any(s.heuristic_open) & exists_open_beam & ~s.all_hit
 
-  def cond(state):
-    step, _, _, _, _, _, _, heuristic_open, all_hit, _ = state
-    exists_open_beam = ~(jnp.all(state[6]) & stop_at_full)
-    return (step < max_len) & jnp.any(heuristic_open) & exists_open_beam & ~all_hit
-
-  def body(state):
-    (
-      step,
-      tokens,
-      run_seqs,
-      run_scores,
-      fin_seqs,
-      fin_scores,
-      fin_mask,
-      heuristic_open,
-      _,
-      cache,
-    ) = state
-    logits, cache = tokens_to_logits(tokens, cache, step)
-    vocab = logits.shape[-1]
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(
-      batch_size, n, vocab
-    )
-    accumulated = (log_probs + run_scores[:, :, None]).reshape(batch_size, n * vocab)
-
-    # Top 2n candidates over all beams of each example.
-    cand_scores, cand_idx = jax.lax.top_k(accumulated, 2 * n)
-    cand_beams = cand_idx // vocab
-    cand_tokens = (cand_idx % vocab).astype(jnp.int32)
-    cand_seqs = _gather_beams(run_seqs, cand_beams)
-    cand_seqs = jax.lax.dynamic_update_slice(
-      cand_seqs, cand_tokens[:, :, None], (0, 0, step)
-    )  # [B, 2n, L]
-    hits = (cand_tokens == eos) | (step + 1 >= max_len)
-
-    # Live beams: the best n candidates that did not just finish.
-    live_cand_scores = cand_scores + hits.astype(jnp.float32) * NEG_INF
-    run_scores, keep = jax.lax.top_k(live_cand_scores, n)
-    run_seqs = _gather_beams(cand_seqs, keep)
-    parent = jnp.take_along_axis(cand_beams, keep, axis=1)
-    new_tokens = jnp.take_along_axis(cand_tokens, keep, axis=1).reshape(-1)
-
-    # Finished hypotheses: merge the candidates that just finished within the top n.
-    just_finished = hits & top_n_mask[None, :]
-    fin_cand = cand_scores / penalty(step + 1)
-    fin_cand = fin_cand + (jnp.all(fin_mask, axis=1, keepdims=True) & stop_at_full) * NEG_INF
-    fin_cand = fin_cand + (~heuristic_open)[:, None] * NEG_INF
-    fin_cand = fin_cand + (~just_finished) * NEG_INF
-    merged_scores = jnp.concatenate([fin_scores, fin_cand], axis=1)
-    fin_scores, best = jax.lax.top_k(merged_scores, n)
-    fin_seqs = _gather_beams(jnp.concatenate([fin_seqs, cand_seqs], axis=1), best)
-    fin_mask = _gather_beams(jnp.concatenate([fin_mask, just_finished], axis=1), best)
-
-    flat_parent = (parent + batch_offsets).reshape(-1)
-    cache = jax.tree_util.tree_map(lambda x: x[flat_parent], cache)
-
-    step = step + 1
-    bound_len = jnp.where(bound_at_max_len, max_len, step)
-    best_running = run_scores[:, 0] / penalty(bound_len)
-    worst_finished = jnp.where(fin_mask, jnp.min(fin_scores, axis=1, keepdims=True), NEG_INF)
-    heuristic_open = heuristic_open & jnp.any(best_running[:, None] > worst_finished, axis=1)
-    return (
-      step,
-      new_tokens,
-      run_seqs,
-      run_scores,
-      fin_seqs,
-      fin_scores,
-      fin_mask,
-      heuristic_open,
-      jnp.all(hits),
-      cache,
-    )
-
-  init_scores = jnp.tile(jnp.where(jnp.arange(n) == 0, 0.0, NEG_INF)[None], (batch_size, 1))
-  empty_seqs = jnp.full((batch_size, n, max_len), pad_id, jnp.int32)
-  init = (
-    jnp.array(0, jnp.int32),
-    jnp.full((batch_size * n,), start_id, jnp.int32),
-    empty_seqs,
-    init_scores.astype(jnp.float32),
-    empty_seqs,
-    jnp.full((batch_size, n), NEG_INF, jnp.float32),
-    jnp.zeros((batch_size, n), bool),
-    jnp.ones((batch_size,), bool),
-    jnp.array(False),
-    cache,
+  state = jax.lax.while_loop(
+    cond,
+    lambda s: _beam_step(s, tokens_to_logits, rules),
+    _initial_beams(cache, rules, start_id=start_id, pad_id=pad_id),
   )
-  state = jax.lax.while_loop(cond, body, init)
-  fin_seqs, fin_scores = state[4], state[5]
   # Hypotheses grow on pad-filled rows, so positions after EOS already hold pad_id. Every slot is
   # filled on exit: the loop ends at max_len (where the top n candidates all finish), or once all
   # slots of every example are finished (early_stopping=True or the bound heuristic).
-  return fin_seqs, fin_scores
+  return state.fin_seqs, state.fin_scores
+
+
+class _Beams(NamedTuple):
+  """The `lax.while_loop` state of `beam_search` (B examples, n beams, L = max_len)."""
+
+  step: jax.Array  # int32 [], tokens generated so far
+  tokens: jax.Array  # int32 [B*n], the live beams' last tokens
+  run_seqs: jax.Array  # int32 [B, n, L], live beams
+  run_scores: jax.Array  # float32 [B, n], their summed log-probabilities
+  fin_seqs: jax.Array  # int32 [B, n, L], finished hypotheses
+  fin_scores: jax.Array  # float32 [B, n], length-normalised
+  fin_mask: jax.Array  # bool [B, n], which finished slots are filled
+  heuristic_open: jax.Array  # bool [B], the stopping test still lets the example run
+  all_hit: jax.Array  # bool [], every candidate of the last step finished
+  cache: Cache
+
+
+class _BeamRules(NamedTuple):
+  """The constants of one search (alpha and the modes may be traced)."""
+
+  n: int
+  batch_size: int
+  max_len: int
+  eos: int
+  alpha: jax.Array
+  style: str
+  stop_at_full: jax.Array
+  bound_at_max_len: jax.Array
+
+  def penalty(self, length):
+    return length_penalty_denominator(length, self.alpha, self.style)
+
+
+def _initial_beams(cache: Cache, r: _BeamRules, *, start_id: int, pad_id: int) -> _Beams:
+  b, n = r.batch_size, r.n
+  init_scores = jnp.tile(jnp.where(jnp.arange(n) == 0, 0.0, NEG_INF)[None], (b, 1))
+  empty_seqs = jnp.full((b, n, r.max_len), pad_id, jnp.int32)
+  return _Beams(
+    step=jnp.array(0, jnp.int32),
+    tokens=jnp.full((b * n,), start_id, jnp.int32),
+    run_seqs=empty_seqs,
+    run_scores=init_scores.astype(jnp.float32),
+    fin_seqs=empty_seqs,
+    fin_scores=jnp.full((b, n), NEG_INF, jnp.float32),
+    fin_mask=jnp.zeros((b, n), bool),
+    heuristic_open=jnp.ones((b,), bool),
+    all_hit=jnp.array(False),
+    cache=cache,
+  )
+
+
+def _beam_step(s: _Beams, tokens_to_logits: TokensToLogits, r: _BeamRules) -> _Beams:
+  """One token for every beam: top 2n candidates, the n live ones, the finished merged in."""
+  b, n = r.batch_size, r.n
+  logits, cache = tokens_to_logits(s.tokens, s.cache, s.step)
+  vocab = logits.shape[-1]
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, n, vocab)
+  accumulated = (log_probs + s.run_scores[:, :, None]).reshape(b, n * vocab)
+
+  # Top 2n candidates over all beams of each example.
+  cand_scores, cand_idx = jax.lax.top_k(accumulated, 2 * n)
+  cand_beams = cand_idx // vocab
+  cand_tokens = (cand_idx % vocab).astype(jnp.int32)
+  cand_seqs = _gather_beams(s.run_seqs, cand_beams)
+  cand_seqs = jax.lax.dynamic_update_slice(
+    cand_seqs, cand_tokens[:, :, None], (0, 0, s.step)
+  )  # [B, 2n, L]
+  hits = (cand_tokens == r.eos) | (s.step + 1 >= r.max_len)
+
+  # Live beams: the best n candidates that did not just finish.
+  live_cand_scores = cand_scores + hits.astype(jnp.float32) * NEG_INF
+  run_scores, keep = jax.lax.top_k(live_cand_scores, n)
+  run_seqs = _gather_beams(cand_seqs, keep)
+  parent = jnp.take_along_axis(cand_beams, keep, axis=1)
+  new_tokens = jnp.take_along_axis(cand_tokens, keep, axis=1).reshape(-1)
+  flat_parent = (parent + (jnp.arange(b) * n)[:, None]).reshape(-1)
+  cache = jax.tree_util.tree_map(lambda x: x[flat_parent], cache)
+
+  fin_seqs, fin_scores, fin_mask = _merge_finished(s, cand_scores, cand_seqs, hits, r)
+  step = s.step + 1
+  bound_len = jnp.where(r.bound_at_max_len, r.max_len, step)
+  best_running = run_scores[:, 0] / r.penalty(bound_len)
+  worst_finished = jnp.where(fin_mask, jnp.min(fin_scores, axis=1, keepdims=True), NEG_INF)
+  heuristic_open = s.heuristic_open & jnp.any(best_running[:, None] > worst_finished, axis=1)
+  return _Beams(
+    step, new_tokens, run_seqs, run_scores, fin_seqs, fin_scores, fin_mask, heuristic_open,
+    jnp.all(hits), cache,
+  )  # fmt: skip
+
+
+def _merge_finished(s: _Beams, cand_scores, cand_seqs, hits, r: _BeamRules):
+  """The n best finished hypotheses: the kept ones and the candidates that just finished within
+  the top n (none for an example that is already full with early stopping, or closed)."""
+  just_finished = hits & (jnp.arange(2 * r.n) < r.n)[None, :]
+  fin_cand = cand_scores / r.penalty(s.step + 1)
+  fin_cand = fin_cand + (jnp.all(s.fin_mask, axis=1, keepdims=True) & r.stop_at_full) * NEG_INF
+  fin_cand = fin_cand + (~s.heuristic_open)[:, None] * NEG_INF
+  fin_cand = fin_cand + (~just_finished) * NEG_INF
+  merged_scores = jnp.concatenate([s.fin_scores, fin_cand], axis=1)
+  fin_scores, best = jax.lax.top_k(merged_scores, r.n)
+  fin_seqs = _gather_beams(jnp.concatenate([s.fin_seqs, cand_seqs], axis=1), best)
+  fin_mask = _gather_beams(jnp.concatenate([s.fin_mask, just_finished], axis=1), best)
+  return fin_seqs, fin_scores, fin_mask
 
 
 def pad_after_eos(sequences: np.ndarray, eos_id: int = 1, pad_id: int = 0) -> np.ndarray:

@@ -19,10 +19,15 @@ between processes go through gloo.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
+import numpy as np
+
+from t5jax.errors import ConfigError
 
 
 def _cpu_collectives() -> None:
@@ -75,13 +80,13 @@ def maybe_initialize(
     process_id = _int(env, "T5JAX_PROCESS_ID")
   if num_processes is not None and num_processes > 1:
     if not coordinator_address or process_id is None:
-      raise ValueError(
+      raise ConfigError(
         f"{num_processes} processes need a coordinator address (host:port of process 0) and a "
         "process id for each: pass --coordinator_address and --process_id "
         "(or T5JAX_COORDINATOR / T5JAX_PROCESS_ID)"
       )
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"process id {process_id} is not in [0, {num_processes})")
+      raise ConfigError(f"process id {process_id} is not in [0, {num_processes})")
     _cpu_collectives()
     jax.distributed.initialize(
       coordinator_address, num_processes, process_id, local_device_ids=local_device_ids
@@ -113,6 +118,37 @@ def barrier(name: str, timeout_s: float = 900.0) -> None:
 def is_main_process() -> bool:
   """True on process 0, the one that writes logs, metrics and exports."""
   return jax.process_index() == 0
+
+
+def gather_json(obj: Any) -> dict[str, Any]:
+  """Every process's JSON-able `obj`, keyed by process index (for data iterator states)."""
+  if jax.process_count() == 1:
+    return {"0": obj}
+  from jax.experimental import multihost_utils
+
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  n = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+  padded = np.zeros(n, np.uint8)
+  padded[: raw.size] = raw
+  everything = multihost_utils.process_allgather(padded)
+  return {str(i): json.loads(bytes(row).rstrip(b"\0").decode()) for i, row in enumerate(everything)}
+
+
+def agreed_stop(signal_number: int | None, step: int, every: int) -> int | None:
+  """The signal to stop on at this step, the same on every process.
+
+  One process alone may receive SIGTERM; if it saved and left while the others ran on, the next
+  collective would hang. With several processes the flags are compared every `every` steps (a
+  small all-gather), and all stop together at the first such step after any was signalled.
+  """
+  if jax.process_count() == 1:
+    return signal_number
+  if step % every:
+    return None
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.array([signal_number or 0], np.int32))
+  return int(np.max(flags)) or None
 
 
 def describe() -> str:

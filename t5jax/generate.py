@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,51 +59,89 @@ class ScoreOutput:
   token_scores: jax.Array
 
 
-class _Settings(NamedTuple):
-  """Static decoding settings: one compilation per distinct value."""
+def _option(default: Any, help: str, method: str | None = None, **extra: Any) -> Any:
+  """A GenerateConfig field: its help text, and the method it belongs to (None: every method).
 
-  method: str
-  max_new_tokens: int
-  num_beams: int
-  length_penalty: float
-  early_stopping: bool | str
-  length_penalty_style: str
-  num_return_sequences: int
-  temperature: float
-  top_k: int
-  top_p: float
-  eos_id: int | None
+  `decode.py` builds its flags from these (`flag=False`: library only)."""
+  return dataclasses.field(default=default, metadata={"help": help, "method": method, **extra})
 
 
-def _validate(s: _Settings) -> None:
-  if s.method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {s.method!r}")
-  if s.max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {s.max_new_tokens}")
-  if s.num_return_sequences < 1:
-    raise ValueError(f"num_return_sequences must be >= 1, got {s.num_return_sequences}")
-  if s.method == "greedy" and s.num_return_sequences != 1:
-    raise ValueError("greedy decoding returns one sequence per input (num_return_sequences=1)")
-  if s.method == "beam":
-    if s.num_beams < 1:
-      raise ValueError(f"num_beams must be >= 1, got {s.num_beams}")
-    if s.num_return_sequences > s.num_beams:
-      raise ValueError(
-        f"num_return_sequences ({s.num_return_sequences}) must be <= num_beams ({s.num_beams})"
-      )
-    if s.early_stopping not in (True, False, "never"):
-      raise ValueError(f"early_stopping must be True, False or 'never', got {s.early_stopping!r}")
-    if s.length_penalty_style not in ("hf", "t5x"):
-      raise ValueError(
-        f"length_penalty_style must be 'hf' or 't5x', got {s.length_penalty_style!r}"
-      )
-  if s.method == "sample":
-    if not s.temperature > 0:
-      raise ValueError(f"temperature must be > 0, got {s.temperature}")
-    if s.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 disables), got {s.top_k}")
-    if not 0.0 < s.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1] (1 disables), got {s.top_p}")
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """How `generate` decodes: the one owner of the decoding options, their defaults and checks.
+
+  Frozen and hashable (one compilation per distinct value); validated when built, with messages
+  that name the fields (`decode.py` turns the names into its flags). `generate` also takes the
+  fields as keyword arguments; `config.replace(**changes)` makes a validated copy.
+  """
+
+  method: str = _option("greedy", "greedy, beam search or sampling", choices=METHODS)
+  max_new_tokens: int = _option(20, "generated tokens at most, EOS included")
+  num_return_sequences: int = _option(1, "the n best beams, or n samples, per input")
+  num_beams: int = _option(4, "beams per example", "beam")
+  length_penalty: float = _option(
+    1.0, "exponent of the length normalisation of finished beams", "beam"
+  )
+  early_stopping: bool | str = _option(
+    False, "stop a beam search as transformers does", "beam",
+    choices={"true": True, "false": False, "never": "never"},
+  )  # fmt: skip
+  length_penalty_style: str = _option(
+    "hf", "'hf' (len**length_penalty) or 't5x' (((5+len)/6)**length_penalty)", "beam", flag=False
+  )
+  temperature: float = _option(1.0, "divides the logits before sampling", "sample")
+  top_k: int = _option(0, "sample among the k likeliest tokens (0 disables)", "sample")
+  top_p: float = _option(1.0, "sample within this probability mass (1 disables)", "sample")
+  ignore_eos: bool = _option(
+    False, "never stop at EOS (always generate max_new_tokens; for benchmarks)", flag=False
+  )
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+    for name in ("max_new_tokens", "num_return_sequences"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.method == "greedy" and self.num_return_sequences != 1:
+      raise ValueError("num_return_sequences > 1 requires method beam or sample")
+    if self.method == "beam":
+      if self.num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+      if self.num_return_sequences > self.num_beams:
+        raise ValueError(
+          f"num_return_sequences must be <= num_beams ({self.num_beams}), got "
+          f"{self.num_return_sequences}"
+        )
+      if self.early_stopping not in (True, False, "never"):
+        raise ValueError(
+          f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
+        )
+      if self.length_penalty_style not in ("hf", "t5x"):
+        raise ValueError(
+          f"length_penalty_style must be 'hf' or 't5x', got {self.length_penalty_style!r}"
+        )
+    if self.method == "sample":
+      if not self.temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {self.temperature}")
+      if self.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables), got {self.top_k}")
+      if not 0.0 < self.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables), got {self.top_p}")
+
+  def replace(self, **changes: Any) -> GenerateConfig:
+    return dataclasses.replace(self, **changes)
+
+  def _static(self) -> GenerateConfig:
+    """The part that shapes the compiled loop: length penalty and early stopping are traced, and
+    the number of returned beams and other methods' settings are applied outside, so they do not
+    cause recompilation."""
+    beam = self.method == "beam"
+    return self.replace(
+      length_penalty=0.0,
+      early_stopping=False,
+      num_beams=self.num_beams if beam else 1,
+      num_return_sequences=1 if beam else self.num_return_sequences,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"))
@@ -112,6 +150,7 @@ def _generate(
 ):
   """Returns sequences [B, r, L] and scores [B, r] (r = num_beams or samples per input)."""
   s = settings
+  eos_id = None if s.ignore_eos else config.eos_token_id
   batch = encoder_input_tokens.shape[0]
   rows_per_example = s.num_beams if s.method == "beam" else s.num_return_sequences
   num_rows = batch * rows_per_example
@@ -125,7 +164,7 @@ def _generate(
   common = dict(
     max_len=s.max_new_tokens,
     start_id=config.decoder_start_token_id,
-    eos_id=s.eos_id,
+    eos_id=eos_id,
     pad_id=config.pad_token_id,
   )
   if s.method == "beam":
@@ -162,19 +201,10 @@ def generate(
   params: Any,
   config: T5Config,
   encoder_input_tokens: jax.Array,
+  generate_config: GenerateConfig | None = None,
   *,
-  method: str = "greedy",
-  max_new_tokens: int = 20,
-  num_beams: int = 4,
-  length_penalty: float = 1.0,
-  early_stopping: bool | str = False,
-  length_penalty_style: str = "hf",
-  num_return_sequences: int = 1,
-  temperature: float = 1.0,
-  top_k: int = 0,
-  top_p: float = 1.0,
   rng: jax.Array | None = None,
-  ignore_eos: bool = False,
+  **options: Any,
 ) -> GenerateOutput:
   """Generates continuations of a batch of encoder inputs.
 
@@ -182,56 +212,36 @@ def generate(
     params: model parameters (`t5jax.init_params`, `t5jax.load_hf`).
     config: the architecture; `config.dtype` sets the computation dtype.
     encoder_input_tokens: int [B, S], padded with 0 (ending with EOS, as the tokenizer writes).
-    method: "greedy", "beam" or "sample".
-    max_new_tokens: L, generated tokens at most, EOS included.
-    num_beams: beams per example (beam search only).
-    length_penalty: exponent of the length normalisation of finished beams.
-    early_stopping: True, False or "never", with transformers' meaning (beam search only).
-    length_penalty_style: "hf" (`len**length_penalty`) or "t5x" (`((5+len)/6)**length_penalty`).
-    num_return_sequences: n best beams, or n samples, per input.
-    temperature, top_k, top_p: sampling warpers, applied in that order; top_k=0 and top_p=1.0
-      disable their filter.
+    generate_config: the decoding options (default `GenerateConfig()`).
     rng: PRNG key for sampling (default `jax.random.key(0)`); same key, same samples.
-    ignore_eos: never stop at EOS (always generate max_new_tokens; for benchmarks).
+    **options: `GenerateConfig` fields by name, overriding `generate_config`'s:
+      method ("greedy", "beam" or "sample"); max_new_tokens (L, EOS included);
+      num_return_sequences (n best beams or n samples per input); beam search: num_beams,
+      length_penalty, early_stopping (True, False or "never", transformers' meaning),
+      length_penalty_style ("hf": `len**p`, "t5x": `((5+len)/6)**p`); sampling: temperature,
+      top_k, top_p, applied in that order (top_k=0 and top_p=1.0 disable their filter);
+      ignore_eos (never stop at EOS; for benchmarks).
 
   Returns:
     `GenerateOutput(sequences [B, L] or [B, n, L], scores [B] or [B, n])`.
   """
-  settings = _Settings(
-    method=method,
-    max_new_tokens=int(max_new_tokens),
-    num_beams=int(num_beams) if method == "beam" else 1,
-    length_penalty=float(length_penalty),
-    early_stopping=early_stopping,
-    length_penalty_style=length_penalty_style,
-    num_return_sequences=int(num_return_sequences),
-    temperature=float(temperature),
-    top_k=int(top_k),
-    top_p=float(top_p),
-    eos_id=None if ignore_eos else config.eos_token_id,
-  )
-  _validate(settings)
+  g = (generate_config or GenerateConfig()).replace(**options)
   if rng is None:
     rng = jax.random.key(0)
   tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
   if tokens.ndim != 2:
     raise ValueError(f"encoder_input_tokens must be [B, S], got shape {tokens.shape}")
-  # Length penalty, early stopping and the number of returned beams are traced or applied after the
-  # loop, so they do not cause recompilation.
-  n = settings.num_return_sequences
-  static = settings._replace(length_penalty=0.0, early_stopping=False)
-  if method == "beam":
-    static = static._replace(num_return_sequences=1)
-  code = decoding.EARLY_STOPPING_CODES.get(early_stopping, 0) if method == "beam" else 0
+  code = decoding.EARLY_STOPPING_CODES.get(g.early_stopping, 0) if g.method == "beam" else 0
   seqs, scores = _generate(
     params,
     tokens,
     rng,
-    jnp.float32(length_penalty),
+    jnp.float32(g.length_penalty),
     jnp.int32(code),
     config=config,
-    settings=static,
+    settings=g._static(),
   )
+  n = g.num_return_sequences
   seqs, scores = seqs[:, :n], scores[:, :n]
   if n == 1:
     seqs, scores = seqs[:, 0], scores[:, 0]

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from t5jax.config import T5Config
+from t5jax.errors import CheckpointError as CheckpointError  # its home is t5jax.errors
 
 # Tensors HuggingFace checkpoints may carry that the model does not use: copies of `shared`, and
 # a cross-attention bias table some original T5 1.0 exports include but nothing reads.
@@ -38,10 +39,6 @@ _ST_DTYPES = {
   "I64": np.int64,
   "I32": np.int32,
 }
-
-
-class CheckpointError(ValueError):
-  """A checkpoint folder that cannot be loaded as the stated architecture."""
 
 
 # --- the key map -----------------------------------------------------------------------------
@@ -152,6 +149,19 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
 
   sd = torch.load(path, map_location="cpu", weights_only=True)
   return {k: t.detach().to(torch.float32).numpy() for k, t in sd.items()}
+
+
+_WEIGHT_NAMES = (
+  "model.safetensors",
+  "model.safetensors.index.json",
+  "pytorch_model.bin",
+  "pytorch_model.bin.index.json",
+)
+
+
+def has_weights(folder: str) -> bool:
+  """True when `folder` holds one of the weight files `load_hf` reads."""
+  return any(os.path.exists(os.path.join(folder, n)) for n in _WEIGHT_NAMES)
 
 
 def _weight_files(folder: str, allow_pickle: bool) -> Iterator[tuple[str, Callable]]:

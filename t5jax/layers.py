@@ -4,7 +4,7 @@ Legend for shape suffixes: B batch, S source (keys), T target (queries), D model
 K head width, F feed-forward width, N = B * r decoding rows, L preallocated decode length.
 
 Every parameter carries logical axis names ("vocab", "embed", "heads", "kv", "mlp",
-"relpos_buckets"); `t5jax.sharding` maps them to mesh axes, so no mesh name appears here.
+"relpos_buckets"); `t5jax.partitioning` maps them to mesh axes, so no mesh name appears here.
 """
 
 from __future__ import annotations
@@ -21,14 +21,41 @@ from t5jax.config import ACTIVATIONS, T5Config
 NEG_INF = float(np.finfo(np.float32).min)
 
 
-def normal_param(module: nn.Module, name: str, shape, axes, std: float, dtype) -> jax.Array:
-  """Declares a parameter annotated with logical axis names.
+def init_std(name: str, config: T5Config) -> float | None:
+  """T5's initial standard deviation of the parameter called `name`; None means ones (norm scales).
 
-  `t5jax.model.init_params` draws the actual values (with the same `std`, see `init_std`) in a
-  handful of random ops; the initializer here serves `Module.init` callers.
+  The one table of initial scales: the modules below declare their parameters with it (`param`)
+  and `t5jax.model.init_params` draws the values with it.
   """
-  init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
-  return module.param(name, init, shape, jnp.dtype(dtype))
+  d, k, h, f = config.d_model, config.d_kv, config.num_heads, config.d_ff
+  table = {
+    "shared": 1.0,
+    "lm_head": d**-0.5,  # keeps initial logits O(1) when training from scratch
+    "query": (d * k) ** -0.5,  # T5 folds attention's 1/sqrt(K) into the query init
+    "key": d**-0.5,
+    "value": d**-0.5,
+    "out": (h * k) ** -0.5,
+    "wi": d**-0.5,
+    "wi_0": d**-0.5,
+    "wi_1": d**-0.5,
+    "wo": f**-0.5,
+    "rel_embedding": d**-0.5,
+    "scale": None,
+  }
+  return table[name]
+
+
+def param(module: nn.Module, name: str, shape, axes) -> jax.Array:
+  """Declares parameter `name` of `module` (which has a `config`), with logical axis names.
+
+  Its initialiser (normal with `init_std(name)`, or ones) serves `Module.init` callers;
+  `t5jax.model.init_params` draws the same distribution in a handful of random ops.
+  """
+  cfg = module.config
+  std = init_std(name, cfg)
+  base = nn.initializers.ones if std is None else nn.initializers.normal(stddev=std)
+  init = nn.with_logical_partitioning(base, axes)
+  return module.param(name, init, shape, jnp.dtype(cfg.param_dtype))
 
 
 # --- relative position buckets ---------------------------------------------------------------
@@ -77,14 +104,10 @@ class RelativePositionBias(nn.Module):
   def __call__(self, relative_position: jax.Array) -> jax.Array:
     """int `[..., T, S]` relative positions (key - query) -> float32 `[..., H, T, S]` bias."""
     cfg = self.config
-    table_NbH = normal_param(
-      self,
-      "rel_embedding",
-      (cfg.relative_attention_num_buckets, cfg.num_heads),
+    table_NbH = param(
+      self, "rel_embedding", (cfg.relative_attention_num_buckets, cfg.num_heads),
       ("relpos_buckets", "heads"),
-      cfg.d_model**-0.5,
-      cfg.param_dtype,
-    )
+    )  # fmt: skip
     xp = np if isinstance(relative_position, np.ndarray) else jnp
     buckets = relative_position_bucket(
       relative_position,
@@ -108,12 +131,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    scale = self.param(
-      "scale",
-      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-      (x.shape[-1],),
-      jnp.dtype(cfg.param_dtype),
-    )
+    scale = param(self, "scale", (x.shape[-1],), ("embed",))
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(var + cfg.layer_norm_epsilon)
@@ -172,13 +190,10 @@ class Attention(nn.Module):
   def setup(self):
     cfg = self.config
     d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
-    p = cfg.param_dtype
-    self.query = normal_param(
-      self, "query", (d, h, k), ("embed", "heads", "kv"), (d * k) ** -0.5, p
-    )
-    self.key = normal_param(self, "key", (d, h, k), ("embed", "heads", "kv"), d**-0.5, p)
-    self.value = normal_param(self, "value", (d, h, k), ("embed", "heads", "kv"), d**-0.5, p)
-    self.out = normal_param(self, "out", (h, k, d), ("heads", "kv", "embed"), (h * k) ** -0.5, p)
+    self.query = param(self, "query", (d, h, k), ("embed", "heads", "kv"))
+    self.key = param(self, "key", (d, h, k), ("embed", "heads", "kv"))
+    self.value = param(self, "value", (d, h, k), ("embed", "heads", "kv"))
+    self.out = param(self, "out", (h, k, d), ("heads", "kv", "embed"))
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def _proj(self, x_BTD, w_DHK):
@@ -225,7 +240,7 @@ class MLP(nn.Module):
     act = _activation(cfg.activation)
 
     def dense_in(name):
-      w = normal_param(self, name, (d, f), ("embed", "mlp"), d**-0.5, cfg.param_dtype)
+      w = param(self, name, (d, f), ("embed", "mlp"))
       return jnp.einsum("btd,df->btf", x_BTD, w.astype(dt))
 
     if cfg.is_gated:
@@ -233,5 +248,5 @@ class MLP(nn.Module):
     else:
       h_BTF = act(dense_in("wi"))
     h_BTF = nn.Dropout(cfg.dropout_rate)(h_BTF, deterministic=deterministic)
-    wo = normal_param(self, "wo", (f, d), ("mlp", "embed"), f**-0.5, cfg.param_dtype)
+    wo = param(self, "wo", (f, d), ("mlp", "embed"))
     return jnp.einsum("btf,fd->btd", h_BTF, wo.astype(dt))

@@ -1,7 +1,7 @@
 """Training losses: cross-entropy with label smoothing and z-loss, token accuracy.
 
 Everything here is a pure function of float32 logits and integer targets; there are no parameters.
-Shapes: B batch, T target length, V vocab.
+Shapes (name suffixes, as in `t5jax.layers`): B batch, T target length, V vocab.
 
 Conventions follow the T5 / t5x recipe:
 
@@ -47,8 +47,8 @@ def smoothing_constants(label_smoothing: float, vocab_size: int) -> tuple[float,
 
 
 def cross_entropy_with_logits(
-  logits_BxTxV: jax.Array,
-  targets_BxT: jax.Array,
+  logits_BTV: jax.Array,
+  targets_BT: jax.Array,
   *,
   label_smoothing: float = 0.0,
   z_loss: float = 0.0,
@@ -56,35 +56,33 @@ def cross_entropy_with_logits(
   """Per-token smoothed cross-entropy plus z-loss (unweighted).
 
   Args:
-    logits_BxTxV: float logits [B, T, V] (cast to float32).
-    targets_BxT: integer target ids [B, T].
+    logits_BTV: float logits [B, T, V] (cast to float32).
+    targets_BT: integer target ids [B, T].
     label_smoothing: mass moved from the true token to the others, in [0, 1).
     z_loss: coefficient of `logsumexp(logits)**2`; 0 disables it.
 
   Returns:
-    `(loss_BxT, z_loss_BxT)`, both float32 [B, T]. `loss_BxT` already includes `z_loss_BxT`.
+    `(loss_BT, z_loss_BT)`, both float32 [B, T]. `loss_BT` already includes `z_loss_BT`.
   """
-  logits = logits_BxTxV.astype(jnp.float32)
+  logits = logits_BTV.astype(jnp.float32)
   vocab_size = logits.shape[-1]
   confidence, low, entropy = smoothing_constants(label_smoothing, vocab_size)
 
-  log_z_BxT = jax.nn.logsumexp(logits, axis=-1)
-  target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None].astype(jnp.int32), -1)[
-    ..., 0
-  ]
-  target_logp_BxT = target_logit_BxT - log_z_BxT
-  loss_BxT = -confidence * target_logp_BxT
+  log_z_BT = jax.nn.logsumexp(logits, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None].astype(jnp.int32), -1)[..., 0]
+  target_logp_BT = target_logit_BT - log_z_BT
+  loss_BT = -confidence * target_logp_BT
   if low > 0.0:
     # Sum of log-probabilities over the whole vocabulary, minus the target's (counted above).
-    sum_logp_BxT = jnp.sum(logits, axis=-1) - vocab_size * log_z_BxT
-    loss_BxT = loss_BxT - low * (sum_logp_BxT - target_logp_BxT) - entropy
+    sum_logp_BT = jnp.sum(logits, axis=-1) - vocab_size * log_z_BT
+    loss_BT = loss_BT - low * (sum_logp_BT - target_logp_BT) - entropy
 
-  z_loss_BxT = z_loss * jnp.square(log_z_BxT) if z_loss else jnp.zeros_like(log_z_BxT)
-  return loss_BxT + z_loss_BxT, z_loss_BxT
+  z_loss_BT = z_loss * jnp.square(log_z_BT) if z_loss else jnp.zeros_like(log_z_BT)
+  return loss_BT + z_loss_BT, z_loss_BT
 
 
-def loss_normalizer(normalizer: Normalizer, weights_BxT: jax.Array) -> jax.Array | float:
-  """The factor the summed weighted loss is divided by.
+def parse_normalizer(normalizer: Normalizer) -> tuple[str, float]:
+  """The one parser of loss normalisers (`compute_loss` and the train step both use it).
 
   Args:
     normalizer: one of
@@ -92,27 +90,55 @@ def loss_normalizer(normalizer: Normalizer, weights_BxT: jax.Array) -> jax.Array
       * `"total_tokens"`: `B * T`, counting padding; constant for a fixed batch shape.
       * `"constant:<float>"` or a number: a fixed factor, as in t5x's pretraining (e.g.
         `233472 = 2048 * 114`), so every token has the same gradient weight whatever the padding.
-      * `"batch"`: handled in `compute_loss` (mean per sequence, then mean over sequences).
-    weights_BxT: loss weights [B, T].
+      * `"batch"`: a mean per sequence, then over sequences (`compute_loss` only: it does not
+        survive summing microbatches, so the train step rejects it).
+
+  Returns:
+    `(kind, constant)`: kind "num_tokens", "total_tokens", "batch" or "constant"; constant is the
+    factor for "constant", else 0.
+
+  Raises:
+    ValueError: anything else.
+  """
+  if isinstance(normalizer, int | float) and not isinstance(normalizer, bool):
+    return "constant", float(normalizer)
+  if normalizer in ("num_tokens", "total_tokens", "batch"):
+    return normalizer, 0.0
+  if isinstance(normalizer, str) and normalizer.startswith("constant:"):
+    try:
+      return "constant", float(normalizer.split(":", 1)[1])
+    except ValueError:
+      pass
+  raise ValueError(
+    f"unknown loss normalizer {normalizer!r}: use 'num_tokens', 'total_tokens', 'batch', a number "
+    "or 'constant:<number>'"
+  )
+
+
+def loss_normalizer(normalizer: Normalizer, weights_BT: jax.Array) -> jax.Array | float:
+  """The factor the summed weighted loss is divided by (see `parse_normalizer`; not "batch").
+
+  Args:
+    normalizer: see `parse_normalizer`.
+    weights_BT: loss weights [B, T].
 
   Returns:
     A scalar (array or Python float).
   """
-  if isinstance(normalizer, int | float):
-    return float(normalizer)
-  if normalizer == "num_tokens":
-    return jnp.maximum(jnp.sum(weights_BxT), 1e-8)
-  if normalizer == "total_tokens":
-    return float(weights_BxT.size)
-  if normalizer.startswith("constant:"):
-    return float(normalizer.split(":", 1)[1])
-  raise ValueError(f"unknown loss normalizer {normalizer!r}")
+  kind, constant = parse_normalizer(normalizer)
+  if kind == "num_tokens":
+    return jnp.maximum(jnp.sum(weights_BT), 1e-8)
+  if kind == "total_tokens":
+    return float(weights_BT.size)
+  if kind == "constant":
+    return constant
+  raise ValueError("the 'batch' normalizer is applied by compute_loss, not as one factor")
 
 
 def compute_loss(
-  logits_BxTxV: jax.Array,
-  targets_BxT: jax.Array,
-  weights_BxT: jax.Array | None = None,
+  logits_BTV: jax.Array,
+  targets_BT: jax.Array,
+  weights_BT: jax.Array | None = None,
   *,
   label_smoothing: float = 0.0,
   z_loss: float = 0.0,
@@ -121,12 +147,12 @@ def compute_loss(
   """Scalar training loss and metrics for one batch.
 
   Args:
-    logits_BxTxV: float logits [B, T, V].
-    targets_BxT: integer targets [B, T].
-    weights_BxT: loss weights [B, T] (0/1, int or float); `None` means `targets != 0` (pad is 0).
+    logits_BTV: float logits [B, T, V].
+    targets_BT: integer targets [B, T].
+    weights_BT: loss weights [B, T] (0/1, int or float); `None` means `targets != 0` (pad is 0).
     label_smoothing: see `cross_entropy_with_logits`.
     z_loss: see `cross_entropy_with_logits`.
-    normalizer: see `loss_normalizer`; `"batch"` averages each sequence's loss over its weighted
+    normalizer: see `parse_normalizer`; `"batch"` averages each sequence's loss over its weighted
       tokens, then averages over sequences with at least one weighted token.
 
   Returns:
@@ -138,26 +164,26 @@ def compute_loss(
     * `loss_sum`, `z_loss_sum`, `num_correct`, `num_tokens`: unnormalised sums, so that a caller
       accumulating microbatches or evaluating over many batches can normalise once at the end.
   """
-  if weights_BxT is None:
-    weights_BxT = targets_BxT != 0
-  weights_BxT = weights_BxT.astype(jnp.float32)
-  loss_BxT, z_BxT = cross_entropy_with_logits(
-    logits_BxTxV, targets_BxT, label_smoothing=label_smoothing, z_loss=z_loss
+  if weights_BT is None:
+    weights_BT = targets_BT != 0
+  weights_BT = weights_BT.astype(jnp.float32)
+  loss_BT, z_BT = cross_entropy_with_logits(
+    logits_BTV, targets_BT, label_smoothing=label_smoothing, z_loss=z_loss
   )
-  loss_sum = jnp.sum(loss_BxT * weights_BxT)
-  z_sum = jnp.sum(z_BxT * weights_BxT)
-  num_tokens = jnp.sum(weights_BxT)
-  correct_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT).astype(jnp.float32)
-  num_correct = jnp.sum(correct_BxT * weights_BxT)
+  loss_sum = jnp.sum(loss_BT * weights_BT)
+  z_sum = jnp.sum(z_BT * weights_BT)
+  num_tokens = jnp.sum(weights_BT)
+  correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+  num_correct = jnp.sum(correct_BT * weights_BT)
 
-  if normalizer == "batch":
-    row_weight_B = jnp.sum(weights_BxT, axis=-1)
+  if parse_normalizer(normalizer)[0] == "batch":
+    row_weight_B = jnp.sum(weights_BT, axis=-1)
     row_scale_B = jnp.where(row_weight_B > 0, 1.0 / jnp.maximum(row_weight_B, 1e-8), 0.0)
     num_rows = jnp.maximum(jnp.sum(row_weight_B > 0), 1)
-    loss = jnp.sum(jnp.sum(loss_BxT * weights_BxT, -1) * row_scale_B) / num_rows
-    z = jnp.sum(jnp.sum(z_BxT * weights_BxT, -1) * row_scale_B) / num_rows
+    loss = jnp.sum(jnp.sum(loss_BT * weights_BT, -1) * row_scale_B) / num_rows
+    z = jnp.sum(jnp.sum(z_BT * weights_BT, -1) * row_scale_B) / num_rows
   else:
-    norm = loss_normalizer(normalizer, weights_BxT)
+    norm = loss_normalizer(normalizer, weights_BT)
     loss = loss_sum / norm
     z = z_sum / norm
 

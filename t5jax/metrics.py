@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -59,3 +60,25 @@ def _drop_rows_after(path: str, step: int) -> None:
     with open(tmp, "w") as fh:
       fh.write("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+class MetricsWindow:
+  """The train metrics of the steps since the last log row, averaged, with throughput."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self._rows: list[dict[str, float]] = []
+    self._start = time.perf_counter()
+
+  def add(self, metrics: dict[str, float]) -> None:
+    self._rows.append(metrics)
+
+  def average(self) -> dict[str, float]:
+    """Means of the window's rows plus tokens/s and steps/s since the last call; then empties."""
+    dt = max(time.perf_counter() - self._start, 1e-9)
+    avg = {k: float(np.mean([r[k] for r in self._rows])) for k in self._rows[0]}
+    avg["tokens_per_sec"] = self.tokens_per_step * len(self._rows) / dt
+    avg["steps_per_sec"] = len(self._rows) / dt
+    self._rows.clear()
+    self._start = time.perf_counter()
+    return avg

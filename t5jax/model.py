@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5jax.config import T5Config
-from t5jax.layers import MLP, Attention, RelativePositionBias, RMSNorm, normal_param
-from t5jax.sharding import with_logical_constraint
+from t5jax.layers import MLP, Attention, RelativePositionBias, RMSNorm, init_std, param
+from t5jax.partitioning import with_logical_constraint
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
@@ -43,7 +43,7 @@ def _hidden(x_BSD: jax.Array) -> jax.Array:
 
   Without it, propagation from FSDP-sharded weights can split activations along `embed` and then
   reshard them every layer; with it the weights are gathered instead. A no-op without
-  `jax.set_mesh` (see `t5jax.sharding.with_logical_constraint`).
+  `jax.set_mesh` (see `t5jax.partitioning.with_logical_constraint`).
   """
   return with_logical_constraint(x_BSD, ("batch", "length", "embed"))
 
@@ -225,17 +225,11 @@ class T5(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.shared = normal_param(
-      self, "shared", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, cfg.param_dtype
-    )
+    self.shared = param(self, "shared", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg)
     if not cfg.tie_word_embeddings:
-      # std d_model**-0.5 keeps initial logits O(1) for training from scratch.
-      self.lm_head = normal_param(
-        self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-        cfg.d_model**-0.5, cfg.param_dtype,
-      )  # fmt: skip
+      self.lm_head = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
   def embed(self, tokens):
     return jnp.take(self.shared, tokens, axis=0).astype(self.config.dtype)
@@ -308,37 +302,18 @@ def _boxed_shapes(config: T5Config):
   return jax.eval_shape(lambda: T5(config).init(jax.random.PRNGKey(0), *_dummy_inputs()))["params"]
 
 
-def init_std(path: tuple[str, ...], config: T5Config) -> float | None:
-  """T5's initial standard deviation for the parameter at `path`; None means ones (norm scales)."""
-  d, k, h, f = config.d_model, config.d_kv, config.num_heads, config.d_ff
-  table = {
-    "shared": 1.0,
-    "lm_head": d**-0.5,  # keeps initial logits O(1) when training from scratch
-    "query": (d * k) ** -0.5,
-    "key": d**-0.5,
-    "value": d**-0.5,
-    "out": (h * k) ** -0.5,
-    "wi": d**-0.5,
-    "wi_0": d**-0.5,
-    "wi_1": d**-0.5,
-    "wo": f**-0.5,
-    "rel_embedding": d**-0.5,
-    "scale": None,
-  }
-  return table[path[-1]]
-
-
 def init_params(config: T5Config, rng: jax.Array) -> Params:
   """Random parameters in `config.param_dtype` as a plain nested dict. Jittable.
 
-  Scales follow T5: embeddings std 1, queries `(D*K)^-0.5`, keys/values `D^-0.5`, attention
-  output `(H*K)^-0.5`, feed-forward in `D^-0.5` and out `F^-0.5`, norm scales 1. All values come
+  Scales follow T5 and come from `t5jax.layers.init_std`, the table the modules' own initialisers
+  read: embeddings std 1, queries `(D*K)^-0.5`, keys/values `D^-0.5`, attention output
+  `(H*K)^-0.5`, feed-forward in `D^-0.5` and out `F^-0.5`, norm scales 1. All values come
   from one random draw: on CPU, compiling one random op per parameter takes tens of seconds.
   """
   shapes = nn.unbox(_boxed_shapes(config))
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
   dtype = jnp.dtype(config.param_dtype)
-  stds = [init_std(tuple(getattr(k, "key", str(k)) for k in path), config) for path, _ in flat]
+  stds = [init_std(str(getattr(path[-1], "key", path[-1])), config) for path, _ in flat]
   sizes = [
     int(np.prod(s.shape)) if std is not None else 0 for (_, s), std in zip(flat, stds, strict=True)
   ]

@@ -1,6 +1,7 @@
-"""Optax optimizers and learning-rate schedules built from a `config.optimizer` section.
+"""Optax optimizers and learning-rate schedules built from an `OptimizerConfig`.
 
-* `default_optimizer_config()`: the section, every field commented (T5's pretraining recipe).
+* `t5jax.train_config.OptimizerConfig`: the settings, every field commented (T5's pretraining
+  recipe), validated when built.
 * `make_schedule(cfg)`: an `optax.Schedule` mapping the update count (0 for the first update) to
   the learning rate; the train loop logs `schedule(step)`.
 * `make_optimizer(cfg)`: `[clip by global norm] -> Adafactor | AdamW`, driven by that schedule.
@@ -28,50 +29,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-
-def default_optimizer_config() -> ml_collections.ConfigDict:
-  """The `config.optimizer` section with T5's pretraining defaults."""
-  c = ml_collections.ConfigDict()
-  c.name = "adafactor"  # "adafactor" or "adamw".
-  c.learning_rate = 1.0  # Base (peak) rate; `schedule` shapes it over steps.
-  # "rsqrt": base / sqrt(max(step, warmup_steps)) (T5 pretraining: base 1.0, warmup 10000 gives
-  #   0.01 flat, then inverse square root decay); no ramp, as in T5.
-  # "constant": base, after an optional linear warmup from 0 (T5 finetuning: 1e-3, no warmup).
-  # "cosine": linear warmup from 0 to base, then cosine decay to end_learning_rate at total_steps.
-  # "linear": linear warmup from 0 to base, then linear decay to end_learning_rate at total_steps.
-  c.schedule = "rsqrt"
-  c.warmup_steps = 10_000  # rsqrt: length of the flat start; others: steps of the linear ramp.
-  c.total_steps = 0  # cosine/linear: step where decay ends (warmup included). Unused otherwise.
-  c.end_learning_rate = 0.0  # cosine/linear: rate reached at total_steps and kept after.
-  c.grad_clip_norm = 0.0  # Clip gradients to this global L2 norm before the optimizer; 0 = off.
-  # Weight decay on parameters of rank >= 2 (not norm scales; T5 has no biases); 0 = off.
-  # AdamW: decoupled, times the learning rate. Adafactor: `weight_decay * param` subtracted every
-  # step, not scaled by the learning rate (optax's convention).
-  c.weight_decay = 0.0
-
-  c.adafactor = ml_collections.ConfigDict()  # Used when name == "adafactor". T5 / t5x defaults.
-  c.adafactor.decay_rate = 0.8  # Second-moment decay is 1 - (t + 1)**-decay_rate.
-  c.adafactor.min_dim_size_to_factor = 128  # Factor a matrix whose 2 largest dims are >= this.
-  c.adafactor.factored = True  # Row/column second-moment statistics for large matrices.
-  c.adafactor.clipping_threshold = 1.0  # Clip each update to this RMS; 0 = off.
-  c.adafactor.multiply_by_parameter_scale = True  # Relative step: updates times param RMS.
-  c.adafactor.momentum = 0.0  # First-moment decay; 0 = no momentum (T5).
-  c.adafactor.eps = 1e-30  # Added to squared gradients.
-  # Factor rank > 2 params as matrices, T5-style ([D, H, K] as [D, H*K]); see module docstring.
-  c.adafactor.matrix_view = True
-
-  c.adamw = ml_collections.ConfigDict()  # Used when name == "adamw".
-  c.adamw.b1 = 0.9  # First-moment decay.
-  c.adamw.b2 = 0.999  # Second-moment decay.
-  c.adamw.eps = 1e-8  # Added to sqrt(second moment).
-  return c
+from t5jax.train_config import OptimizerConfig
 
 
-def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-  """Learning rate as a function of the update count (see `default_optimizer_config`)."""
+def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+  """Learning rate as a function of the update count (see `OptimizerConfig.schedule`)."""
   base = float(cfg.learning_rate)
   warmup = int(cfg.warmup_steps)
   kind = cfg.schedule
@@ -90,19 +54,15 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
       [optax.linear_schedule(0.0, base, warmup), optax.constant_schedule(base)], [warmup]
     )
 
-  if kind in ("cosine", "linear"):
-    total = int(cfg.total_steps)
-    end = float(cfg.end_learning_rate)
-    if total <= warmup:
-      raise ValueError(f"{kind} schedule needs total_steps ({total}) > warmup_steps ({warmup})")
-    if kind == "cosine":
-      return optax.warmup_cosine_decay_schedule(0.0, base, warmup, total, end)
-    decay = optax.linear_schedule(base, end, total - warmup)
-    if warmup <= 0:
-      return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), decay], [warmup])
-
-  raise ValueError(f"unknown schedule {kind!r}")
+  # "cosine" or "linear" (OptimizerConfig checked the name, and total_steps > warmup_steps).
+  total = int(cfg.total_steps)
+  end = float(cfg.end_learning_rate)
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, base, warmup, total, end)
+  decay = optax.linear_schedule(base, end, total - warmup)
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), decay], [warmup])
 
 
 def decay_mask(params) -> object:
@@ -141,12 +101,12 @@ def as_matrices(inner: optax.GradientTransformation, min_dim: int) -> optax.Grad
 
 
 def make_optimizer(
-  cfg: ml_collections.ConfigDict, schedule: optax.Schedule | None = None
+  cfg: OptimizerConfig, schedule: optax.Schedule | None = None
 ) -> optax.GradientTransformation:
   """Builds the optimizer described by `cfg`.
 
   Args:
-    cfg: a `config.optimizer` section (see `default_optimizer_config`).
+    cfg: the optimizer settings.
     schedule: the learning-rate schedule; defaults to `make_schedule(cfg)`. Pass the one you log.
 
   Returns:
@@ -173,7 +133,7 @@ def make_optimizer(
     )
     if a.matrix_view and a.factored:
       opt = as_matrices(opt, int(a.min_dim_size_to_factor))
-  elif cfg.name == "adamw":
+  else:  # "adamw" (OptimizerConfig checked the name)
     a = cfg.adamw
     opt = optax.adamw(
       learning_rate=schedule,
@@ -184,8 +144,6 @@ def make_optimizer(
       weight_decay=weight_decay,
       mask=decay_mask,
     )
-  else:
-    raise ValueError(f"unknown optimizer {cfg.name!r}")
 
   if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip_norm)), opt)

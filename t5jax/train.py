@@ -1,43 +1,63 @@
-"""The training loop: config -> tokenizer, data, mesh, state; steps, evaluation, checkpoints.
+"""A training run in two parts: `setup(config, workdir) -> Run`, then `loop(run)`.
 
-`train_and_evaluate(config, workdir)` starts from scratch, from a HuggingFace folder
-(`config.init_from`), or resumes what the workdir holds. The loop never blocks on the step it
-just dispatched: it reads step n-1's metrics while step n runs, except before a checkpoint or an
-evaluation, where it first checks that the loss is finite so a NaN state is never saved.
+`train_and_evaluate(config, workdir)` does both: it starts from scratch, from a HuggingFace folder
+(`config.init_from`), or resumes what the workdir holds. `setup` checks everything (config, data
+files, tokenizer, model, a saved run's compatibility) before it writes to the workdir, so a failed
+start changes nothing there. The loop never blocks on the step it just dispatched: it reads step
+n-1's metrics while step n runs, except before a checkpoint or an evaluation, where it first
+checks that the loss is finite so a NaN state is never saved. Evaluation is `t5jax.evaluate`, the
+export `checkpoint.export`, the multi-host agreements `t5jax.distributed`.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import signal
-import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from safetensors.numpy import save_file
 
-from t5jax import checkpoint, data, hf, optim, sharding, trainer
+from t5jax import checkpoint, data, distributed, hf, optim, sharding, train_config, trainer
 from t5jax import metrics as metrics_lib
 from t5jax.config import T5Config, get_config
+from t5jax.errors import ConfigError
+from t5jax.errors import TrainingError as TrainingError  # its home is t5jax.errors
+from t5jax.evaluate import evaluate
+from t5jax.generate import GenerateConfig
+from t5jax.tokenizer import Tokenizer
+from t5jax.train_config import TrainConfig
+
+# --- set-up ----------------------------------------------------------------------------------
 
 
-class TrainingError(RuntimeError):
-  """A run that cannot start or continue; the message says why and what is kept."""
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs: what `setup` built, and the state it advances."""
+
+  config: TrainConfig
+  workdir: str
+  model_cfg: T5Config
+  tokenizer: Tokenizer
+  mesh: jax.sharding.Mesh
+  datasets: data.Datasets
+  ckpt: checkpoint.CheckpointManager
+  state: trainer.TrainState
+  train_step: Callable
+  eval_step: Callable
+  dropout_rng: jax.Array
+  last_saved: int | None  # the step of the last checkpoint (None: none yet)
 
 
-# --- configuration ---------------------------------------------------------------------------
-
-
-def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> T5Config:
+def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
   """The T5Config of a run: `init_from`'s architecture, else `config.model` (preset + fields)."""
-  fields = dict(config.model.to_dict())
+  fields = dict(config.model)
   preset = fields.pop("preset", "")
   dtype = fields.get("dtype", "float32")
-  if config.get("init_from"):
+  if config.init_from:
     cfg = T5Config.from_hf_dict(
       hf.read_hf_config(config.init_from),
       has_lm_head=None,
@@ -45,12 +65,15 @@ def model_config_from(config: ml_collections.ConfigDict, tokenizer) -> T5Config:
     return cfg.replace(
       dtype=dtype, dropout_rate=float(fields.get("dropout_rate", cfg.dropout_rate))
     )
-  base = get_config(preset).to_dict() if preset else {}
-  base.update(fields)
-  if not base.get("vocab_size"):
-    # 0 = the tokenizer's size, rounded up to a multiple of 128 as T5 does.
-    base["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
-  return T5Config.from_dict(base)
+  try:
+    base = get_config(preset).to_dict() if preset else {}
+    base.update(fields)
+    if not base.get("vocab_size"):
+      # 0 = the tokenizer's size, rounded up to a multiple of 128 as T5 does.
+      base["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
+    return T5Config.from_dict(base)
+  except ValueError as e:  # an unknown preset, dtype or an inconsistent architecture
+    raise ConfigError(str(e)) from e
 
 
 def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
@@ -66,92 +89,108 @@ def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
     )
 
 
-def _gather_json(obj: Any) -> dict[str, Any]:
-  """Every process's JSON-able `obj`, keyed by process index (for data iterator states)."""
-  if jax.process_count() == 1:
-    return {"0": obj}
-  from jax.experimental import multihost_utils
-
-  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  n = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
-  padded = np.zeros(n, np.uint8)
-  padded[: raw.size] = raw
-  everything = multihost_utils.process_allgather(padded)
-  return {str(i): json.loads(bytes(row).rstrip(b"\0").decode()) for i, row in enumerate(everything)}
-
-
-# --- evaluation ------------------------------------------------------------------------------
-
-
-def evaluate(config, model_cfg, state, eval_data, eval_step, tokenizer, mesh) -> dict[str, float]:
-  """Loss and token accuracy over the eval set; exact match, BLEU and chrF on a sample."""
-  totals: dict[str, float] = {}
-  for batch in eval_data.batches():
-    sums = eval_step(state.params, sharding.shard_batch(batch, mesh))
-    for k, v in jax.device_get(sums).items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  out = {
-    "loss": totals["loss_sum"] / max(totals["num_tokens"], 1.0),
-    "accuracy": totals["num_correct"] / max(totals["num_tokens"], 1.0),
-  }
-  n = min(int(config.eval_generate_examples), len(eval_data.examples))
-  if n and jax.process_count() == 1:
-    out.update(generation_metrics(config, model_cfg, state.params, eval_data, tokenizer, n))
-  return out
-
-
-def generation_metrics(config, model_cfg, params, eval_data, tokenizer, n) -> dict[str, float]:
-  import sacrebleu
-
-  from t5jax.generate import generate
-
-  preds, refs = [], []
-  bs, s_len = int(config.eval_batch_size), config.data.max_input_length
-  for start in range(0, n, bs):
-    chunk = eval_data.tokenized[start : min(start + bs, n)]
-    inputs = np.zeros((bs, s_len), np.int32)
-    for i, ex in enumerate(chunk):
-      inputs[i, : len(ex["inputs"])] = ex["inputs"]
-    out = generate(
-      params, model_cfg, jnp.asarray(inputs), max_new_tokens=config.data.max_target_length
+def _tokenizer_and_model(config: TrainConfig, workdir: str) -> tuple[Tokenizer, T5Config, bool]:
+  """The run's tokenizer (the workdir's if saved), its model config, and whether the tokenizer
+  was already saved; checks the vocabulary and a saved run's architecture."""
+  tok_dir = os.path.join(workdir, "tokenizer")
+  tok_saved = os.path.isdir(tok_dir) and bool(os.listdir(tok_dir))
+  tokenizer = data.build_tokenizer(config.data, workdir if tok_saved else None, config.seed)
+  model_cfg = model_config_from(config, tokenizer)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise TrainingError(
+      f"tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size is "
+      f"{model_cfg.vocab_size}; raise --config.model.vocab_size or use a smaller tokenizer"
     )
-    seqs = np.asarray(out.sequences)
-    preds += [tokenizer.decode(seqs[i].tolist()) for i in range(len(chunk))]
-    refs += [t for _, t in eval_data.examples[start : start + len(chunk)]]
-  exact = float(np.mean([p.strip() == r.strip() for p, r in zip(preds, refs, strict=True)]))
-  return {
-    "exact_match": exact,
-    "bleu": sacrebleu.corpus_bleu(preds, [refs]).score,
-    "chrf": sacrebleu.corpus_chrf(preds, [refs]).score,
-  }
+  if os.path.exists(os.path.join(workdir, "model_config.json")):
+    _check_compatible(checkpoint.load_model_config(workdir), model_cfg, workdir)
+  return tokenizer, model_cfg, tok_saved
 
 
-# --- export ----------------------------------------------------------------------------------
+def _restore(ckpt, step: int, abstract, datasets: data.Datasets, workdir: str):
+  """The train state of checkpoint `step`, with this process's data position set."""
+  try:
+    state, data_states = ckpt.restore(abstract, step)
+  except (ValueError, KeyError, TypeError) as e:  # e.g. another optimizer's state
+    ckpt.close()
+    raise TrainingError(
+      f"{workdir}: cannot restore checkpoint {step} into this config's train state "
+      f"(was it saved with another optimizer? {type(e).__name__}: "
+      f"{str(e).splitlines()[0][:300].rstrip(':')}); use the saved config or a new --workdir"
+    ) from e
+  key = str(jax.process_index())
+  if key not in data_states or len(data_states) != jax.process_count():
+    raise TrainingError(
+      f"{workdir}: checkpoint {step} holds data positions of {len(data_states)} "
+      f"processes; this run has {jax.process_count()}"
+    )
+  datasets.train.set_state(data_states[key])
+  return state
 
 
-def export(workdir: str, model_cfg: T5Config, params) -> None:
-  """Writes `export/params.safetensors` (parameters alone) and `export/hf/` (HuggingFace)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+def _record(run_config: TrainConfig, workdir: str, tokenizer, tok_saved: bool, model_cfg) -> None:
+  """Writes what the run is, once it can go ahead (process 0)."""
+  if not tok_saved:
+    tokenizer.save(os.path.join(workdir, "tokenizer"))
+  checkpoint.save_json(os.path.join(workdir, "model_config.json"), model_cfg.to_dict())
+  # Not "config.json": decode.py takes a folder holding one for a HuggingFace model.
+  checkpoint.save_json(os.path.join(workdir, "train_config.json"), run_config.to_dict())
 
-    params = multihost_utils.process_allgather(params, tiled=True)
-  params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-  if jax.process_index() != 0:
-    return
-  out = os.path.join(workdir, "export")
-  os.makedirs(out, exist_ok=True)
-  flat = {
-    "/".join(str(getattr(k, "key", k)) for k in path): v
-    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
-  save_file(flat, os.path.join(out, "params.safetensors"))
-  hf.save_hf(model_cfg, params, os.path.join(out, "hf"))
-  tok = os.path.join(workdir, "tokenizer")
-  for name in os.listdir(tok) if os.path.isdir(tok) else []:
-    with open(os.path.join(tok, name), "rb") as src:
-      dst = "spiece.model" if name.endswith(".model") else name
-      with open(os.path.join(out, "hf", dst), "wb") as fh:
-        fh.write(src.read())
+
+def setup(config: TrainConfig, workdir: str) -> Run:
+  """Builds (or restores) everything a run needs; writes to `workdir` only once all is checked."""
+  config.check_processes(jax.process_count())
+  workdir = os.path.abspath(workdir)
+  tokenizer, model_cfg, tok_saved = _tokenizer_and_model(config, workdir)
+  mesh = sharding.create_mesh(config.mesh)
+  schedule = optim.make_schedule(config.optimizer)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  state_sh = trainer.state_shardings(model_cfg, tx, mesh)
+  datasets = data.make_datasets(
+    config.data,
+    tokenizer,
+    batch_size=config.batch_size // jax.process_count(),
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.CheckpointManager(
+    workdir,
+    keep=config.keep_checkpoints,
+    best_metric=config.best_metric,
+    best_mode=config.best_mode,
+    async_save=config.async_checkpoints,
+  )
+  last_saved = ckpt.latest_step()
+  if last_saved is not None:
+    abstract = trainer.abstract_state(model_cfg, tx, state_sh)
+    state = _restore(ckpt, last_saved, abstract, datasets, workdir)
+  elif config.init_from:
+    _, params = hf.load_hf(config.init_from, config=model_cfg)
+    state = trainer.state_from_params(params, tx, state_sh)
+  else:
+    rng = jax.random.PRNGKey(config.seed)
+    state = trainer.init_state_sharded(model_cfg, tx, mesh, rng, state_sh)
+  if distributed.is_main_process():  # the run can go ahead: record what it is
+    _record(config, workdir, tokenizer, tok_saved, model_cfg)
+  step_fn = trainer.make_train_step(
+    model_cfg, tx, schedule, config.loss, num_microbatches=config.num_microbatches
+  )
+  eval_fn = trainer.make_eval_step(model_cfg, config.loss)
+  return Run(
+    config=config,
+    workdir=workdir,
+    model_cfg=model_cfg,
+    tokenizer=tokenizer,
+    mesh=mesh,
+    datasets=datasets,
+    ckpt=ckpt,
+    state=state,
+    train_step=trainer.jit_train_step(step_fn, state_sh, mesh),
+    eval_step=trainer.jit_eval_step(eval_fn, state_sh.params, mesh),
+    dropout_rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
+    last_saved=last_saved,
+  )
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -179,23 +218,6 @@ class _StopFlag:
       signal.signal(s, h)
 
 
-def _agreed_stop(signal_number: int | None, step: int, every: int) -> int | None:
-  """The signal to stop on at this step, the same on every process.
-
-  One process alone may receive SIGTERM; if it saved and left while the others ran on, the next
-  collective would hang. With several processes the flags are compared every `every` steps (a
-  small all-gather), and all stop together at the first such step after any was signalled.
-  """
-  if jax.process_count() == 1:
-    return signal_number
-  if step % every:
-    return None
-  from jax.experimental import multihost_utils
-
-  flags = multihost_utils.process_allgather(np.array([signal_number or 0], np.int32))
-  return int(np.max(flags)) or None
-
-
 def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, workdir: str):
   # The parameter norm catches an update that overflowed the parameters while the loss of this
   # step (computed before the update) was still finite: that state must not be saved either.
@@ -209,178 +231,125 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, 
       raise TrainingError(f"{key} is {metrics[key]} at step {step}; stopping: {kept}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) training as `config` says; returns the last train and eval metrics."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  main = jax.process_index() == 0
-  seed = int(config.seed)
+class _TrainLog:
+  """Train metrics read one step late (step n-1's while step n runs), checked finite, averaged
+  over a `MetricsWindow` and written every `log_every` steps (and at the last)."""
 
-  # Everything is checked before the workdir is written to, so a failed start changes nothing
-  # there (a trained tokenizer is saved only once the run can go ahead).
-  tok_dir = os.path.join(workdir, "tokenizer")
-  tok_saved = os.path.isdir(tok_dir) and bool(os.listdir(tok_dir))
-  tokenizer = data.build_tokenizer(config.data, workdir if tok_saved else None, seed)
-  model_cfg = model_config_from(config, tokenizer)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise TrainingError(
-      f"tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size is "
-      f"{model_cfg.vocab_size}; raise --config.model.vocab_size or use a smaller tokenizer"
-    )
-  saved_cfg_path = os.path.join(workdir, "model_config.json")
-  if os.path.exists(saved_cfg_path):
-    _check_compatible(checkpoint.load_model_config(workdir), model_cfg, workdir)
+  def __init__(self, run: Run, writer: metrics_lib.MetricWriter, pbar):
+    c = run.config
+    self.run, self.writer, self.pbar = run, writer, pbar
+    tokens = c.batch_size * (c.data.max_input_length + c.data.max_target_length)
+    self.window = metrics_lib.MetricsWindow(tokens_per_step=tokens)
+    self.pending: tuple[int, Any] | None = None
+    self.last: dict[str, float] = {}
 
-  mesh = sharding.create_mesh(config.mesh)
-  schedule = optim.make_schedule(config.optimizer)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  state_sh = trainer.state_shardings(model_cfg, tx, mesh)
-  global_bs = int(config.batch_size)
-  if global_bs % (jax.process_count() * int(config.num_microbatches)):
-    raise TrainingError(
-      f"--config.batch_size={global_bs} must divide by process count x num_microbatches"
-    )
-  datasets = data.make_datasets(
-    config.data,
-    tokenizer,
-    batch_size=global_bs // jax.process_count(),
-    seed=seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  ckpt = checkpoint.CheckpointManager(
-    workdir,
-    keep=int(config.keep_checkpoints),
-    best_metric=config.best_metric,
-    best_mode=config.best_mode,
-    async_save=bool(config.async_checkpoints),
-  )
-  last_saved = ckpt.latest_step()
-  if last_saved is not None:
-    abstract = trainer.abstract_state(model_cfg, tx, state_sh)
-    try:
-      state, data_states = ckpt.restore(abstract, last_saved)
-    except (ValueError, KeyError, TypeError) as e:  # e.g. another optimizer's state
-      ckpt.close()
-      raise TrainingError(
-        f"{workdir}: cannot restore checkpoint {last_saved} into this config's train state "
-        f"(was it saved with another optimizer? {type(e).__name__}: "
-        f"{str(e).splitlines()[0][:300].rstrip(':')}); use the saved config or a new --workdir"
-      ) from e
-    key = str(jax.process_index())
-    if key not in data_states or len(data_states) != jax.process_count():
-      raise TrainingError(
-        f"{workdir}: checkpoint {last_saved} holds data positions of {len(data_states)} "
-        f"processes; this run has {jax.process_count()}"
-      )
-    datasets.train.set_state(data_states[key])
-  elif config.get("init_from"):
-    _, params = hf.load_hf(config.init_from, config=model_cfg)
-    state = trainer.state_from_params(params, tx, state_sh)
-  else:
-    state = trainer.init_state_sharded(model_cfg, tx, mesh, jax.random.PRNGKey(seed), state_sh)
-  if main:  # the run can go ahead: record what it is
-    if not tok_saved:
-      tokenizer.save(tok_dir)
-    checkpoint.save_json(saved_cfg_path, model_cfg.to_dict())
-    # Not "config.json": decode.py takes a folder holding one for a HuggingFace model.
-    checkpoint.save_json(os.path.join(workdir, "train_config.json"), config.to_dict())
+  def push(self, step: int, metrics: Any) -> None:
+    """Reads the previous step's metrics, keeps this step's (still computing) for later."""
+    self.flush()
+    self.pending = (step, metrics)
 
-  loss_cfg = config.loss
-  step_fn = trainer.make_train_step(
-    model_cfg, tx, schedule, loss_cfg, num_microbatches=int(config.num_microbatches)
-  )
-  train_step = trainer.jit_train_step(step_fn, state_sh, mesh)
-  eval_step = trainer.jit_eval_step(
-    trainer.make_eval_step(model_cfg, loss_cfg), state_sh.params, mesh
-  )
-  dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-
-  writer = metrics_lib.MetricWriter(workdir, main, resume_step=int(jax.device_get(state.step)))
-  stop = _StopFlag()
-  stop.install()
-  total = int(config.num_train_steps)
-  step = int(jax.device_get(state.step))
-  pbar = None
-  if main and config.progress_bar:
-    from tqdm import tqdm
-
-    pbar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
-  tokens_per_step = global_bs * (config.data.max_input_length + config.data.max_target_length)
-  window: list[dict[str, float]] = []
-  last_train, last_eval = {}, {}
-  t_window = time.perf_counter()
-  pending = None
-
-  def consume(item):
-    nonlocal t_window, last_train
-    s, m = item
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    _check_finite(s, m, last_saved, workdir)
-    window.append(m)
-    if s % int(config.log_every) == 0 or s == total:
-      dt = time.perf_counter() - t_window
-      avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-      avg["tokens_per_sec"] = tokens_per_step * len(window) / max(dt, 1e-9)
-      avg["steps_per_sec"] = len(window) / max(dt, 1e-9)
-      writer.write(s, "train", avg)
-      last_train = avg
-      if pbar is not None:
-        pbar.set_postfix(
+  def flush(self) -> None:
+    """Reads the pending step's metrics now (a non-finite value raises here)."""
+    if self.pending is None:
+      return
+    (step, metrics), self.pending = self.pending, None
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(step, metrics, self.run.last_saved, self.run.workdir)
+    self.window.add(metrics)
+    c = self.run.config
+    if step % c.log_every == 0 or step == c.num_train_steps:
+      self.last = avg = self.window.average()
+      self.writer.write(step, "train", avg)
+      if self.pbar is not None:
+        self.pbar.set_postfix(
           loss=f"{avg['loss']:.3f}", lr=f"{avg['learning_rate']:.2e}",
           tok_s=f"{avg['tokens_per_sec']:.0f}",
         )  # fmt: skip
-      window.clear()
-      t_window = time.perf_counter()
 
+
+def _evaluate(run: Run, step: int, writer: metrics_lib.MetricWriter, pbar) -> dict[str, float]:
+  """Evaluates the current state, writes the row, keeps the best checkpoint."""
+  c = run.config
+  out = evaluate(
+    run.state.params,
+    run.datasets.eval,
+    run.eval_step,
+    run.mesh,
+    model_cfg=run.model_cfg,
+    tokenizer=run.tokenizer,
+    generate_config=GenerateConfig(max_new_tokens=c.data.max_target_length),
+    num_generate=c.eval_generate_examples,
+    batch_size=c.eval_batch_size,
+  )
+  writer.write(step, "eval", out)
+  if pbar is not None:
+    pbar.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in out.items()))
+  if c.best_metric:
+    data_state = distributed.gather_json(run.datasets.train.get_state())
+    run.ckpt.save_best(step, run.state, data_state, out)
+  return out
+
+
+def _save(run: Run, step: int) -> None:
+  data_state = distributed.gather_json(run.datasets.train.get_state())
+  run.ckpt.save(step, run.state, data_state, force=True)
+  run.last_saved = step
+
+
+def loop(run: Run) -> dict[str, Any]:
+  """Trains `run` to `num_train_steps` (or a signal); returns the last train and eval metrics."""
+  c, total = run.config, run.config.num_train_steps
+  step = int(jax.device_get(run.state.step))
+  main = distributed.is_main_process()
+  writer = metrics_lib.MetricWriter(run.workdir, main, resume_step=step)
+  pbar = None
+  if main and c.progress_bar:
+    from tqdm import tqdm
+
+    pbar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+  log, last_eval = _TrainLog(run, writer, pbar), {}
+  stop = _StopFlag()
+  stop.install()
   try:
-    # Under the mesh, the model's activation constraints (t5jax.sharding) take effect.
-    with jax.set_mesh(mesh):
+    # Under the mesh, the model's activation constraints (t5jax.partitioning) take effect.
+    with jax.set_mesh(run.mesh):
       while step < total:
-        batch = sharding.shard_batch(next(datasets.train), mesh)
-        state, metrics = train_step(state, batch, dropout_rng)
+        batch = sharding.shard_batch(next(run.datasets.train), run.mesh)
+        run.state, metrics = run.train_step(run.state, batch, run.dropout_rng)
         step += 1
-        if pending is not None:
-          consume(pending)
-        pending = (step, metrics)
+        log.push(step, metrics)
         if pbar is not None:
           pbar.update(1)
-        do_eval = datasets.eval is not None and (
-          step % int(config.eval_every) == 0 or step == total
-        )
-        if do_eval:
-          consume(pending)  # a non-finite loss stops here, before anything is evaluated or saved
-          pending = None
-          last_eval = evaluate(config, model_cfg, state, datasets.eval, eval_step, tokenizer, mesh)
-          writer.write(step, "eval", last_eval)
-          if pbar is not None:
-            pbar.write(
-              f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in last_eval.items())
-            )
-          if config.best_metric:
-            ckpt.save_best(step, state, _gather_json(datasets.train.get_state()), last_eval)
+        if run.datasets.eval is not None and (step % c.eval_every == 0 or step == total):
+          log.flush()  # a non-finite loss stops here, before anything is evaluated or saved
+          last_eval = _evaluate(run, step, writer, pbar)
         # Read once, after the evaluation: a signal that arrives during it (or from here on) still
         # gets its save, now or after the next step.
-        signalled = _agreed_stop(stop.signal, step, int(config.log_every))
-        if step % int(config.checkpoint_every) == 0 or step == total or signalled:
-          if pending is not None:
-            consume(pending)
-            pending = None
-          ckpt.save(step, state, _gather_json(datasets.train.get_state()), force=True)
-          last_saved = step
+        signalled = distributed.agreed_stop(stop.signal, step, c.log_every)
+        if step % c.checkpoint_every == 0 or step == total or signalled:
+          log.flush()
+          _save(run, step)
         if signalled:
           if pbar is not None:
             pbar.write(f"signal {signalled}: saved step {step}; exiting")
           break
-      if pending is not None:
-        consume(pending)
-      ckpt.wait()
+      log.flush()
+      run.ckpt.wait()
       if step >= total:
-        export(workdir, model_cfg, state.params)
+        checkpoint.export(run.workdir, run.model_cfg, run.state.params)
   finally:
     stop.restore()
     if pbar is not None:
       pbar.close()
-    ckpt.close()
+    run.ckpt.close()
     writer.close()
-  return {"train": last_train, "eval": last_eval, "step": step}
+  return {"train": log.last, "eval": last_eval, "step": step}
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict | TrainConfig, workdir: str
+) -> dict[str, Any]:
+  """Runs (or resumes) training as `config` says; returns the last train and eval metrics."""
+  if not isinstance(config, TrainConfig):
+    config = train_config.from_config_dict(config)
+  return loop(setup(config, workdir))

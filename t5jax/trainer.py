@@ -18,15 +18,17 @@ import optax
 
 from t5jax import losses, model, sharding
 from t5jax.config import T5Config
+from t5jax.train_config import LossConfig
 
 Batch = dict[str, jax.Array]
 
-_MODEL_INPUTS = {
-  "encoder_segment_ids": "encoder_segment_ids",
-  "decoder_segment_ids": "decoder_segment_ids",
-  "encoder_positions": "encoder_positions",
-  "decoder_positions": "decoder_positions",
-}
+# Packing features passed to `model.forward` under their own names when a batch has them.
+_MODEL_INPUTS = (
+  "encoder_segment_ids",
+  "decoder_segment_ids",
+  "encoder_positions",
+  "decoder_positions",
+)
 
 
 @flax.struct.dataclass
@@ -54,7 +56,9 @@ def _logits(params, config: T5Config, batch: Batch, dropout_rng) -> jax.Array:
   )
 
 
-def _sums(params, config, batch, dropout_rng, loss_cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _sums(
+  params, config: T5Config, batch: Batch, dropout_rng, loss_cfg: LossConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Unnormalised loss sum (what the gradient of one microbatch is taken of) and metric sums."""
   logits = _logits(params, config, batch, dropout_rng)
   weights = batch.get("decoder_loss_weights")
@@ -67,30 +71,30 @@ def _sums(params, config, batch, dropout_rng, loss_cfg) -> tuple[jax.Array, dict
     normalizer=1.0,
   )
   sums = {k: aux[k] for k in ("loss_sum", "z_loss_sum", "num_correct", "num_tokens")}
+  # "total_tokens" normalises by every target position, padding included.
+  sums["num_positions"] = jnp.float32(batch["decoder_target_tokens"].size)
   sums["num_rows"] = jnp.sum(
     jnp.max(batch["decoder_target_tokens"] != 0, axis=-1).astype(jnp.float32)
   )
   return aux["loss_sum"], sums
 
 
-def _normalizer(loss_cfg, sums) -> jax.Array:
-  n = loss_cfg.normalizer
-  if n == "num_tokens":
+def _normalizer(loss_cfg: LossConfig, sums) -> jax.Array:
+  """The divisor of the summed loss and gradients (`losses.parse_normalizer`, checked by
+  `LossConfig`), from sums over the whole batch, so accumulation equals the large batch."""
+  kind, constant = loss_cfg.normalizer_spec
+  if kind == "num_tokens":
     return jnp.maximum(sums["num_tokens"], 1.0)
-  if isinstance(n, int | float):
-    return jnp.asarray(float(n))
-  if isinstance(n, str) and n.startswith("constant:"):
-    return jnp.asarray(float(n.split(":", 1)[1]))
-  raise ValueError(
-    f"config.loss.normalizer={n!r}: use 'num_tokens', a number or 'constant:<number>'"
-  )
+  if kind == "total_tokens":
+    return sums["num_positions"]
+  return jnp.asarray(constant, jnp.float32)
 
 
 def make_train_step(
   config: T5Config,
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
-  loss_cfg: Any,
+  loss_cfg: LossConfig,
   num_microbatches: int = 1,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
   """The pure train step (not yet jitted; see `jit_train_step`)."""
@@ -140,7 +144,9 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(config: T5Config, loss_cfg: Any) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+def make_eval_step(
+  config: T5Config, loss_cfg: LossConfig
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """Metric sums of one evaluation batch (no dropout); sum over batches, then normalise."""
 
   def eval_step(params, batch: Batch):

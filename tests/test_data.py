@@ -7,14 +7,13 @@ import pytest
 
 from t5jax import data
 from t5jax.tokenizer import EOS_ID, ByteTokenizer
+from t5jax.train_config import DataConfig
 
 TOK = ByteTokenizer()
 
 
 def _cfg(**overrides):
-  cfg = data.default_data_config()
-  cfg.update(overrides)
-  return cfg
+  return DataConfig(**overrides)
 
 
 def _write_tsv(path, n):
@@ -110,7 +109,7 @@ def test_span_corruption_pipeline(tmp_path):
   docs = [f"document {i}: the quick brown fox jumps over the lazy dog" for i in range(30)]
   corpus.write_text("\n".join(docs) + "\n")
   cfg = _cfg(kind="span_corruption", train_file=str(corpus), eval_file=str(corpus))
-  cfg.max_input_length, cfg.max_target_length = 64, 16
+  cfg = cfg.replace(max_input_length=64, max_target_length=16)
   ds = data.make_datasets(cfg, TOK, batch_size=4, seed=1)
   batch = next(ds.train)
   assert batch["encoder_input_tokens"].shape == (4, 64)
@@ -159,7 +158,7 @@ def _check_packed(batch):
 
 def test_packed_pipeline_segments_and_pairs(tmp_path):
   cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 40), pack=True)
-  cfg.max_input_length, cfg.max_target_length = 24, 24
+  cfg = cfg.replace(max_input_length=24, max_target_length=24)
   ds = data.make_datasets(cfg, TOK, batch_size=3, seed=0)
   for batch in _take(ds.train, 5):
     _check_packed(batch)
@@ -267,7 +266,7 @@ def test_host_sharding_disjoint_and_covering(tmp_path):
 
 def test_eval_single_pass_sharded_and_padded(tmp_path):
   cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 4))
-  cfg.eval_file = _write_tsv(tmp_path / "e.tsv", 11)
+  cfg = cfg.replace(eval_file=_write_tsv(tmp_path / "e.tsv", 11))
   evals = [
     data.make_datasets(cfg, TOK, batch_size=2, seed=0, process_index=h, process_count=2).eval
     for h in range(2)
@@ -369,8 +368,7 @@ def test_builtin_tasks_correct_deterministic_disjoint():
 
 
 def test_make_datasets_builtin_with_trained_tokenizer(tmp_path):
-  cfg = data.default_data_config()
-  cfg.builtin_train_size, cfg.builtin_eval_size, cfg.pack = 500, 20, True
+  cfg = DataConfig(builtin_train_size=500, builtin_eval_size=20, pack=True)
   tok = data.build_tokenizer(cfg, str(tmp_path), seed=0)
   assert data.build_tokenizer(cfg, str(tmp_path)).vocab_size == tok.vocab_size  # reloaded
   train, evaluation = data.make_datasets(cfg, tok, batch_size=8, seed=0)
@@ -405,6 +403,6 @@ def test_jsonl_kind_and_span_corruption_with_sentencepiece(tmp_path):
   _, evaluation = data.make_datasets(cfg, spm_tok, batch_size=2, seed=0)
   targets = evaluation.tokenized[0]["targets"]
   assert targets[0] == spm_tok.sentinel_id(0) == spm_tok.vocab_size - 1
-  cfg.max_input_length, cfg.max_target_length = 512, 114
+  cfg = cfg.replace(max_input_length=512, max_target_length=114)
   with pytest.raises(ValueError, match="needs 28 sentinels"):
     data.make_datasets(cfg, spm_tok, batch_size=2, seed=0)

@@ -7,12 +7,11 @@ import optax
 import pytest
 
 from t5jax import optim
+from t5jax.train_config import AdafactorConfig, OptimizerConfig
 
 
 def _cfg(**kw):
-  cfg = optim.default_optimizer_config()
-  cfg.update(kw)
-  return cfg
+  return OptimizerConfig(**kw)
 
 
 def _params():
@@ -74,8 +73,7 @@ def test_adafactor_state_shapes_and_dtype():
 def test_matrix_view_matches_2d_adafactor():
   """A [D, H, K] kernel is updated exactly like the [D, H*K] matrix (T5's factoring)."""
   tx = optim.make_optimizer(_cfg())
-  cfg2 = _cfg()
-  cfg2.adafactor.matrix_view = False
+  cfg2 = _cfg(adafactor=AdafactorConfig(matrix_view=False))
   tx2 = optim.make_optimizer(cfg2)
   rng = np.random.default_rng(0)
   p = {"q": jnp.asarray(rng.normal(size=(256, 4, 64)), jnp.float32)}
@@ -92,8 +90,10 @@ def test_matrix_view_matches_2d_adafactor():
 
 def test_adafactor_first_step_is_t5():
   """First update: decay 1 - 1**-0.8 = 0, so v = g**2 and the update is -lr * sign(g) * rms(p)."""
-  cfg = _cfg(schedule="constant", learning_rate=0.01, warmup_steps=0)
-  cfg.adafactor.factored = False
+  cfg = _cfg(
+    schedule="constant", learning_rate=0.01, warmup_steps=0,
+    adafactor=AdafactorConfig(factored=False),
+  )  # fmt: skip
   tx = optim.make_optimizer(cfg)
   p = {"w": jnp.full((4, 4), 2.0)}
   g = {"w": jnp.arange(1.0, 17.0).reshape(4, 4) * jnp.array([1, -1, 1, -1])}
@@ -102,10 +102,12 @@ def test_adafactor_first_step_is_t5():
 
 
 def test_adafactor_second_moment_decay():
-  cfg = _cfg(schedule="constant", learning_rate=0.01, warmup_steps=0)
-  cfg.adafactor.factored = False
-  cfg.adafactor.clipping_threshold = 0.0
-  cfg.adafactor.multiply_by_parameter_scale = False
+  cfg = _cfg(
+    schedule="constant", learning_rate=0.01, warmup_steps=0,
+    adafactor=AdafactorConfig(
+      factored=False, clipping_threshold=0.0, multiply_by_parameter_scale=False
+    ),
+  )  # fmt: skip
   tx = optim.make_optimizer(cfg)
   p = {"w": jnp.ones((3,))}
   state = tx.init(p)
@@ -118,8 +120,7 @@ def test_adafactor_second_moment_decay():
 
 
 def test_adamw_mask_skips_rank1():
-  cfg = _cfg(name="adamw", schedule="constant", learning_rate=0.1, warmup_steps=0)
-  cfg.weight_decay = 0.5
+  cfg = _cfg(name="adamw", schedule="constant", learning_rate=0.1, warmup_steps=0, weight_decay=0.5)
   tx = optim.make_optimizer(cfg)
   p = _params()
   zeros = jax.tree.map(jnp.zeros_like, p)
@@ -129,8 +130,9 @@ def test_adamw_mask_skips_rank1():
 
 
 def test_grad_clipping_and_descent():
-  cfg = _cfg(name="adamw", schedule="constant", learning_rate=0.1, warmup_steps=0)
-  cfg.grad_clip_norm = 1.0
+  cfg = _cfg(
+    name="adamw", schedule="constant", learning_rate=0.1, warmup_steps=0, grad_clip_norm=1.0
+  )
   tx = optim.make_optimizer(cfg)
   assert isinstance(tx, optax.GradientTransformation)
   p = {"w": jnp.array([3.0, -4.0])}

@@ -11,18 +11,18 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from t5jax import optim, sharding
+from t5jax.train_config import AdafactorConfig, MeshConfig, OptimizerConfig
 
 SIZES = {"data": 2, "fsdp": 2, "tensor": 2}
 
 
 def _mesh_cfg(data, fsdp, tensor):
-  return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+  return MeshConfig(data, fsdp, tensor)
 
 
 def _toy_params_and_axes():
@@ -61,7 +61,7 @@ def test_mesh_shape_resolution():
   assert sharding.mesh_shape(_mesh_cfg(-1, 1, 1), 8) == (8, 1, 1)
   assert sharding.mesh_shape(_mesh_cfg(2, -1, 1), 8) == (2, 4, 1)
   assert sharding.mesh_shape(_mesh_cfg(1, 1, -1), 8) == (1, 1, 8)
-  assert sharding.mesh_shape(sharding.default_mesh_config(), 1) == (1, 1, 1)
+  assert sharding.mesh_shape(MeshConfig(), 1) == (1, 1, 1)
   for bad in [(-1, -1, 1), (3, 1, -1), (2, 2, 1), (0, 1, -1)]:
     with pytest.raises(ValueError):
       sharding.mesh_shape(_mesh_cfg(*bad), 8)
@@ -98,17 +98,16 @@ def test_divisibility_fallback_and_reuse():
 
 
 def test_logical_to_sharding_tree_and_opt_state():
-  mesh = sharding.create_mesh(sharding.default_mesh_config())
+  mesh = sharding.create_mesh(MeshConfig())
   shapes, axes = _toy_params_and_axes()
   shard = sharding.logical_to_sharding(axes, mesh, shapes=shapes)
   assert jax.tree.structure(shard) == jax.tree.structure(shapes)
   assert shard["encoder"]["layers_0"]["attention"]["out"].spec == P("tensor", None, "fsdp")
 
-  cfg = optim.default_optimizer_config()
-  cfg.adafactor.min_dim_size_to_factor = 8
+  cfg = OptimizerConfig(adafactor=AdafactorConfig(min_dim_size_to_factor=8))
   tx = optim.make_optimizer(cfg)
   state_shapes = jax.eval_shape(tx.init, shapes)
-  st = sharding.opt_state_sharding(state_shapes, shapes, shard, mesh)
+  st = sharding.derive_shardings(state_shapes, shapes, shard, mesh)
   assert jax.tree.structure(st) == jax.tree.structure(state_shapes)
   # shared (32, 16): factored; v_row drops the largest dim (vocab), v_col the other (embed).
   assert st[0].v_row["shared"].spec == P("fsdp")
@@ -117,21 +116,20 @@ def test_logical_to_sharding_tree_and_opt_state():
   assert st[0].v["encoder"]["layers_0"]["pre_mlp_layer_norm"]["scale"].spec == P("fsdp")
   assert st[0].count.spec == P()
 
-  adam = optim.default_optimizer_config()
-  adam.name = "adamw"
+  adam = OptimizerConfig(name="adamw")
   tx = optim.make_optimizer(adam)
   state_shapes = jax.eval_shape(tx.init, shapes)
-  st = sharding.opt_state_sharding(state_shapes, shapes, shard, mesh)
+  st = sharding.derive_shardings(state_shapes, shapes, shard, mesh)
   mu, nu = st[0].mu, st[0].nu
   assert mu["encoder"]["layers_0"]["mlp"]["wi"].spec == P("fsdp", "tensor")
   assert nu["lm_head"].spec == shard["lm_head"].spec
 
 
 def test_derive_shardings_whole_train_state():
-  mesh = sharding.create_mesh(sharding.default_mesh_config())
+  mesh = sharding.create_mesh(MeshConfig())
   shapes, axes = _toy_params_and_axes()
   shard = sharding.logical_to_sharding(axes, mesh, shapes=shapes)
-  tx = optim.make_optimizer(optim.default_optimizer_config())
+  tx = optim.make_optimizer(OptimizerConfig())
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": shapes}
   state["opt_state"] = jax.eval_shape(tx.init, shapes)
   st = sharding.derive_shardings(state, shapes, shard, mesh)
@@ -145,7 +143,7 @@ def test_model_param_shardings():
   from t5jax.config import get_config
 
   cfg = get_config("t5-small", num_layers=1, num_decoder_layers=1)
-  mesh = sharding.create_mesh(sharding.default_mesh_config())
+  mesh = sharding.create_mesh(MeshConfig())
   shard = sharding.param_shardings(cfg, mesh)
   axes = model.param_axes(cfg)
   assert jax.tree.structure(shard) == jax.tree.structure(axes, is_leaf=sharding.is_axes_leaf)
@@ -189,15 +187,14 @@ def _check_sharded_params_and_update():
       lambda s: jnp.sin(jnp.arange(s.size, dtype=jnp.float32) + offset).reshape(s.shape), shapes
     )
 
-  params = sharding.sharded_init(init, jax.random.key(0), shard)
+  params = jax.jit(init, out_shardings=shard)(jax.random.key(0))
   wi = params["encoder"]["layers_0"]["mlp"]["wi"]  # (16, 64) on (fsdp=2, tensor=2)
   assert {s.data.shape for s in wi.addressable_shards} == {(8, 32)}
   assert {s.data.shape for s in params["lm_head"].addressable_shards} == {(8, 15)}
 
-  cfg = optim.default_optimizer_config()
-  cfg.adafactor.min_dim_size_to_factor = 8
+  cfg = OptimizerConfig(adafactor=AdafactorConfig(min_dim_size_to_factor=8))
   tx = optim.make_optimizer(cfg)
-  opt_shard = sharding.opt_state_sharding(jax.eval_shape(tx.init, params), shapes, shard, mesh)
+  opt_shard = sharding.derive_shardings(jax.eval_shape(tx.init, params), shapes, shard, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
   v_row = opt_state[0].v_row["shared"]  # (16,) over fsdp
   assert {s.data.shape for s in v_row.addressable_shards} == {(8,)}

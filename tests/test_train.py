@@ -17,6 +17,7 @@ import pytest
 from t5jax import checkpoint, data, hf, model, optim, sharding, trainer
 from t5jax.config import get_config as get_model_config
 from t5jax.train import TrainingError, train_and_evaluate
+from t5jax.train_config import MeshConfig, OptimizerConfig, from_config_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,11 +117,10 @@ def _batch(rng: np.random.Generator, lengths, s_len=10, t_len=8, vocab=64):
 def _pieces():
   """Model config, optimizer, mesh, shardings and a jitted initialiser, shared by the tests."""
   cfg = get_model_config("t5-v1_1-small", vocab_size=64, **TINY)
-  opt = optim.default_optimizer_config()
-  opt.name, opt.schedule, opt.learning_rate, opt.warmup_steps = "adamw", "constant", 1e-2, 0
+  opt = OptimizerConfig(name="adamw", schedule="constant", learning_rate=1e-2, warmup_steps=0)
   schedule = optim.make_schedule(opt)
   tx = optim.make_optimizer(opt, schedule)
-  mesh = sharding.create_mesh(sharding.default_mesh_config())
+  mesh = sharding.create_mesh(MeshConfig())
   state_sh = trainer.state_shardings(cfg, tx, mesh)
   init = jax.jit(
     lambda r: trainer.create_train_state(model.init_params(cfg, r), tx), out_shardings=state_sh
@@ -132,7 +132,7 @@ def _pieces():
 def _step_setup(num_microbatches=1):
   """(jitted train step, fresh-state initialiser, mesh); cached so tests share compilations."""
   cfg, tx, schedule, mesh, state_sh, init = _pieces()
-  loss_cfg = BASE.get_config().loss
+  loss_cfg = from_config_dict(BASE.get_config()).loss
   step = trainer.jit_train_step(
     trainer.make_train_step(cfg, tx, schedule, loss_cfg, num_microbatches), state_sh, mesh
   )
@@ -203,7 +203,7 @@ def test_interrupted_run_reproduces_the_uninterrupted_one(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, p_whole, p_part)
 
   # The saved data position continues with exactly the 5th batch of a fresh iterator.
-  cfg = tiny_run_config(tmp_path, **common)
+  cfg = from_config_dict(tiny_run_config(tmp_path, **common))
   tok = data.build_tokenizer(cfg.data)
   fresh = data.make_datasets(cfg.data, tok, batch_size=cfg.batch_size, seed=cfg.seed).train
   batches = [next(fresh) for _ in range(5)]

@@ -7,11 +7,11 @@ the library's own.
 
 from __future__ import annotations
 
-import ml_collections
 import numpy as np
 
 from t5jax import optim, trainer
 from t5jax.config import get_config
+from t5jax.train_config import AdafactorConfig, LossConfig, MeshConfig, OptimizerConfig
 
 B, S, T = 16, 12, 8  # global rows (divisible by data * fsdp on every mesh), source, target
 
@@ -35,19 +35,18 @@ def tiny_config(dropout_rate: float = 0.1):
 
 def optimizer(name: str = "adafactor"):
   """(tx, schedule) with a constant rate big enough to move parameters visibly in one step."""
-  cfg = optim.default_optimizer_config()
-  cfg.name = name
-  cfg.schedule = "constant"
-  cfg.learning_rate = 1e-2
-  cfg.adafactor.min_dim_size_to_factor = 8  # factor the tiny matrices too (v_row / v_col)
+  cfg = OptimizerConfig(
+    name=name,
+    schedule="constant",
+    learning_rate=1e-2,
+    adafactor=AdafactorConfig(min_dim_size_to_factor=8),  # factor the tiny matrices too
+  )
   schedule = optim.make_schedule(cfg)
   return optim.make_optimizer(cfg, schedule), schedule
 
 
 def loss_config():
-  return ml_collections.ConfigDict(
-    {"label_smoothing": 0.0, "z_loss": 1e-4, "normalizer": "num_tokens"}
-  )
+  return LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
 
 
 def train_step_fn(config, name: str = "adafactor"):
@@ -73,5 +72,5 @@ def batch(step: int = 0, rows: int = B) -> dict[str, np.ndarray]:
   }
 
 
-def mesh_cfg(data: int, fsdp: int, tensor: int) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+def mesh_cfg(data: int, fsdp: int, tensor: int) -> MeshConfig:
+  return MeshConfig(data, fsdp, tensor)

@@ -1,0 +1,264 @@
+"""A training run's configuration as typed, frozen values: built once, validated where built.
+
+`configs/*.py` write an `ml_collections.ConfigDict` (overridable on the command line);
+`from_config_dict` turns it into a `TrainConfig` in one place, and each value checks itself as it
+is constructed (`__post_init__`), so a bad field raises `ConfigError` before the run reads a file
+or touches its workdir. Library functions take these values, never a ConfigDict:
+`data.make_datasets(DataConfig)`, `optim.make_optimizer(OptimizerConfig)`,
+`trainer.make_train_step(..., LossConfig)`, `sharding.create_mesh(MeshConfig)`.
+
+The defaults below are the defaults: `configs/base.py` builds its ConfigDict from them
+(`default_config_dict`), so every field is documented here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from t5jax import losses
+from t5jax.errors import ConfigError
+from t5jax.tasks import BUILTIN_TASKS
+
+DATA_KINDS = ("builtin", "tsv", "jsonl", "span_corruption")
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("rsqrt", "constant", "cosine", "linear")
+
+
+class _Value:
+  """`replace(**changes)` for the frozen dataclasses below (validated again)."""
+
+  def replace(self, **changes: Any):
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_Value):
+  """`config.data`: what `data.make_datasets` and `data.build_tokenizer` read."""
+
+  # "builtin" (generated demo tasks), "tsv" (input<TAB>target lines), "jsonl" (one object per line
+  # with input_field / target_field) or "span_corruption" (T5 pretraining on a plain-text corpus).
+  kind: str = "builtin"
+  # tsv / jsonl / corpus file for training (corpus: one document per line, or .jsonl with
+  # text_field).
+  train_file: str = ""
+  eval_file: str = ""  # same format, for evaluation; "" = no evaluation set (except for builtin).
+  input_field: str = "input"  # jsonl: field holding the input text.
+  target_field: str = "target"  # jsonl: field holding the target text.
+  text_field: str = "text"  # span_corruption with a .jsonl corpus: field holding the document.
+  # Tokenizer: "byt5", a SentencePiece .model or a folder with spiece.model; "" trains a
+  # SentencePiece model of spm_vocab_size pieces on the training text (saved in the workdir).
+  tokenizer: str = ""
+  spm_vocab_size: int = 512  # used only when training the tokenizer; includes 256 byte pieces.
+  extra_ids: int = 100  # sentinels of a SentencePiece tokenizer (ByT5 always has 125).
+  max_input_length: int = 32  # S: encoder length; longer inputs are truncated (eos kept last).
+  max_target_length: int = 16  # T: decoder length; longer targets are truncated (eos kept last).
+  pack: bool = False  # pack several examples per row (segment ids / positions) for training.
+  shuffle: bool = True  # shuffle training examples (seeded; a new order each epoch).
+  max_eval_examples: int = 0  # cap on evaluation examples; 0 = all.
+  # Builtin demo tasks (kind="builtin"): comma-separated subset of BUILTIN_TASKS.
+  builtin_tasks: str = ",".join(BUILTIN_TASKS)
+  builtin_train_size: int = 20000  # generated training examples (a fixed pool, repeated).
+  builtin_eval_size: int = 200  # generated held-out examples.
+  # Span corruption (kind="span_corruption"), T5 defaults.
+  noise_density: float = 0.15  # fraction of tokens masked.
+  mean_noise_span_length: float = 3.0  # mean length of a masked span.
+
+  def __post_init__(self):
+    if self.kind not in DATA_KINDS:
+      raise ConfigError(
+        f"unknown data kind {self.kind!r}: use builtin, tsv, jsonl or span_corruption"
+      )
+    for name in (t.strip() for t in self.builtin_tasks.split(",")):
+      if name and name not in BUILTIN_TASKS:
+        raise ConfigError(f"unknown builtin task {name!r}; choose from {sorted(BUILTIN_TASKS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdafactorConfig(_Value):
+  """`config.optimizer.adafactor`, used when name == "adafactor". T5 / t5x defaults."""
+
+  decay_rate: float = 0.8  # Second-moment decay is 1 - (t + 1)**-decay_rate.
+  min_dim_size_to_factor: int = 128  # Factor a matrix whose 2 largest dims are >= this.
+  factored: bool = True  # Row/column second-moment statistics for large matrices.
+  clipping_threshold: float = 1.0  # Clip each update to this RMS; 0 = off.
+  multiply_by_parameter_scale: bool = True  # Relative step: updates times param RMS.
+  momentum: float = 0.0  # First-moment decay; 0 = no momentum (T5).
+  eps: float = 1e-30  # Added to squared gradients.
+  # Factor rank > 2 params as matrices, T5-style ([D, H, K] as [D, H*K]); see t5jax.optim.
+  matrix_view: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig(_Value):
+  """`config.optimizer.adamw`, used when name == "adamw"."""
+
+  b1: float = 0.9  # First-moment decay.
+  b2: float = 0.999  # Second-moment decay.
+  eps: float = 1e-8  # Added to sqrt(second moment).
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig(_Value):
+  """`config.optimizer`, with T5's pretraining defaults (see `t5jax.optim`)."""
+
+  name: str = "adafactor"  # "adafactor" or "adamw".
+  learning_rate: float = 1.0  # Base (peak) rate; `schedule` shapes it over steps.
+  # "rsqrt": base / sqrt(max(step, warmup_steps)) (T5 pretraining: base 1.0, warmup 10000 gives
+  #   0.01 flat, then inverse square root decay); no ramp, as in T5.
+  # "constant": base, after an optional linear warmup from 0 (T5 finetuning: 1e-3, no warmup).
+  # "cosine": linear warmup from 0 to base, then cosine decay to end_learning_rate at total_steps.
+  # "linear": linear warmup from 0 to base, then linear decay to end_learning_rate at total_steps.
+  schedule: str = "rsqrt"
+  warmup_steps: int = 10_000  # rsqrt: length of the flat start; others: steps of the linear ramp.
+  total_steps: int = 0  # cosine/linear: step where decay ends (warmup included). Unused otherwise.
+  end_learning_rate: float = 0.0  # cosine/linear: rate reached at total_steps and kept after.
+  grad_clip_norm: float = 0.0  # Clip gradients to this global L2 norm first; 0 = off.
+  # Weight decay on parameters of rank >= 2 (not norm scales; T5 has no biases); 0 = off.
+  # AdamW: decoupled, times the learning rate. Adafactor: `weight_decay * param` subtracted every
+  # step, not scaled by the learning rate (optax's convention).
+  weight_decay: float = 0.0
+  adafactor: AdafactorConfig = dataclasses.field(default_factory=AdafactorConfig)
+  adamw: AdamWConfig = dataclasses.field(default_factory=AdamWConfig)
+
+  def __post_init__(self):
+    if self.name not in OPTIMIZERS:
+      raise ConfigError(f"unknown optimizer {self.name!r}")
+    if self.schedule not in SCHEDULES:
+      raise ConfigError(f"unknown schedule {self.schedule!r}")
+    if self.schedule in ("cosine", "linear") and self.total_steps <= self.warmup_steps:
+      raise ConfigError(
+        f"{self.schedule} schedule needs total_steps ({self.total_steps}) > warmup_steps "
+        f"({self.warmup_steps})"
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig(_Value):
+  """`config.loss`: what the train and eval steps compute (see `t5jax.losses`)."""
+
+  label_smoothing: float = 0.0  # T5 trains without it
+  z_loss: float = 1e-4  # coefficient on log(Z)^2, as in T5 / t5x
+  # "num_tokens", "total_tokens" or a constant ("constant:<x>" or a number); see
+  # `t5jax.losses.parse_normalizer`. ("batch", a mean per sequence, is for `compute_loss` alone.)
+  normalizer: str | float = "num_tokens"
+
+  def __post_init__(self):
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    try:
+      kind, _ = losses.parse_normalizer(self.normalizer)
+    except ValueError as e:
+      raise ConfigError(f"config.loss.normalizer: {e}") from e
+    if kind == "batch":
+      raise ConfigError(
+        "config.loss.normalizer='batch' cannot be accumulated over microbatches; use "
+        "'num_tokens', 'total_tokens', a number or 'constant:<number>'"
+      )
+
+  @property
+  def normalizer_spec(self) -> tuple[str, float]:
+    """`(kind, constant)` of `losses.parse_normalizer`: num_tokens, total_tokens or constant."""
+    return losses.parse_normalizer(self.normalizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(_Value):
+  """`config.mesh`: sizes of the `("data", "fsdp", "tensor")` mesh axes (see `t5jax.sharding`).
+
+  Their product is the number of devices; one of them may be -1, the devices left over.
+  """
+
+  data: int = -1  # Data-parallel replicas; -1 = all devices left over by the other axes.
+  fsdp: int = 1  # Parameter/optimizer-state sharding along `embed`; the batch is split over it too.
+  tensor: int = 1  # Tensor parallelism over heads, mlp and vocab; keep it within a host.
+
+  def __post_init__(self):
+    sizes = [self.data, self.fsdp, self.tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ConfigError(f"mesh sizes must be positive with at most one -1, got {sizes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_Value):
+  """The whole run (`configs/base.py` holds the ConfigDict these are built from)."""
+
+  seed: int = 0  # parameters, data order, span corruption and dropout all derive from it
+  # `config.model`: a preset name ("preset") and T5Config fields overriding it (vocab_size 0 = the
+  # tokenizer's size); the T5Config itself is built once the tokenizer is known (`t5jax.train`).
+  model: dict[str, Any] = dataclasses.field(default_factory=dict)
+  init_from: str = ""  # a HuggingFace folder to finetune from (its architecture wins)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # -1 = the rest
+  batch_size: int = 32  # global rows per step (split over processes, then microbatches)
+  num_microbatches: int = 1  # gradient accumulation: the batch is processed in this many pieces
+  num_train_steps: int = 1000
+  log_every: int = 50  # steps between train metric rows (metrics.jsonl, TensorBoard, progress bar)
+  eval_every: int = 500  # steps between evaluations (and at the end)
+  eval_batch_size: int = 64  # rows per generation batch during evaluation
+  eval_generate_examples: int = 64  # eval examples decoded for exact match / BLEU / chrF; 0 = none
+  checkpoint_every: int = 500  # steps between checkpoints (and at the end, and on SIGTERM/SIGINT)
+  keep_checkpoints: int = 3  # last K kept
+  best_metric: str = ""  # also keep the best checkpoint by this eval metric, e.g. "exact_match"
+  best_mode: str = "max"  # "max" or "min" for best_metric
+  async_checkpoints: bool = True  # save in the background while training continues
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    for name in ("num_microbatches", "log_every", "eval_every", "checkpoint_every"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"--config.{name}={getattr(self, name)} must be >= 1")
+    if self.best_mode not in ("max", "min"):
+      raise ConfigError(f"--config.best_mode={self.best_mode!r}: use 'max' or 'min'")
+
+  def check_processes(self, process_count: int) -> None:
+    """The global batch must split evenly over the processes and then the microbatches."""
+    if self.batch_size < 1 or self.batch_size % (process_count * self.num_microbatches):
+      raise ConfigError(
+        f"--config.batch_size={self.batch_size} must divide by process count x num_microbatches"
+      )
+
+
+# --- from and to ml_collections --------------------------------------------------------------
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+  if dataclasses.is_dataclass(hint):
+    return _build(hint, value, where)
+  if hint in (int, float, str, bool):
+    if hint is int and isinstance(value, float) and not value.is_integer():
+      raise ConfigError(f"{where}={value!r} must be an integer")
+    return hint(value)
+  if hint == dict[str, Any]:
+    return dict(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
+  return value
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str):
+  if isinstance(values, ml_collections.ConfigDict):
+    values = {k: values[k] for k in values.keys()}
+  hints = typing.get_type_hints(cls)
+  unknown = sorted(set(values) - set(hints))
+  if unknown:
+    raise ConfigError(f"unknown config field {where}.{unknown[0]}")
+  return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> TrainConfig:
+  """The typed, validated run configuration of a `configs/*.py` ConfigDict (missing fields: the
+  defaults above). Raises `ConfigError` naming the field."""
+  return _build(TrainConfig, config, "config")
+
+
+def default_config_dict() -> ml_collections.ConfigDict:
+  """A ConfigDict with every field of `TrainConfig` at its default (`config.model` empty)."""
+  return ml_collections.ConfigDict(TrainConfig().to_dict())
