@@ -16,6 +16,7 @@ from test_train import BASE, TINY, read_metrics, tiny_run_config
 from t5jax import checkpoint, data, model, trainer
 from t5jax.config import get_config as get_model_config
 from t5jax.train import train_and_evaluate
+from t5jax.train_config import from_config_dict
 
 
 def _capture_grads() -> optax.GradientTransformation:
@@ -37,8 +38,8 @@ def _grad_step(dropout_rate: float):
   """(jitted train step that captures the gradients, initial state) of a tiny vocab-64 model."""
   cfg = get_model_config("t5-v1_1-small", vocab_size=64, **{**TINY, "dropout_rate": dropout_rate})
   tx = _capture_grads()
-  loss_cfg = BASE.get_config().loss
-  loss_cfg.label_smoothing = 0.1  # every term of the loss: smoothing, z-loss, per-token weights
+  # every term of the loss: smoothing, z-loss, per-token weights
+  loss_cfg = from_config_dict(BASE.get_config()).loss.replace(label_smoothing=0.1)
   assert loss_cfg.normalizer == "num_tokens" and loss_cfg.z_loss > 0
   schedule = optax.constant_schedule(0.0)
   step = jax.jit(trainer.make_train_step(cfg, tx, schedule, loss_cfg))
