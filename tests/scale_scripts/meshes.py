@@ -1,8 +1,10 @@
 """8-device checks (run as a script with `--xla_force_host_platform_device_count=8`).
 
-1. Two train steps on meshes (8,1,1), (2,4,1), (2,2,2), (1,1,8) give the single-device losses,
-   metrics and parameters (dropout on: its mask must not depend on the layout); (2,4,1) and
-   (2,2,2) run under `jax.set_mesh`, which activates the model's activation constraints.
+1. On meshes (8,1,1), (2,4,1), (2,2,2), (1,1,8), sharded init (train.py's path) gives the
+   target layout and the values of a plain single-device init; two train steps then give the
+   single-device losses, metrics and parameters (dropout on: its mask must not depend on the
+   layout); (2,4,1) and (2,2,2) run under `jax.set_mesh`, which activates the model's activation
+   constraints.
 2. A checkpoint saved on (2,2,2) restores onto (1,1,8) and onto a 4-device (1,4,1) mesh, with the
    target shardings and the saved values; a step after restoring matches the reference's.
 3. Greedy and beam decoding with sharded params and inputs equal unsharded decoding.
@@ -24,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import common  # noqa: E402
 
-from t5jax import checkpoint, sharding, trainer  # noqa: E402
+from t5jax import checkpoint, model, sharding, trainer  # noqa: E402
 from t5jax.generate import generate  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
@@ -46,14 +48,12 @@ def _tree_close(a, b, what):
 class Run:
   """Train state, jitted step and shardings of one mesh."""
 
-  def __init__(self, config, tx, step_fn, mesh, host_state=None):
+  def __init__(self, config, tx, step_fn, mesh):
     self.mesh = mesh
     self.mesh_context = tuple(mesh.shape.values()) in MESH_CONTEXT
     self.state_sh = trainer.state_shardings(config, tx, mesh)
-    if host_state is None:  # each device creates only its shards
-      self.state = trainer.init_state_sharded(config, tx, mesh, jax.random.key(0), self.state_sh)
-    else:  # cheaper to compile than a sharded random init
-      self.state = jax.device_put(host_state, self.state_sh)
+    # As train.py starts: each device creates only its shards.
+    self.state = trainer.init_state_sharded(config, tx, mesh, jax.random.key(0), self.state_sh)
     self.step = trainer.jit_train_step(step_fn, self.state_sh, mesh)
 
   def train(self, steps):
@@ -71,14 +71,26 @@ class Run:
 
 def check_train(config, tx, step_fn, steps=2):
   devices = jax.devices()
+  # The reference init does not go through `init_state_sharded`: a change there (another rng,
+  # a layout-dependent draw) must show as a difference, not move both sides alike.
+  with jax.default_device(devices[0]):
+    ref_state0 = jax.device_get(
+      jax.jit(lambda r: trainer.create_train_state(model.init_params(config, r), tx))(
+        jax.random.key(0)
+      )
+    )
   ref = Run(config, tx, step_fn, sharding.create_mesh(common.mesh_cfg(1, 1, 1), devices[:1]))
-  ref_state0 = jax.device_get(ref.state)
+  _tree_close(ref.state, ref_state0, "(1,1,1) init")
   ref_metrics = ref.train(steps)
   runs = {}
   for shape in MESHES:
-    # Sharded init on one mesh (it must equal the single-device init); device_put elsewhere.
-    host = None if shape == (2, 2, 2) else ref_state0
-    run = Run(config, tx, step_fn, sharding.create_mesh(common.mesh_cfg(*shape)), host)
+    # Sharded init on every mesh: in the target layout, with the single-device init's values.
+    run = Run(config, tx, step_fn, sharding.create_mesh(common.mesh_cfg(*shape)))
+    for (path, x), sh in zip(
+      jax.tree_util.tree_flatten_with_path(run.state)[0], jax.tree.leaves(run.state_sh), strict=True
+    ):
+      where = (shape, jax.tree_util.keystr(path), x.sharding)
+      assert x.sharding.is_equivalent_to(sh, x.ndim), where
     _tree_close(run.state, ref_state0, f"{shape} init")
     metrics = run.train(steps)
     for i, (m, r) in enumerate(zip(metrics, ref_metrics, strict=True)):
