@@ -28,6 +28,7 @@ def main(argv):
 
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  distributed.shutdown()  # several processes leave together (process 0 hosts the coordinator)
 
 
 def _error(message: str, status: int) -> None:
