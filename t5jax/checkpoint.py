@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from t5jax import distributed, hf
 from t5jax.config import T5Config
+from t5jax.errors import CheckpointError
+from t5jax.workdir import atomic_copy, atomic_open
 
 
 class CheckpointManager:
@@ -64,6 +68,10 @@ class CheckpointManager:
 
   def latest_step(self) -> int | None:
     return self._last.latest_step()
+
+  def reload(self) -> None:
+    """Re-reads the steps on disk (after `move_damaged`)."""
+    self._last.reload()
 
   @staticmethod
   def _args(state, data_state):
@@ -111,24 +119,68 @@ class CheckpointManager:
       self._best.close()
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """True when `workdir/checkpoints` lists a step (committed or not)."""
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def short_error(e: BaseException) -> str:
+  """`Type: first line` of an exception, without TensorStore's appended spec dump."""
+  text = str(e).splitlines()[0] if str(e) else ""
+  return f"{type(e).__name__}: {text.split(' See full TensorStore details')[0][:200]}"
+
+
+def state_metadata_readable(workdir: str, step: int) -> bool:
+  """True when checkpoint `step`'s `state/_METADATA` (its tree structure) exists and parses."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA")
+  try:
+    with open(path) as fh:
+      return isinstance(json.load(fh), dict)
+  except (OSError, ValueError):
+    return False
+
+
+def move_damaged(workdir: str, steps: list[int]) -> str:
+  """Moves unreadable checkpoints out of orbax's sight, into `checkpoints_damaged/<step>` (a later
+  save of the same step would otherwise collide with them); nothing is deleted. Process 0 moves;
+  every process waits for it. Returns the folder."""
+  dest = os.path.join(workdir, "checkpoints_damaged")
+  if distributed.is_main_process():
+    os.makedirs(dest, exist_ok=True)
+    for step in steps:
+      target, n = os.path.join(dest, str(step)), 1
+      while os.path.exists(target):
+        target, n = os.path.join(dest, f"{step}.{n}"), n + 1
+      shutil.move(os.path.join(workdir, "checkpoints", str(step)), target)
+  distributed.barrier("t5jax: damaged checkpoints moved")
+  return dest
+
+
 def save_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
+  """Writes `obj` as JSON atomically (`t5jax.workdir.atomic_open`)."""
+  with atomic_open(path, "w") as fh:
     json.dump(obj, fh, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def load_model_config(workdir: str) -> T5Config:
   path = os.path.join(workdir, "model_config.json")
-  with open(path) as fh:
-    return T5Config.from_dict(json.load(fh))
+  try:
+    with open(path) as fh:
+      d = json.load(fh)
+    if not isinstance(d, dict):
+      raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+    return T5Config.from_dict(d)
+  except (OSError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{path}: unreadable model config ({e})") from e
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
   """Parameters alone (on the first local device) from the latest (or given) checkpoint.
 
   The abstract tree comes from the checkpoint's own metadata, so no config or optimizer is
-  needed, and every array is placed on one device whatever mesh saved it.
+  needed, and every array is placed on one device whatever mesh saved it. Without `step`, an
+  unreadable newest checkpoint is skipped with a warning naming it (the next newest is tried).
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   mgr = ocp.CheckpointManager(
@@ -136,19 +188,39 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
     item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
   )
   try:
-    step = mgr.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
       raise FileNotFoundError(f"{directory}: no checkpoint")
-    meta = mgr.item_metadata(step)["state"]
-    cpu = _cpu_sharding()
-    abstract = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
-      meta.tree if hasattr(meta, "tree") else meta,
-    )
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    skipped = []
+    for s in steps:
+      try:
+        params = _restore_params_at(mgr, s)
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
+        skipped.append(f"{s} ({short_error(e)})")
+        continue
+      if skipped:
+        print(
+          f"warning: {directory}: skipped unreadable checkpoint {', '.join(skipped)}; "
+          f"using checkpoint {s}",
+          file=sys.stderr,
+        )
+      return s, params
+    raise CheckpointError(f"{directory}: no readable checkpoint: {'; '.join(skipped)}")
   finally:
     mgr.close()
-  return step, out["state"]["params"]
+
+
+def _restore_params_at(mgr, step: int):
+  meta = mgr.item_metadata(step)["state"]
+  if meta is None:
+    raise FileNotFoundError(f"checkpoint {step} has no readable state metadata")
+  cpu = _cpu_sharding()
+  abstract = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
+    meta.tree if hasattr(meta, "tree") else meta,
+  )
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return out["state"]["params"]
 
 
 def _cpu_sharding():
@@ -192,11 +264,10 @@ def export(workdir: str, model_cfg: T5Config, params) -> None:
     "/".join(str(getattr(k, "key", k)) for k in path): v
     for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
   }
-  save_file(flat, os.path.join(out, "params.safetensors"))
+  with atomic_open(os.path.join(out, "params.safetensors"), "wb") as fh:
+    fh.write(save(flat))
   hf.save_hf(model_cfg, params, os.path.join(out, "hf"))
   tok = os.path.join(workdir, "tokenizer")
   for name in os.listdir(tok) if os.path.isdir(tok) else []:
-    with open(os.path.join(tok, name), "rb") as src:
-      dst = "spiece.model" if name.endswith(".model") else name
-      with open(os.path.join(out, "hf", dst), "wb") as fh:
-        fh.write(src.read())
+    dst = "spiece.model" if name.endswith(".model") else name
+    atomic_copy(os.path.join(tok, name), os.path.join(out, "hf", dst))

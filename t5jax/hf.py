@@ -22,6 +22,7 @@ import numpy as np
 
 from t5jax.config import T5Config
 from t5jax.errors import CheckpointError as CheckpointError  # its home is t5jax.errors
+from t5jax.workdir import atomic_open, atomic_write
 
 # Tensors HuggingFace checkpoints may carry that the model does not use: copies of `shared`, and
 # a cross-attention bias table some original T5 1.0 exports include but nothing reads.
@@ -125,23 +126,57 @@ def key_map(config: T5Config) -> list[Entry]:
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Reads a safetensors file into numpy (bf16 via ml_dtypes), memory-mapped."""
-  try:
-    with open(path, "rb") as fh:
-      (n,) = struct.unpack("<Q", fh.read(8))
-      header = json.loads(fh.read(n))
-  except (OSError, ValueError, struct.error) as e:
-    raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+  header, n = _safetensors_header(path)
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    if info["dtype"] not in _ST_DTYPES:
-      raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
+    start, end = _check_tensor_entry(path, name, info, data.size)
     arr = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
     out[name] = arr
   return out
+
+
+def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+  """The JSON header of a safetensors file and its length, checked against the file's size."""
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+      (n,) = struct.unpack("<Q", fh.read(8))
+      if n > size - 8:
+        raise ValueError(f"header length {n} exceeds the file's {size} bytes")
+      header = json.loads(fh.read(n))
+  except (OSError, ValueError, struct.error) as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: not a readable safetensors file (header is not an object)")
+  return header, n
+
+
+def _check_tensor_entry(path: str, name: str, info: Any, data_size: int) -> tuple[int, int]:
+  """A header entry's byte range, after checking its dtype, shape and offsets fit the file."""
+
+  def bad(why: str):
+    return CheckpointError(f"{path}: tensor {name}: {why}")
+
+  if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+    raise bad("header entry lacks dtype, shape or data_offsets")
+  if info["dtype"] not in _ST_DTYPES:
+    raise bad(f"unsupported dtype {info['dtype']}")
+  shape, offsets = info["shape"], info["data_offsets"]
+  ints = (list, tuple)
+  if not isinstance(shape, ints) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    raise bad(f"bad shape {shape!r}")
+  if not (
+    isinstance(offsets, ints) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+  ):
+    raise bad(f"bad data_offsets {offsets!r}")
+  start, end = offsets
+  nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+  if not 0 <= start <= end <= data_size or end - start != nbytes:
+    raise bad(f"data_offsets {offsets} do not fit shape {shape} in {data_size} data bytes")
+  return start, end
 
 
 def _read_pickle(path: str) -> dict[str, np.ndarray]:
@@ -200,9 +235,38 @@ def read_hf_config(folder: str) -> dict[str, Any]:
     raise CheckpointError(f"{folder}: no config.json (is this a HuggingFace model folder?)")
   try:
     with open(path) as fh:
-      return json.load(fh)
+      hf_cfg = json.load(fh)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: unreadable config ({e})") from e
+  _check_hf_config(path, hf_cfg)
+  return hf_cfg
+
+
+# Sizes a config.json may give; token ids are int32, so the vocabulary is bounded by that.
+_SIZE_LIMITS = {
+  "vocab_size": 2**31 - 1,
+  "d_model": 2**20,
+  "d_kv": 2**16,
+  "d_ff": 2**22,
+  "num_heads": 2**12,
+  "num_layers": 2**12,
+  "num_decoder_layers": 2**12,
+  "relative_attention_num_buckets": 2**16,
+}
+
+
+def _check_hf_config(path: str, hf_cfg: Any) -> None:
+  """A config.json must be an object whose sizes are positive integers within `_SIZE_LIMITS`."""
+  if not isinstance(hf_cfg, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, got a {type(hf_cfg).__name__}")
+  for key, limit in _SIZE_LIMITS.items():
+    v = hf_cfg.get(key)
+    if v is None:
+      continue
+    if isinstance(v, bool) or not isinstance(v, int | float) or v != int(v) or not 1 <= v:
+      raise CheckpointError(f"{path}: {key} must be a positive integer, got {v!r}")
+    if v > limit:
+      raise CheckpointError(f"{path}: {key} {int(v)} exceeds the limit {limit}")
 
 
 # --- public API ------------------------------------------------------------------------------
@@ -233,7 +297,10 @@ def load_hf(
     tensors.update(reader(file))
   if config is None:
     has_head = "lm_head.weight" in tensors
-    config = T5Config.from_hf_dict(hf_cfg, has_lm_head=has_head)
+    try:
+      config = T5Config.from_hf_dict(hf_cfg, has_lm_head=has_head)
+    except (ValueError, TypeError, KeyError) as e:
+      raise CheckpointError(f"{path}: config.json does not describe a T5 ({e})") from e
   entries = key_map(config)
   expected = {e[0] for e in entries}
   missing = sorted(expected - tensors.keys())
@@ -248,7 +315,7 @@ def load_hf(
   params: dict[str, Any] = {}
   bad = []
   for hf_key, ours, to_ours, to_hf, shape in entries:
-    want = to_hf(np.empty(shape, np.float32)).shape
+    want = to_hf(_shaped(shape)).shape
     got = tuple(tensors[hf_key].shape)
     if got != want:
       bad.append(f"{hf_key} (expected {want}, got {got})")
@@ -262,27 +329,29 @@ def load_hf(
 
 def save_hf(config: T5Config, params: dict[str, Any], path: str, *, dtype: str = "float32") -> None:
   """Writes `config.json`, `generation_config.json` and `model.safetensors` to `path`."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
   os.makedirs(path, exist_ok=True)
   tensors = {}
   for hf_key, ours, _, to_hf, _ in key_map(config):
     w = np.asarray(_get(params, ours), dtype=np.float32)
     tensors[hf_key] = np.ascontiguousarray(to_hf(w)).astype(np.dtype(dtype))
-  tmp = os.path.join(path, "model.safetensors.tmp")
-  save_file(tensors, tmp, metadata={"format": "pt"})
-  os.replace(tmp, os.path.join(path, "model.safetensors"))
+  with atomic_open(os.path.join(path, "model.safetensors"), "wb") as fh:
+    fh.write(save(tensors, metadata={"format": "pt"}))
   hf_cfg = config.to_hf_dict()
   hf_cfg["dtype"] = dtype
-  with open(os.path.join(path, "config.json"), "w") as fh:
-    json.dump(hf_cfg, fh, indent=2)
+  atomic_write(os.path.join(path, "config.json"), json.dumps(hf_cfg, indent=2))
   gen = {
     "decoder_start_token_id": config.decoder_start_token_id,
     "eos_token_id": config.eos_token_id,
     "pad_token_id": config.pad_token_id,
   }
-  with open(os.path.join(path, "generation_config.json"), "w") as fh:
-    json.dump(gen, fh, indent=2)
+  atomic_write(os.path.join(path, "generation_config.json"), json.dumps(gen, indent=2))
+
+
+def _shaped(shape: tuple[int, ...]) -> np.ndarray:
+  """A read-only array of `shape` that allocates nothing (for the shapes of key_map's maps)."""
+  return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, (0,) * len(shape))
 
 
 def _short(names: list[str], n: int = 8) -> str:

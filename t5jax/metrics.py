@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from t5jax.errors import TrainingError
+from t5jax.workdir import atomic_write
 
 
 class MetricWriter:
@@ -49,17 +53,32 @@ class MetricWriter:
 
 
 def _drop_rows_after(path: str, step: int) -> None:
-  """Forgets rows a killed run logged past the checkpoint it resumes from (they are redone)."""
+  """Forgets rows a killed run logged past the checkpoint it resumes from (they are redone), and a
+  torn last line (a kill mid-write) with a warning; a bad line elsewhere is an error naming it."""
   if not os.path.exists(path):
     return
-  with open(path) as fh:
+  with open(path, encoding="utf-8", errors="replace") as fh:
     lines = fh.read().splitlines()
-  keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  keep = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      row_step = int(row["step"])
+    except (ValueError, KeyError, TypeError) as e:
+      if number == len(lines):
+        print(
+          f"warning: {path}:{number}: skipped a torn last line ({line[:60]!r})", file=sys.stderr
+        )
+        continue
+      raise TrainingError(
+        f"{path}:{number}: unreadable metrics row ({e}); fix or remove that line to resume"
+      ) from e
+    if row_step <= step:
+      keep.append(line)
   if len(keep) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-      fh.write("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 class MetricsWindow:

@@ -24,6 +24,8 @@ from typing import Protocol
 
 import sentencepiece as spm
 
+from t5jax.workdir import atomic_write
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
@@ -137,7 +139,10 @@ class SentencePieceTokenizer(_SentinelMixin):
       extra_ids: number of sentinels appended above the SentencePiece vocabulary.
     """
     self._proto = bytes(model_proto)
-    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    except (RuntimeError, TypeError) as e:  # sentencepiece's parse failure
+      raise ValueError(f"not a SentencePiece model ({str(e).splitlines()[0]})") from e
     got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
     if got != (PAD_ID, EOS_ID, UNK_ID):
       raise ValueError(f"SentencePiece model must have pad=0 eos=1 unk=2 (T5 layout), got {got}")
@@ -147,7 +152,11 @@ class SentencePieceTokenizer(_SentinelMixin):
   @classmethod
   def from_file(cls, path: str, *, extra_ids: int = 100) -> SentencePieceTokenizer:
     with open(path, "rb") as f:
-      return cls(f.read(), extra_ids=extra_ids)
+      proto = f.read()
+    try:
+      return cls(proto, extra_ids=extra_ids)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from e
 
   @property
   def sp(self) -> spm.SentencePieceProcessor:
@@ -167,11 +176,9 @@ class SentencePieceTokenizer(_SentinelMixin):
     """Writes `spiece.model` (and the number of extra ids) into `directory`; returns the path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, SPM_FILENAME)
-    with open(path, "wb") as f:
-      f.write(self._proto)
-    if self.extra_ids != 100:
-      with open(os.path.join(directory, "extra_ids.txt"), "w") as f:
-        f.write(f"{self.extra_ids}\n")
+    if self.extra_ids != 100:  # before the model: a folder with a model is taken as complete
+      atomic_write(os.path.join(directory, "extra_ids.txt"), f"{self.extra_ids}\n")
+    atomic_write(path, self._proto)
     return path
 
 
@@ -215,8 +222,7 @@ class ByteTokenizer(_SentinelMixin):
     """Writes a small marker file so `load_tokenizer(directory)` returns a ByteTokenizer."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, BYT5_MARKER)
-    with open(path, "w") as f:
-      f.write(f"byt5 extra_ids={self.extra_ids}\n")
+    atomic_write(path, f"byt5 extra_ids={self.extra_ids}\n")
     return path
 
 
@@ -242,7 +248,10 @@ def load_tokenizer(
       return ByteTokenizer(extra_ids=saved if extra_ids is None else extra_ids)
     if extra_ids is None and os.path.exists(os.path.join(path, "extra_ids.txt")):
       with open(os.path.join(path, "extra_ids.txt")) as f:
-        extra_ids = int(f.read().strip())
+        text = f.read().strip()
+      if not text.isdigit():
+        raise ValueError(f"{os.path.join(path, 'extra_ids.txt')}: not a number: {text[:40]!r}")
+      extra_ids = int(text)
     model = os.path.join(path, SPM_FILENAME)
     if not os.path.exists(model):
       models = sorted(n for n in os.listdir(path) if n.endswith(".model"))
@@ -321,6 +330,5 @@ def train_sentencepiece(
       tok.save(out_path)
     else:
       os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-      with open(out_path, "wb") as f:
-        f.write(tok._proto)
+      atomic_write(out_path, tok._proto)
   return tok

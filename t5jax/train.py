@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from t5jax import checkpoint, data, distributed, hf, optim, sharding, train_config, trainer
 from t5jax import metrics as metrics_lib
+from t5jax import workdir as workdir_lib
 from t5jax.config import T5Config, get_config
 from t5jax.errors import ConfigError
 from t5jax.errors import TrainingError as TrainingError  # its home is t5jax.errors
@@ -50,6 +52,7 @@ class Run:
   eval_step: Callable
   dropout_rng: jax.Array
   last_saved: int | None  # the step of the last checkpoint (None: none yet)
+  lock: workdir_lib.WorkdirLock | None = None  # held by process 0 until the loop ends
 
 
 def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
@@ -106,12 +109,13 @@ def _tokenizer_and_model(config: TrainConfig, workdir: str) -> tuple[Tokenizer, 
   return tokenizer, model_cfg, tok_saved
 
 
-def _restore(ckpt, step: int, abstract, datasets: data.Datasets, workdir: str):
+def _restore(ckpt, step: int, abstract, datasets, workdir: str, *, close_on_error=True):
   """The train state of checkpoint `step`, with this process's data position set."""
   try:
     state, data_states = ckpt.restore(abstract, step)
   except (ValueError, KeyError, TypeError) as e:  # e.g. another optimizer's state
-    ckpt.close()
+    if close_on_error:
+      ckpt.close()
     raise TrainingError(
       f"{workdir}: cannot restore checkpoint {step} into this config's train state "
       f"(was it saved with another optimizer? {type(e).__name__}: "
@@ -136,10 +140,76 @@ def _record(run_config: TrainConfig, workdir: str, tokenizer, tok_saved: bool, m
   checkpoint.save_json(os.path.join(workdir, "train_config.json"), run_config.to_dict())
 
 
+def check_workdir(workdir: str) -> str:
+  """The absolute workdir, or a `ConfigError` when it is empty, a file or under a file."""
+  if not workdir or not workdir.strip():
+    raise ConfigError("--workdir is empty; name the folder the run writes to")
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a folder")
+  parent = os.path.dirname(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConfigError(f"--workdir {workdir} is under {parent}, which is a file")
+  return workdir
+
+
+def _lock(workdir: str) -> workdir_lib.WorkdirLock | None:
+  """Process 0 locks the workdir; every process learns whether it could (one error for all)."""
+  lock, refused = None, ""
+  if distributed.is_main_process():
+    try:
+      lock = workdir_lib.WorkdirLock(workdir).acquire()
+    except TrainingError as e:
+      refused = str(e)
+  refused = distributed.gather_json(refused)["0"]
+  if refused:
+    raise TrainingError(refused)
+  return lock
+
+
+def _restore_newest_readable(ckpt, abstract, datasets, workdir: str):
+  """`(step, state)` of the newest checkpoint that restores; unreadable newer ones are moved to
+  `checkpoints_damaged/` with a warning. A checkpoint that reads but does not fit this config's
+  state (another optimizer) is not damage: that error is raised at once."""
+  steps = sorted(ckpt.all_steps(), reverse=True)
+  skipped = []
+  for step in steps:
+    try:
+      state = _restore(ckpt, step, abstract, datasets, workdir, close_on_error=False)
+    except TrainingError:  # not into this config's state: damage only without metadata
+      if checkpoint.state_metadata_readable(workdir, step):
+        ckpt.close()
+        raise
+      skipped.append((step, FileNotFoundError("state/_METADATA is missing or unreadable")))
+      continue
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
+      skipped.append((step, e))
+      continue
+    if skipped:
+      names = ", ".join(str(s) for s, _ in skipped)
+      reason = checkpoint.short_error(skipped[0][1])
+      moved = checkpoint.move_damaged(workdir, [s for s, _ in skipped])
+      print(
+        f"warning: checkpoint {names} in {workdir}/checkpoints is unreadable ({reason}); "
+        f"resuming from checkpoint {step}; moved to {moved}",
+        file=sys.stderr,
+      )
+      ckpt.reload()
+    return step, state
+  ckpt.close()
+  newest = skipped[0][1]
+  raise TrainingError(
+    f"{workdir}: no checkpoint can be restored (newest {skipped[0][0]}: "
+    f"{checkpoint.short_error(newest)}); use a new --workdir"
+  ) from newest
+
+
 def setup(config: TrainConfig, workdir: str) -> Run:
   """Builds (or restores) everything a run needs; writes to `workdir` only once all is checked."""
   config.check_processes(jax.process_count())
-  workdir = os.path.abspath(workdir)
+  workdir = check_workdir(workdir)
   tokenizer, model_cfg, tok_saved = _tokenizer_and_model(config, workdir)
   mesh = sharding.create_mesh(config.mesh)
   schedule = optim.make_schedule(config.optimizer)
@@ -153,26 +223,34 @@ def setup(config: TrainConfig, workdir: str) -> Run:
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
+  init_params = None
+  if config.init_from and not checkpoint.has_checkpoints(workdir):
+    _, init_params = hf.load_hf(config.init_from, config=model_cfg)  # read before any write
   os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.CheckpointManager(
-    workdir,
-    keep=config.keep_checkpoints,
-    best_metric=config.best_metric,
-    best_mode=config.best_mode,
-    async_save=config.async_checkpoints,
-  )
-  last_saved = ckpt.latest_step()
-  if last_saved is not None:
-    abstract = trainer.abstract_state(model_cfg, tx, state_sh)
-    state = _restore(ckpt, last_saved, abstract, datasets, workdir)
-  elif config.init_from:
-    _, params = hf.load_hf(config.init_from, config=model_cfg)
-    state = trainer.state_from_params(params, tx, state_sh)
-  else:
-    rng = jax.random.PRNGKey(config.seed)
-    state = trainer.init_state_sharded(model_cfg, tx, mesh, rng, state_sh)
-  if distributed.is_main_process():  # the run can go ahead: record what it is
-    _record(config, workdir, tokenizer, tok_saved, model_cfg)
+  lock = _lock(workdir)  # before the checkpoint manager, whose start-up cleans temporary saves
+  try:
+    ckpt = checkpoint.CheckpointManager(
+      workdir,
+      keep=config.keep_checkpoints,
+      best_metric=config.best_metric,
+      best_mode=config.best_mode,
+      async_save=config.async_checkpoints,
+    )
+    last_saved = ckpt.latest_step()
+    if last_saved is not None:
+      abstract = trainer.abstract_state(model_cfg, tx, state_sh)
+      last_saved, state = _restore_newest_readable(ckpt, abstract, datasets, workdir)
+    elif init_params is not None:
+      state = trainer.state_from_params(init_params, tx, state_sh)
+    else:
+      rng = jax.random.PRNGKey(config.seed)
+      state = trainer.init_state_sharded(model_cfg, tx, mesh, rng, state_sh)
+    if distributed.is_main_process():  # the run can go ahead: record what it is
+      _record(config, workdir, tokenizer, tok_saved, model_cfg)
+  except BaseException:
+    if lock is not None:
+      lock.release(undo=True)  # a start that fails leaves the workdir as it was
+    raise
   step_fn = trainer.make_train_step(
     model_cfg, tx, schedule, config.loss, num_microbatches=config.num_microbatches
   )
@@ -190,6 +268,7 @@ def setup(config: TrainConfig, workdir: str) -> Run:
     eval_step=trainer.jit_eval_step(eval_fn, state_sh.params, mesh),
     dropout_rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
     last_saved=last_saved,
+    lock=lock,
   )
 
 
@@ -343,6 +422,8 @@ def loop(run: Run) -> dict[str, Any]:
       pbar.close()
     run.ckpt.close()
     writer.close()
+    if run.lock is not None:
+      run.lock.release()
   return {"train": log.last, "eval": last_eval, "step": step}
 
 

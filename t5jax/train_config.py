@@ -214,7 +214,13 @@ class TrainConfig(_Value):
   progress_bar: bool = True
 
   def __post_init__(self):
-    for name in ("num_microbatches", "log_every", "eval_every", "checkpoint_every"):
+    for name in (
+      "num_train_steps",
+      "num_microbatches",
+      "log_every",
+      "eval_every",
+      "checkpoint_every",
+    ):
       if getattr(self, name) < 1:
         raise ConfigError(f"--config.{name}={getattr(self, name)} must be >= 1")
     if self.best_mode not in ("max", "min"):

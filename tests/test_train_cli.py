@@ -23,6 +23,7 @@ import textwrap
 import threading
 import time
 
+import numpy as np
 import pytest
 from test_train import write_tsv
 
@@ -506,3 +507,107 @@ def test_demo_config_trains_then_decode_answers(tmp_path):
   lines = decode.stdout.split("\n")
   assert lines[-1] == "" and len(lines) == 4, decode.stdout
   assert all(isinstance(json.loads(line), dict) for line in lines[:-1])
+
+
+# --- what survives what (issue 9): the lock, damaged checkpoints, torn metrics, setup checks ----
+
+
+@pytest.mark.slow
+def test_a_busy_workdir_refuses_a_second_run_and_a_killed_run_leaves_no_lock(server, tmp_path):
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=2")
+  first = server.start(*args, "--config.num_train_steps=100000")
+  wait_for_checkpoint(first, workdir)
+  second = server.run(*args, "--config.num_train_steps=3")
+  assert_one_line_error(second, f"{workdir} is in use by another train.py", f"pid {first.pid}")
+  assert first.poll() is None  # the first run goes on
+  os.kill(first.pid, signal.SIGKILL)
+  assert first.wait().rc == -signal.SIGKILL
+  # A kill mid-write leaves a torn last metrics row: skipped with a warning on resume.
+  with open(workdir / "metrics.jsonl", "a") as fh:
+    fh.write('{"step": 99999, "split": "tr')
+  total = steps(workdir)[-1] + 1
+  resumed = server.run(*args, f"--config.num_train_steps={total}")  # the lock died with the run
+  assert resumed.rc == 0, resumed.stderr
+  assert "metrics.jsonl" in resumed.stderr and "skipped a torn last line" in resumed.stderr
+  assert [r["step"] for r in train_rows(workdir)] == list(range(1, total + 1))
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoints_fall_back_to_the_newest_readable(server, tmp_path, capsys):
+  from t5jax import checkpoint, inference
+
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=2")
+  assert server.run(*args, "--config.num_train_steps=6").rc == 0
+  assert steps(workdir) == [2, 4, 6]
+  _, want = checkpoint.restore_params(str(workdir), 2)
+  data_dir = workdir / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d"
+  for f in data_dir.iterdir():  # checkpoint 6: truncated array files
+    with open(f, "r+b") as fh:
+      fh.truncate(10)
+  (workdir / "checkpoints" / "4" / "state" / "_METADATA").unlink()  # checkpoint 4: no metadata
+
+  _, params, _ = inference.load(str(workdir))  # what decode.py --checkpoint WORKDIR loads
+  err = capsys.readouterr().err
+  assert "skipped unreadable checkpoint 6" in err and "4 (" in err and "using checkpoint 2" in err
+  for a, b in zip(jax_leaves(params), jax_leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+  resumed = server.run(*args, "--config.num_train_steps=8")
+  assert resumed.rc == 0, resumed.stderr
+  assert "checkpoint 6, 4" in resumed.stderr and "resuming from checkpoint 2" in resumed.stderr
+  assert steps(workdir) == [4, 6, 8]
+  assert steps(workdir, "checkpoints_damaged") == [4, 6]  # moved aside, not deleted
+  assert [r["step"] for r in train_rows(workdir)] == list(range(1, 9))
+
+
+def jax_leaves(tree):
+  import jax
+
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+def test_bad_workdirs_and_unreadable_inputs_are_one_line_and_write_nothing(server, tmp_path):
+  from hf_utils_decoding import make_hf_model, save_hf_model
+
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  garbage_spm = tmp_path / "garbage.model"
+  garbage_spm.write_bytes(os.urandom(300))
+  good_hf = tmp_path / "hf"
+  save_hf_model(make_hf_model("v1_1", seed=1, vocab_size=512, eos_swap=None), str(good_hf))
+  bad_weights = tmp_path / "bad_weights"
+  bad_weights.mkdir()
+  (bad_weights / "config.json").write_text((good_hf / "config.json").read_text())
+  (bad_weights / "model.safetensors").write_bytes(os.urandom(4096))
+  list_config = tmp_path / "list_config"
+  list_config.mkdir()
+  (list_config / "config.json").write_text("[1, 2]")
+  (list_config / "model.safetensors").write_bytes((good_hf / "model.safetensors").read_bytes())
+  fresh = tmp_path / "fresh"
+  cases = [
+    ([f"--workdir={a_file}"], [f"--workdir {a_file} is a file"]),
+    ([f"--workdir={a_file}/sub"], [f"is under {a_file}, which is a file"]),
+    (["--workdir="], ["--workdir is empty"]),
+    (["--config.checkpoint_every=0"], ["--config.checkpoint_every=0 must be >= 1"]),
+    (["--config.log_every=0"], ["--config.log_every=0 must be >= 1"]),
+    (["--config.num_train_steps=-5"], ["--config.num_train_steps=-5 must be >= 1"]),
+    ([f"--config.data.tokenizer={garbage_spm}"], [f"{garbage_spm}: not a SentencePiece model"]),
+    ([f"--config.init_from={bad_weights}"], [f"{bad_weights}/model.safetensors", "not a readable"]),
+    ([f"--config.init_from={list_config}"], [f"{list_config}/config.json", "JSON object"]),
+    ([f"--config.init_from={garbage_spm}"], [f"{garbage_spm}: no config.json"]),
+  ]
+  runs = [server.start(*tsv_args(tmp_path, fresh, *extra)) for extra, _ in cases]
+  for run, (_, fragments) in zip(runs, cases, strict=True):
+    assert_one_line_error(run.wait(), *fragments)
+  assert not fresh.exists()  # init_from is read before anything is written (no empty checkpoints/)
+  assert a_file.read_text() == "x"
+
+  # A workdir whose saved tokenizer or model config is unreadable: one line naming the file.
+  workdir = tmp_path / "wd"
+  assert server.run(*tsv_args(tmp_path, workdir, "--config.num_train_steps=1")).rc == 0
+  (workdir / "model_config.json").write_text('{"d_model": 3')
+  run = server.run(*tsv_args(tmp_path, workdir, "--config.num_train_steps=2"))
+  assert_one_line_error(run, f"{workdir}/model_config.json: unreadable model config")
