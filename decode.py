@@ -130,6 +130,8 @@ def read_lines(path: str | None) -> tuple[list[str], str]:
       raise CLIError(f"{name}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})") from e
   if lines and lines[-1] == "":
     lines.pop()  # the final newline ends the last line; it does not start an empty one
+  if lines:
+    lines[0] = lines[0].removeprefix("\ufeff")  # a UTF-8 byte order mark is not input
   return lines, name
 
 
@@ -235,6 +237,80 @@ def round_batch_size(batch_size: int, mesh) -> int:
   return rounded
 
 
+# --- output ----------------------------------------------------------------------------------
+
+
+class Output:
+  """Where the outputs go: stdout, or `--output_file` through a temporary file in its folder
+  (opened before decoding, so an unwritable path fails first), renamed over it once complete."""
+
+  def __init__(self, path: str | None):
+    self.path, self.tmp, self._fh = path, None, None
+    if path is None:
+      return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+      raise CLIError(f"output folder does not exist: {folder}")
+    if os.path.isdir(path):
+      raise CLIError(f"--output_file {path} is a folder")
+    self.tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+      self._fh = open(self.tmp, "w", encoding="utf-8")
+    except OSError as e:
+      raise CLIError(f"cannot write {path}: {e.strerror or e}") from e
+
+  def commit(self, body: str) -> None:
+    if self.path is None:
+      sys.stdout.write(body)
+      sys.stdout.flush()
+      return
+    try:
+      self._fh.write(body)
+      self._fh.flush()
+      os.fsync(self._fh.fileno())
+      self._fh.close()
+      os.replace(self.tmp, self.path)
+    except OSError as e:
+      raise CLIError(f"cannot write {self.path}: {e.strerror or e} (left unchanged)") from e
+    self.tmp = None
+
+  def discard(self) -> None:
+    """Removes the temporary file of an unfinished run (the old output stays as it was)."""
+    if self._fh is not None and not self._fh.closed:
+      self._fh.close()
+    if self.tmp is not None:
+      try:
+        os.remove(self.tmp)
+      except OSError:
+        pass
+      self.tmp = None
+
+
+def open_output(output_file: str | None, input_file: str | None) -> Output:
+  """The `Output` of --output_file, refusing the input file itself."""
+  if output_file and input_file and os.path.exists(output_file):
+    if os.path.samefile(output_file, input_file):
+      raise CLIError(f"--output_file {output_file} is the input file; write elsewhere")
+  return Output(output_file)
+
+
+def check_memory(config, gen_cfg: GenerateConfig, batch_size: int, max_input_length: int) -> None:
+  """Refuses a --max_new_tokens whose decoder cache cannot fit in one device's memory."""
+  rows = batch_size * (gen_cfg.num_beams if gen_cfg.method == "beam" else 1)
+  rows *= 1 if gen_cfg.method == "beam" else gen_cfg.num_return_sequences
+  # Self-attention keys and values of every decoder layer, float32, per generated position.
+  per_token = rows * config.num_decoder_layers * 2 * config.num_heads * config.d_kv * 4
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  longest = max(1, limit // max(per_token, 1))
+  if gen_cfg.max_new_tokens > longest:
+    raise CLIError(
+      f"--max_new_tokens {gen_cfg.max_new_tokens} cannot be allocated: its decoder cache would "
+      f"take {per_token * gen_cfg.max_new_tokens / 2**30:.1f} GiB of the device's "
+      f"{limit / 2**30:.1f} GiB (at most {longest} tokens at --batch_size {batch_size})"
+    )
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -253,14 +329,18 @@ def run(args: argparse.Namespace) -> int:
   gen_cfg = generate_config(args)
   lines, name = read_lines(args.input_file)
   texts = parse_inputs(lines, name, args.input_format, args.input_column)
-  if args.output_file:
-    out_dir = os.path.dirname(os.path.abspath(args.output_file))
-    if not os.path.isdir(out_dir):
-      raise CLIError(f"output folder does not exist: {out_dir}")
+  output = open_output(args.output_file, args.input_file)
+  try:
+    return _decode_and_write(args, gen_cfg, texts, output)
+  finally:
+    output.discard()
 
+
+def _decode_and_write(args, gen_cfg: GenerateConfig, texts: list[str], output: Output) -> int:
   mesh = make_mesh(args)
   batch_size = round_batch_size(args.batch_size, mesh)
   config, params, tokenizer = load(args)
+  check_memory(config, gen_cfg, batch_size, args.max_input_length)
   token_ids = encode_inputs(tokenizer, texts, args.max_input_length, args.strict)
   params = jax.device_put(params, sharding.param_shardings(config, mesh))
   with tqdm(total=len(texts), file=sys.stderr, disable=args.no_progress, unit="ex") as bar:
@@ -280,15 +360,7 @@ def run(args: argparse.Namespace) -> int:
       json.dumps({"input": t, "outputs": o, "scores": s}, ensure_ascii=False) + "\n"
       for t, (o, s) in zip(texts, results, strict=True)
     )
-  if args.output_file:
-    try:
-      with open(args.output_file, "w", encoding="utf-8") as f:
-        f.write(body)
-    except OSError as e:
-      raise CLIError(f"cannot write {args.output_file}: {e.strerror or e}") from e
-  else:
-    sys.stdout.write(body)
-    sys.stdout.flush()
+  output.commit(body)
   return 0
 
 

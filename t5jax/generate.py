@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -107,6 +108,8 @@ class GenerateConfig:
     if self.method == "beam":
       if self.num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+      if not math.isfinite(self.length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
       if self.num_return_sequences > self.num_beams:
         raise ValueError(
           f"num_return_sequences must be <= num_beams ({self.num_beams}), got "

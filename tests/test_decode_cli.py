@@ -246,3 +246,128 @@ def test_bucketing_shapes():
   assert shapes == {(2, 8), (2, 32)}
   seen = sorted(i for idx, _ in batches for i in idx if i >= 0)
   assert seen == list(range(5))
+
+
+# --- issue 9: outputs never replace inputs or a good file half-written; one line for bad input ---
+
+
+def test_output_is_written_atomically_never_over_the_input(
+  checkpoint, tmp_path, capsys, monkeypatch
+):
+  inp = write(tmp_path, "in.txt", "hello\nworld\n")
+  assert "is the input file" in _error(
+    ["--checkpoint", checkpoint, "--input_file", inp, "--output_file", inp], capsys
+  )
+  link = tmp_path / "link.txt"
+  os.symlink(inp, link)
+  assert "is the input file" in _error(
+    ["--checkpoint", checkpoint, "--input_file", inp, "--output_file", str(link)], capsys
+  )
+  assert open(inp).read() == "hello\nworld\n"
+
+  # An unwritable output path is reported before the checkpoint is even loaded.
+  def no_load(args):
+    raise AssertionError("loaded before the output path was checked")
+
+  monkeypatch.setattr(decode, "load", no_load)
+  for bad in ("/proc/t5jax_cannot_write_here.txt", str(tmp_path)):
+    line = _error(["--checkpoint", checkpoint, "--input_file", inp, "--output_file", bad], capsys)
+    assert bad in line, line
+  monkeypatch.undo()
+
+  # A run that fails mid-way (here: decoding raises) leaves the old output as it was, no temp file.
+  out = write(tmp_path, "out.txt", "OLD\n")
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("simulated failure during decoding")
+
+  monkeypatch.setattr(decode.inference, "generate_all", fail)
+  with pytest.raises(RuntimeError, match="simulated"):
+    decode.main(["--checkpoint", checkpoint, "--input_file", inp, "--output_file", out])
+  monkeypatch.undo()
+  assert open(out).read() == "OLD\n"
+  assert sorted(os.listdir(tmp_path)) == ["in.txt", "link.txt", "out.txt"]
+  code, _, err = run_cli(
+    [
+      "--checkpoint",
+      checkpoint,
+      "--input_file",
+      inp,
+      "--output_file",
+      out,
+      "--max_new_tokens",
+      "4",
+    ],
+    capsys,
+  )
+  assert code == 0, err
+  assert open(out).read().count("\n") == 2
+  assert sorted(os.listdir(tmp_path)) == ["in.txt", "link.txt", "out.txt"]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_input(checkpoint, tmp_path, capsys):
+  outs = []
+  for name, body in (("a.jsonl", '{"inputs": "hello"}\n'), ("a.tsv", "inputs\nhello\n")):
+    plain = write(tmp_path, name, body)
+    bom = write(tmp_path, "bom_" + name, ("\ufeff" + body).encode("utf-8"), mode="wb")
+    for path in (plain, bom):
+      code, stdout, err = run_cli(
+        ["--checkpoint", checkpoint, "--input_file", path, "--max_new_tokens", "4"], capsys
+      )
+      assert code == 0, err
+      outs.append(stdout)
+  assert outs[0] == outs[1] and outs[2] == outs[3]
+
+
+def test_garbage_checkpoint_files_are_one_line(checkpoint, tmp_path, capsys):
+  good = write(tmp_path, "good.txt", "hello\n")
+
+  def variant(name, files):
+    """The checkpoint with some of its files replaced (the others linked)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors", "byt5.txt"):
+      if f not in files and os.path.exists(os.path.join(checkpoint, f)):
+        os.symlink(os.path.join(checkpoint, f), folder / f)
+    for f, content in files.items():
+      (folder / f).write_bytes(content)
+    return str(folder)
+
+  def err(folder, *extra):
+    return _error(["--checkpoint", folder, "--input_file", good, *extra], capsys)
+
+  rng = np.random.default_rng(0)
+  garbage = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+  assert "model.safetensors: not a readable safetensors" in err(
+    variant("w", {"model.safetensors": garbage})
+  )
+  assert "config.json: expected a JSON object, got a list" in err(
+    variant("c", {"config.json": b"[1, 2]"})
+  )
+  cfg = json.load(open(os.path.join(checkpoint, "config.json")))
+  huge = json.dumps({**cfg, "vocab_size": 10**12}).encode()
+  assert "vocab_size 1000000000000 exceeds the limit 2147483647" in err(
+    variant("v", {"config.json": huge})
+  )
+  spm = variant("s", {"spiece.model": garbage})
+  os.remove(os.path.join(spm, "byt5.txt"))
+  line = err(spm)
+  assert "spiece.model: not a SentencePiece model" in line, line
+  tok = os.path.join(spm, "spiece.model")
+  assert "spiece.model: not a SentencePiece model" in err(checkpoint, "--tokenizer", tok)
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--max_new_tokens", "1000000000"], "--max_new_tokens 1000000000 cannot be allocated"),
+    (["--method", "beam", "--length_penalty", "nan"], "--length_penalty must be a finite number"),
+    (["--method", "beam", "--num_beams", "0"], "--num_beams must be >= 1"),
+  ],
+)
+def test_unusable_generation_settings_are_one_line(checkpoint, tmp_path, capsys, flags, message):
+  good = write(tmp_path, "good.txt", "hello\n")
+  line = _error(["--checkpoint", checkpoint, "--input_file", good] + flags, capsys)
+  assert message in line, line
+  if "max_new_tokens" in flags:
+    assert "at most" in line and "GiB" in line  # the limit is named
