@@ -131,14 +131,18 @@ def short_error(e: BaseException) -> str:
   return f"{type(e).__name__}: {text.split(' See full TensorStore details')[0][:200]}"
 
 
-def state_metadata_readable(workdir: str, step: int) -> bool:
-  """True when checkpoint `step`'s `state/_METADATA` (its tree structure) exists and parses."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA")
+def readable(workdir: str, step: int) -> bool:
+  """True when checkpoint `step`'s whole state restores into its own saved structure (on one
+  device): a restore into a run's state that fails on a readable checkpoint is a config
+  mismatch, not damage."""
+  mgr = _reader(os.path.join(os.path.abspath(workdir), "checkpoints"))
   try:
-    with open(path) as fh:
-      return isinstance(json.load(fh), dict)
-  except (OSError, ValueError):
+    _restore_state_at(mgr, step)
+    return True
+  except Exception:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
     return False
+  finally:
+    mgr.close()
 
 
 def move_damaged(workdir: str, steps: list[int]) -> str:
@@ -183,10 +187,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
   unreadable newest checkpoint is skipped with a warning naming it (the next newest is tried).
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  mgr = ocp.CheckpointManager(
-    directory,
-    item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
-  )
+  mgr = _reader(directory)
   try:
     steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
     if not steps:
@@ -194,7 +195,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
     skipped = []
     for s in steps:
       try:
-        params = _restore_params_at(mgr, s)
+        params = _restore_state_at(mgr, s)["params"]
       except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
         skipped.append(f"{s} ({short_error(e)})")
         continue
@@ -210,7 +211,14 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
     mgr.close()
 
 
-def _restore_params_at(mgr, step: int):
+def _reader(directory: str):
+  return ocp.CheckpointManager(
+    directory,
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+  )
+
+
+def _restore_state_at(mgr, step: int):
   meta = mgr.item_metadata(step)["state"]
   if meta is None:
     raise FileNotFoundError(f"checkpoint {step} has no readable state metadata")
@@ -220,7 +228,7 @@ def _restore_params_at(mgr, step: int):
     meta.tree if hasattr(meta, "tree") else meta,
   )
   out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  return out["state"]["params"]
+  return out["state"]
 
 
 def _cpu_sharding():

@@ -178,11 +178,11 @@ def _restore_newest_readable(ckpt, abstract, datasets, workdir: str):
   for step in steps:
     try:
       state = _restore(ckpt, step, abstract, datasets, workdir, close_on_error=False)
-    except TrainingError:  # not into this config's state: damage only without metadata
-      if checkpoint.state_metadata_readable(workdir, step):
+    except TrainingError as e:  # not into this config's state: a mismatch, or damage?
+      if checkpoint.readable(workdir, step):
         ckpt.close()
         raise
-      skipped.append((step, FileNotFoundError("state/_METADATA is missing or unreadable")))
+      skipped.append((step, e.__cause__ or e))
       continue
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
       skipped.append((step, e))
