@@ -418,26 +418,6 @@ def test_a_second_signal_during_the_save_kills_at_once_and_the_run_resumes(serve
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_finishes(server, tmp_path):
-  workdir = tmp_path / "wd"
-  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=2")
-  run = server.start(*args, "--config.num_train_steps=100000")
-  wait_for_checkpoint(run, workdir)
-  time.sleep(0.5)
-  os.kill(run.pid, signal.SIGKILL)
-  assert run.wait().rc == -signal.SIGKILL
-  last = steps(workdir)[-1]
-  total = last + 3
-  resumed = server.run(*args, f"--config.num_train_steps={total}")
-  assert resumed.rc == 0, resumed.stderr
-  assert steps(workdir)[-1] == total
-  # Steps the killed run logged past its checkpoint were redone: each step is logged once.
-  assert [r["step"] for r in train_rows(workdir)] == list(range(1, total + 1))
-  assert os.path.isfile(workdir / "export" / "params.safetensors")
-  assert os.path.isfile(workdir / "export" / "hf" / "config.json")
-
-
-@pytest.mark.slow
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(server, tmp_path):
   workdir = tmp_path / "wd"
   run = server.run(
@@ -513,11 +493,13 @@ def test_demo_config_trains_then_decode_answers(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_busy_workdir_refuses_a_second_run_and_a_killed_run_leaves_no_lock(server, tmp_path):
+def test_kill_9_then_resume_finishes_and_a_busy_workdir_refuses_a_second_run(server, tmp_path):
   workdir = tmp_path / "wd"
   args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=2")
   first = server.start(*args, "--config.num_train_steps=100000")
   wait_for_checkpoint(first, workdir)
+  time.sleep(0.5)
+  # A second run on the busy workdir refuses, naming the first (the workdir lock).
   second = server.run(*args, "--config.num_train_steps=3")
   assert_one_line_error(second, f"{workdir} is in use by another train.py", f"pid {first.pid}")
   assert first.poll() is None  # the first run goes on
@@ -526,11 +508,15 @@ def test_a_busy_workdir_refuses_a_second_run_and_a_killed_run_leaves_no_lock(ser
   # A kill mid-write leaves a torn last metrics row: skipped with a warning on resume.
   with open(workdir / "metrics.jsonl", "a") as fh:
     fh.write('{"step": 99999, "split": "tr')
-  total = steps(workdir)[-1] + 1
+  total = steps(workdir)[-1] + 3
   resumed = server.run(*args, f"--config.num_train_steps={total}")  # the lock died with the run
   assert resumed.rc == 0, resumed.stderr
   assert "metrics.jsonl" in resumed.stderr and "skipped a torn last line" in resumed.stderr
+  assert steps(workdir)[-1] == total
+  # Steps the killed run logged past its checkpoint were redone: each step is logged once.
   assert [r["step"] for r in train_rows(workdir)] == list(range(1, total + 1))
+  assert os.path.isfile(workdir / "export" / "params.safetensors")
+  assert os.path.isfile(workdir / "export" / "hf" / "config.json")
 
 
 @pytest.mark.slow
