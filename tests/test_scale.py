@@ -347,6 +347,7 @@ def _files(workdir) -> dict[str, Any]:
     for name in names:
       rel = os.path.normpath(os.path.join(rel_root, name))
       raw = name.startswith("events.out") or name.endswith(".safetensors") or rel == "metrics.jsonl"
+      raw = raw or rel == "train.lock"  # present in both; it names its holder (pid, host, time)
       with open(os.path.join(root, name), "rb") as fh:
         out[rel] = None if raw else fh.read()
       if rel == "train_config.json":  # the one field the two runs set apart
