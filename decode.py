@@ -16,7 +16,8 @@ data x fsdp, so a model too large for one device still decodes. Outputs equal a 
 
 Bad input (missing or unreadable files, invalid UTF-8, no inputs, a checkpoint without weights or
 tokenizer, incompatible flags, a mesh that does not fit the devices) exits with status 2 and a
-one-line error.
+one-line error. --output_file is written to a temporary file (opened before the model loads, so an
+unwritable path fails first) and renamed over it at the end; the input file itself is refused.
 """
 
 from __future__ import annotations
