@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_HF_MODEL_TYPES = ("t5", "mt5", "umt5")
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,9 @@ class T5Config:
     dtype: computation dtype ("float32", "bfloat16"); norms, softmax and logits stay float32.
     param_dtype: parameter dtype (float32 for training).
     pad_token_id, eos_token_id, decoder_start_token_id: special ids (0, 1, 0 in every T5).
+    attention_impl: "einsum" (default: scores, softmax and values as einsums) or a fused kernel
+      through `jax.nn.dot_product_attention`: "dot_product" (cuDNN flash attention on NVIDIA GPUs
+      where it applies, XLA's otherwise), "cudnn" (forced) or "xla". See `t5jax.layers.attend`.
   """
 
   vocab_size: int = 32128
@@ -64,8 +68,13 @@ class T5Config:
   pad_token_id: int = 0
   eos_token_id: int = 1
   decoder_start_token_id: int = 0
+  attention_impl: str = "einsum"
 
   def __post_init__(self):
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(
+        f"T5Config.attention_impl={self.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}"
+      )
     _ = self.activation  # validates feed_forward_proj
     for name in ("dtype", "param_dtype"):
       try:

@@ -4,7 +4,8 @@
 once, cross-attention keys/values are computed once per example (batch B) and shared by the r beams
 or samples of that example (the model's `decode_step` maps row `b*r + j` to example b), the
 self-attention cache `[B*r, L, H, K]` is preallocated, and the loop is a `lax.while_loop` that
-stops as soon as every row is finished.
+stops as soon as every row is finished. Parameters are cast to `config.dtype` once before the loop
+(`compute_dtype_params`) and the caches are in that dtype, so no step converts a weight.
 
 Conventions (see also `t5jax.decoding`):
 - `sequences` exclude the decoder start token and hold `config.pad_token_id` (0) after EOS, for
@@ -147,6 +148,26 @@ class GenerateConfig:
     )
 
 
+# Parameters the model reads in float32 whatever the compute dtype (norm statistics, the
+# relative-position bias); every other floating parameter is a matrix used in `config.dtype`.
+_FLOAT32_PARAMS = ("scale", "rel_embedding")
+
+
+def compute_dtype_params(params: Any, config: T5Config) -> Any:
+  """`params` with every matrix cast to `config.dtype` (norm scales and relative-position tables
+  kept as they are), so a decoding loop converts no weight per step. The model casts each weight
+  to `config.dtype` where it uses it, so the results are the same values (tested)."""
+  dtype = jnp.dtype(config.dtype)
+
+  def cast(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name in _FLOAT32_PARAMS or not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return x.astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "settings"))
 def _generate(
   params, encoder_input_tokens, rng, length_penalty, early_stopping, *, config, settings
@@ -157,6 +178,7 @@ def _generate(
   batch = encoder_input_tokens.shape[0]
   rows_per_example = s.num_beams if s.method == "beam" else s.num_return_sequences
   num_rows = batch * rows_per_example
+  params = compute_dtype_params(params, config)  # once, outside the loop
   encoded = model.encode(params, config, encoder_input_tokens)
   cross = model.init_cross_cache(params, config, encoded, encoder_input_tokens)
   cache = model.init_self_cache(config, num_rows, s.max_new_tokens)

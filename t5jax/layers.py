@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 
@@ -138,30 +140,163 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(cfg.dtype)
 
 
+@flax.struct.dataclass
+class AttentionMask:
+  """Which keys each query may attend to, kept in parts so a fused kernel can use its fast forms.
+
+  The einsum path builds the dense boolean mask (`dense`); the fused path passes key lengths and
+  `is_causal` to `jax.nn.dot_product_attention` and only what is left (packed segments) as a mask.
+
+  Attributes:
+    key_valid: bool `[B, S]`, False at padding (trailing, as T5 pads), or None.
+    key_lengths: int `[B]` or `[1]`, keys `0 .. length-1` are valid (decoding's cache), or None.
+    query_segments, key_segments: int `[B, T]`, `[B, S]` packed-row segment ids, or None.
+    causal: query `t` sees keys `<= t` (static).
+  """
+
+  key_valid: jax.Array | None = None
+  key_lengths: jax.Array | None = None
+  query_segments: jax.Array | None = None
+  key_segments: jax.Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def dense(self, t: int, s: int) -> jax.Array | None:
+    """Boolean `[B|1, 1, T|1, S]` mask, True = may attend; None when everything may."""
+    mask = None
+
+    def both(m):
+      return m if mask is None else mask & m
+
+    if self.key_valid is not None:
+      mask = both(self.key_valid[:, None, None, :])
+    if self.key_lengths is not None:
+      mask = both((jnp.arange(s)[None, :] < self.key_lengths[:, None])[:, None, None, :])
+    if self.query_segments is not None:
+      seg = self.query_segments[:, None, :, None] == self.key_segments[:, None, None, :]
+      mask = both(seg)
+    if self.causal:
+      mask = both(jnp.asarray(np.tril(np.ones((t, s), bool)))[None, None])
+    return mask
+
+
+def _group_queries(x, n: int, b: int, t: int):
+  """`[1|B|N, h, T|1, S]` mask or bias -> `[1|B, h, r*T|1, S]`, for queries folded to `[B, r*T]`."""
+  r = n // b
+  if x is None or r == 1:
+    return x
+  if x.shape[0] == n:  # one per query row: [B, r, h, T, S] -> [B, h, r*T, S]
+    x = jnp.broadcast_to(x, (n, x.shape[1], t, x.shape[3]))
+    x = jnp.moveaxis(x.reshape(b, r, x.shape[1], t, x.shape[3]), 1, 2)
+    return x.reshape(b, x.shape[1], r * t, x.shape[4])
+  if x.shape[2] == 1:
+    return x
+  return jnp.tile(x, (1, 1, r, 1))
+
+
+def _on_cuda() -> bool:
+  """Whether the default backend is an NVIDIA GPU (cuDNN); ROCm GPUs are "gpu" too."""
+  backend = jax.extend.backend.get_backend()
+  return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
+
+
+def _use_cudnn(impl: str, q, s: int, has_bias: bool) -> bool:
+  """Whether `impl` runs on cuDNN's flash attention: forced by "cudnn"; for "dot_product", on a
+  CUDA backend with bf16/fp16 inputs, a head width cuDNN takes (a multiple of 8, <= 128) and, with
+  a bias, even lengths (its training kernels require them; one-query decoding steps are exempt)."""
+  if impl != "dot_product":
+    return impl == "cudnn"
+  t, kd = q.shape[1], q.shape[3]
+  return (
+    _on_cuda()
+    and q.dtype in (jnp.bfloat16, jnp.float16)
+    and kd % 8 == 0
+    and kd <= 128
+    and (not has_bias or t == 1 or (t % 2 == 0 and s % 2 == 0))
+  )
+
+
+def _attend_fused(q_BTHK, k_BSHK, v_BSHK, bias, mask, impl: str) -> jax.Array:
+  """`attend` through `jax.nn.dot_product_attention` (scale 1: T5's scores are unscaled)."""
+  n, t, h, kd = q_BTHK.shape
+  b, s = k_BSHK.shape[:2]
+  r = n // b
+  q = q_BTHK.reshape(b, r * t, h, kd)  # the r query rows of one example share its keys
+  dense = mask if isinstance(mask, jax.Array) else None
+  lengths, causal = None, False
+  if isinstance(mask, AttentionMask):
+    causal = mask.causal
+    if causal and r > 1:
+      raise ValueError("causal attention with grouped query rows is not supported")
+    if mask.key_lengths is not None:
+      lengths = jnp.broadcast_to(mask.key_lengths.astype(jnp.int32), (b,))
+    elif mask.key_valid is not None:
+      # Trailing padding as a length: the form cuDNN's kernels take without a dense mask. At least
+      # 1, so an all-padding row stays finite (its output is never used).
+      lengths = jnp.maximum(jnp.sum(mask.key_valid, axis=-1, dtype=jnp.int32), 1)
+    if mask.query_segments is not None:
+      dense = AttentionMask(query_segments=mask.query_segments, key_segments=mask.key_segments)
+      dense = dense.dense(t, s)
+  dense = _group_queries(dense, n, b, t)
+  bias = _group_queries(bias, n, b, t)
+  use_cudnn = _use_cudnn(impl, q, s, bias is not None)
+  if bias is not None:
+    bias = bias.astype(q.dtype) if use_cudnn else bias
+    if use_cudnn:  # cuDNN takes a bias with the full [T, S] extent only
+      bias = jnp.broadcast_to(bias, bias.shape[:2] + (r * t, s))
+  if dense is not None:
+    dense = jnp.broadcast_to(dense, dense.shape[:2] + (r * t, s))
+  out = jax.nn.dot_product_attention(
+    q,
+    k_BSHK.astype(q.dtype),
+    v_BSHK.astype(q.dtype),
+    bias=bias,
+    mask=dense,
+    scale=1.0,
+    is_causal=causal,
+    key_value_seq_lengths=lengths,
+    implementation="cudnn" if use_cudnn else "xla",
+  )
+  return out.reshape(n, t, h, kd)
+
+
 def attend(
   q_BTHK: jax.Array,
   k_BSHK: jax.Array,
   v_BSHK: jax.Array,
   bias: jax.Array | None,
-  mask: jax.Array | None,
+  mask: jax.Array | AttentionMask | None,
   *,
   dropout: nn.Module | None = None,
   deterministic: bool = True,
+  impl: str = "einsum",
 ) -> jax.Array:
   """Unscaled dot-product attention (T5 folds 1/sqrt(K) into the query init).
 
   Args:
     q_BTHK, k_BSHK, v_BSHK: queries, keys, values. Queries may have `B * r` rows for `B` key rows:
       each group of `r` consecutive query rows then attends to one key row (beams, samples).
-    bias: float32, broadcastable to `[B*r, H, T, S]`, or None.
-    mask: bool, broadcastable to `[B*r, H, T, S]`, True where attention is allowed, or None.
+    bias: float (float32 or the compute dtype), broadcastable to `[B*r, H, T, S]`, or None.
+    mask: an `AttentionMask`, or bool broadcastable to `[B*r, H, T, S]` (True where attention is
+      allowed), or None.
+    dropout, deterministic: dropout on the attention probabilities (einsum path only).
+    impl: `T5Config.attention_impl`. "einsum" computes scores, softmax and values as einsums;
+      "dot_product", "cudnn" and "xla" call `jax.nn.dot_product_attention` (see `_use_cudnn`),
+      which equals the einsum path (tested), except that key padding is taken as trailing
+      (T5 pads at the end) and a query row with no valid key attends to the first key instead of
+      uniformly to all. With dropout active (training with `dropout_rate > 0`) the einsum path
+      runs, since the fused kernels have no dropout on probabilities.
 
   Returns:
     `[B*r, T, H, K]` in the queries' dtype.
   """
+  dropping = dropout is not None and not deterministic and dropout.rate > 0
+  if impl != "einsum" and not dropping:
+    return _attend_fused(q_BTHK, k_BSHK, v_BSHK, bias, mask, impl)
   n, t, h, kd = q_BTHK.shape
-  b = k_BSHK.shape[0]
+  b, s = k_BSHK.shape[:2]
   r = n // b
+  if isinstance(mask, AttentionMask):
+    mask = mask.dense(t, s)
   q = q_BTHK.reshape(b, r, t, h, kd)
   scores = jnp.einsum("brthk,bshk->brhts", q, k_BSHK, preferred_element_type=jnp.float32)
 
@@ -217,6 +352,7 @@ class Attention(nn.Module):
       mask,
       dropout=self.dropout,
       deterministic=deterministic,
+      impl=self.config.attention_impl,
     )
     return self.output(o)
 

@@ -22,6 +22,7 @@ Plain `jnp` ops, so `jax.grad` is exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -198,3 +199,70 @@ def compute_loss(
     "num_tokens": num_tokens,
   }
   return loss, aux
+
+
+def blocked_loss_sums(
+  hidden_BTD: jax.Array,
+  targets_BT: jax.Array,
+  weights_BT: jax.Array | None,
+  project: Callable[[jax.Array], jax.Array],
+  *,
+  block_size: int,
+  label_smoothing: float = 0.0,
+  z_loss: float = 0.0,
+) -> dict[str, jax.Array]:
+  """`compute_loss`'s sums without the whole float32 `[B, T, V]` logits: the output projection
+  runs inside blocks of `block_size` target positions (each `[B, block_size, V]`).
+
+  A `lax.scan` walks the blocks; each block is `jax.checkpoint`ed, so the backward pass keeps
+  only the block's hidden states and recomputes its logits (one more output-layer matmul forward,
+  about 2% of a t5-v1_1-base step). `T` need not divide by `block_size` (the tail is padded with
+  weight 0). Equal to `compute_loss` on `project(hidden_BTD)` up to float32 summation order.
+
+  Args:
+    hidden_BTD: the decoder's final hidden states `[B, T, D]` (`model.forward(...,
+      return_hidden=True)`).
+    targets_BT: integer targets `[B, T]`.
+    weights_BT: loss weights `[B, T]`; None means `targets != 0`.
+    project: hidden `[B, t, D]` -> float32 logits `[B, t, V]` (`model.logits_from_hidden`).
+    block_size: target positions per block, >= 1.
+    label_smoothing, z_loss: see `cross_entropy_with_logits`.
+
+  Returns:
+    float32 scalars `loss_sum`, `z_loss_sum`, `num_correct`, `num_tokens` (as `compute_loss`'s).
+  """
+  if block_size < 1:
+    raise ValueError(f"block_size must be >= 1, got {block_size}")
+  if weights_BT is None:
+    weights_BT = targets_BT != 0
+  weights_BT = weights_BT.astype(jnp.float32)
+  b, t, d = hidden_BTD.shape
+  blocks = -(-t // block_size)
+  pad = blocks * block_size - t
+
+  def split(x):  # [B, T, ...] -> [blocks, B, block_size, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, blocks, block_size) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def block(h_BtD, targets_Bt, weights_Bt):
+    logits_BtV = project(h_BtD)
+    loss_Bt, z_Bt = cross_entropy_with_logits(
+      logits_BtV, targets_Bt, label_smoothing=label_smoothing, z_loss=z_loss
+    )
+    correct_Bt = (jnp.argmax(logits_BtV, axis=-1) == targets_Bt).astype(jnp.float32)
+    return jnp.stack(
+      [jnp.sum(loss_Bt * weights_Bt), jnp.sum(z_Bt * weights_Bt), jnp.sum(correct_Bt * weights_Bt)]
+    )
+
+  def body(total, xs):
+    return total + block(*xs), None
+
+  xs = (split(hidden_BTD), split(targets_BT.astype(jnp.int32)), split(weights_BT))
+  total, _ = jax.lax.scan(body, jnp.zeros((3,), jnp.float32), xs)
+  return {
+    "loss_sum": total[0],
+    "z_loss_sum": total[1],
+    "num_correct": total[2],
+    "num_tokens": jnp.sum(weights_BT),
+  }

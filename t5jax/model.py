@@ -31,7 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5jax.config import T5Config
-from t5jax.layers import MLP, Attention, RelativePositionBias, RMSNorm, init_std, param
+from t5jax.layers import (
+  MLP,
+  Attention,
+  AttentionMask,
+  RelativePositionBias,
+  RMSNorm,
+  init_std,
+  param,
+)
 from t5jax.partitioning import with_logical_constraint
 
 Params = dict[str, Any]
@@ -60,15 +68,10 @@ def _relative_positions(q_len: int, k_len: int, q_pos=None, k_pos=None):
   return k_pos[:, None, :] - q_pos[:, :, None]
 
 
-def _attention_mask(q_valid, k_valid, q_seg=None, k_seg=None, causal=False):
-  """Boolean `[B, 1, T, S]` mask (True = may attend)."""
-  mask = k_valid[:, None, None, :]
-  if q_seg is not None:
-    mask = mask & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
-  if causal:
-    t, s = q_valid.shape[1], k_valid.shape[1]
-    mask = mask & jnp.asarray(np.tril(np.ones((t, s), bool)))[None, None]
-  return mask
+def _attention_mask(q_valid, k_valid, q_seg=None, k_seg=None, causal=False) -> AttentionMask:
+  """Who may attend to whom (`AttentionMask.dense` is the boolean `[B, 1, T, S]` form)."""
+  del q_valid  # every query row attends; padded queries' outputs are never read
+  return AttentionMask(key_valid=k_valid, query_segments=q_seg, key_segments=k_seg, causal=causal)
 
 
 # --- layers ----------------------------------------------------------------------------------
@@ -205,8 +208,8 @@ class Decoder(nn.Module):
     # Only this step's row of the bias: keys 0..L-1 against query position `step`.
     rel = (jnp.arange(max_len, dtype=jnp.int32) - step)[None, None, :]  # [1, 1, L]
     bias = self._bias(rel)
-    self_mask = (jnp.arange(max_len) <= step)[None, None, None, :]
-    cross_mask = cross["mask"][:, None, None, :]
+    self_mask = AttentionMask(key_lengths=jnp.reshape(step + 1, (1,)))  # keys 0..step
+    cross_mask = AttentionMask(key_valid=cross["mask"])
     new_cache = {}
     y = y_N1D
     for i, layer in enumerate(self.layers):
@@ -253,7 +256,7 @@ class T5(nn.Module):
 
   def decode(
     self, encoded_BSD, enc_tokens_BS, dec_tokens_BT, enc_segment_ids=None, dec_segment_ids=None,
-    dec_positions=None, deterministic=True,
+    dec_positions=None, deterministic=True, return_hidden=False,
   ):  # fmt: skip
     enc_valid = enc_tokens_BS != self.config.pad_token_id
     dec_valid = jnp.ones(dec_tokens_BT.shape, bool)
@@ -264,16 +267,16 @@ class T5(nn.Module):
     y = self.decoder(
       self.embed(dec_tokens_BT), encoded_BSD, self_mask, cross_mask, dec_positions, deterministic
     )
-    return self.logits(y)
+    return y if return_hidden else self.logits(y)
 
   def __call__(
     self, enc_tokens, dec_tokens, enc_segment_ids=None, dec_segment_ids=None, enc_positions=None,
-    dec_positions=None, deterministic=True,
+    dec_positions=None, deterministic=True, return_hidden=False,
   ):  # fmt: skip
     encoded = self.encode(enc_tokens, enc_segment_ids, enc_positions, deterministic)
     return self.decode(
       encoded, enc_tokens, dec_tokens, enc_segment_ids, dec_segment_ids, dec_positions,
-      deterministic,
+      deterministic, return_hidden,
     )  # fmt: skip
 
   def cross_cache(self, encoded_BSD, enc_tokens_BS):
@@ -341,7 +344,7 @@ def _rngs(dropout_rng):
   return None if dropout_rng is None else {"dropout": dropout_rng}
 
 
-@partial(jax.jit, static_argnums=1)
+@partial(jax.jit, static_argnums=1, static_argnames=("return_hidden",))
 def forward(
   params: Params,
   config: T5Config,
@@ -353,6 +356,7 @@ def forward(
   decoder_segment_ids: jax.Array | None = None,
   encoder_positions: jax.Array | None = None,
   decoder_positions: jax.Array | None = None,
+  return_hidden: bool = False,
 ) -> jax.Array:
   """Teacher-forced logits.
 
@@ -364,9 +368,11 @@ def forward(
     dropout_rng: enables dropout when given.
     encoder_segment_ids, decoder_segment_ids: int `[B, S]`, `[B, T]` for packed rows.
     encoder_positions, decoder_positions: int positions restarting per packed segment.
+    return_hidden: return the decoder's final hidden states `[B, T, D]` (compute dtype) instead,
+      for `logits_from_hidden` (the blocked loss projects them a block of tokens at a time).
 
   Returns:
-    float32 logits `[B, T, V]`.
+    float32 logits `[B, T, V]` (or the hidden states).
   """
   return _apply(
     params,
@@ -379,8 +385,16 @@ def forward(
     encoder_positions,
     decoder_positions,
     deterministic=dropout_rng is None,
+    return_hidden=return_hidden,
     rngs=_rngs(dropout_rng),
   )
+
+
+def logits_from_hidden(params: Params, config: T5Config, hidden_BTD: jax.Array) -> jax.Array:
+  """The output layer: float32 logits `[..., T, V]` of decoder hidden states `[..., T, D]`
+  (`forward(..., return_hidden=True)`); only `shared` / `lm_head` are read. Not jitted: it is
+  meant to run inside a caller's blocks."""
+  return _apply(params, config, T5.logits, hidden_BTD)
 
 
 @partial(jax.jit, static_argnums=1)

@@ -149,8 +149,15 @@ class LossConfig(_Value):
   # "num_tokens", "total_tokens" or a constant ("constant:<x>" or a number); see
   # `t5jax.losses.parse_normalizer`. ("batch", a mean per sequence, is for `compute_loss` alone.)
   normalizer: str | float = "num_tokens"
+  # Target positions per block of the blocked loss: the output layer and the loss run over
+  # [batch, block_size] tokens at a time (rematerialised in the backward pass), so the float32
+  # [batch, target_length, vocab] logits never exist whole; 0 = all at once
+  # (see `losses.blocked_loss_sums`).
+  block_size: int = 0
 
   def __post_init__(self):
+    if self.block_size < 0:
+      raise ConfigError(f"config.loss.block_size must be >= 0 (0 = off), got {self.block_size}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
     try:

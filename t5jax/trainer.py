@@ -44,7 +44,7 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def _logits(params, config: T5Config, batch: Batch, dropout_rng) -> jax.Array:
+def _forward(params, config: T5Config, batch: Batch, dropout_rng, return_hidden=False):
   extra = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
   return model.forward(
     params,
@@ -52,31 +52,49 @@ def _logits(params, config: T5Config, batch: Batch, dropout_rng) -> jax.Array:
     batch["encoder_input_tokens"],
     batch["decoder_input_tokens"],
     dropout_rng=dropout_rng,
+    return_hidden=return_hidden,
     **extra,
   )
+
+
+def _loss_sums(params, config: T5Config, batch: Batch, dropout_rng, loss_cfg: LossConfig):
+  """`loss_sum`, `z_loss_sum`, `num_correct`, `num_tokens` of one (micro)batch: over the whole
+  float32 logits, or a block of target positions at a time (`loss_cfg.block_size`)."""
+  weights = batch.get("decoder_loss_weights")
+  targets = batch["decoder_target_tokens"]
+  if loss_cfg.block_size:
+    hidden = _forward(params, config, batch, dropout_rng, return_hidden=True)
+    return losses.blocked_loss_sums(
+      hidden,
+      targets,
+      weights,
+      lambda h: model.logits_from_hidden(params, config, h),
+      block_size=loss_cfg.block_size,
+      label_smoothing=loss_cfg.label_smoothing,
+      z_loss=loss_cfg.z_loss,
+    )
+  _, aux = losses.compute_loss(
+    _forward(params, config, batch, dropout_rng),
+    targets,
+    weights,
+    label_smoothing=loss_cfg.label_smoothing,
+    z_loss=loss_cfg.z_loss,
+    normalizer=1.0,
+  )
+  return {k: aux[k] for k in ("loss_sum", "z_loss_sum", "num_correct", "num_tokens")}
 
 
 def _sums(
   params, config: T5Config, batch: Batch, dropout_rng, loss_cfg: LossConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Unnormalised loss sum (what the gradient of one microbatch is taken of) and metric sums."""
-  logits = _logits(params, config, batch, dropout_rng)
-  weights = batch.get("decoder_loss_weights")
-  _, aux = losses.compute_loss(
-    logits,
-    batch["decoder_target_tokens"],
-    weights,
-    label_smoothing=loss_cfg.label_smoothing,
-    z_loss=loss_cfg.z_loss,
-    normalizer=1.0,
-  )
-  sums = {k: aux[k] for k in ("loss_sum", "z_loss_sum", "num_correct", "num_tokens")}
+  sums = _loss_sums(params, config, batch, dropout_rng, loss_cfg)
   # "total_tokens" normalises by every target position, padding included.
   sums["num_positions"] = jnp.float32(batch["decoder_target_tokens"].size)
   sums["num_rows"] = jnp.sum(
     jnp.max(batch["decoder_target_tokens"] != 0, axis=-1).astype(jnp.float32)
   )
-  return aux["loss_sum"], sums
+  return sums["loss_sum"], sums
 
 
 def _normalizer(loss_cfg: LossConfig, sums) -> jax.Array:
