@@ -79,11 +79,15 @@ def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
     raise ConfigError(str(e)) from e
 
 
+# Model fields that change how a step computes, not the parameters: a run may resume with others.
+RESUMABLE_CHANGES = ("dropout_rate", "dtype", "attention_impl")
+
+
 def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
   diffs = [
     f"{k}: saved {v!r}, now {now.to_dict()[k]!r}"
     for k, v in saved.to_dict().items()
-    if k not in ("dropout_rate", "dtype") and now.to_dict()[k] != v
+    if k not in RESUMABLE_CHANGES and now.to_dict()[k] != v
   ]
   if diffs:
     raise TrainingError(

@@ -314,3 +314,15 @@ def test_check_finite_names_the_step_and_what_is_kept():
     _check_finite(7, {**ok, "loss": float("nan")}, None, "/w")
   with pytest.raises(TrainingError, match=r"param_norm is inf at step 9; .*\(step 8\)"):
     _check_finite(9, {**ok, "param_norm": float("inf")}, 8, "/w")
+
+
+@pytest.mark.slow
+def test_resume_accepts_a_new_attention_impl_and_refuses_a_new_architecture(tmp_path):
+  """attention_impl changes how a step computes, not the parameters; d_ff changes the params."""
+  workdir = str(tmp_path / "wd")
+  train_and_evaluate(tiny_run_config(tmp_path, num_train_steps=2), workdir)
+  fused = tiny_run_config(tmp_path, num_train_steps=3, **{"model.attention_impl": "dot_product"})
+  assert train_and_evaluate(fused, workdir)["step"] == 3
+  wider = tiny_run_config(tmp_path, num_train_steps=4, **{"model.d_ff": 2 * TINY["d_ff"]})
+  with pytest.raises(TrainingError, match="incompatible model config.*d_ff"):
+    train_and_evaluate(wider, workdir)
