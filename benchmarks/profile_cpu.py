@@ -134,7 +134,7 @@ def profile_jax(args):
       float(m["loss"])
 
   else:
-    from t5jax import generate as gen_mod
+    from t5jax.generate import generate
 
     rng = np.random.default_rng(args.seed)
     tokens = rng.integers(3, config.vocab_size - 200, size=(args.batch, args.input_len))
@@ -146,7 +146,7 @@ def profile_jax(args):
       kw["num_beams"] = args.num_beams
 
     def run():
-      jax.block_until_ready(gen_mod.generate(params, config, tokens, **kw).sequences)
+      jax.block_until_ready(generate(params, config, tokens, **kw).sequences)
 
     run()  # compiles; the optimized HLO comes from the dump folder
     texts = _compiled_texts_from_dump(args)

@@ -61,7 +61,12 @@ def parse_args(argv=None):
   p.add_argument("--dropout", type=float, default=0.0)
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--steps", type=int, default=6, help="timed steps per process")
-  p.add_argument("--repeats", type=int, default=2, help="fresh processes per variant (best kept)")
+  p.add_argument(
+    "--repeats",
+    type=int,
+    default=2,
+    help="fresh processes per variant, best kept (0: matmuls only)",
+  )
   p.add_argument("--threads", default="1,2", help="torch thread counts to measure")
   p.add_argument("--xla", default="default,eigen1", help="t5jax XLA variants: default, eigen1")
   p.add_argument("--load", type=int, default=0, help="busy-loop processes during measurements")
@@ -395,9 +400,11 @@ def main():
       f" {step_flops / r['step'] / 1e12:8.3f} {r['losses'][0]:10.4f} {r['losses'][-1]:9.4f}"
       f"  {r['versions']}"
     )
-  ours_name = min((n for n in best if n.startswith("t5jax")), key=lambda n: best[n]["step"])
+  ours_name = ref_name = None
+  if any(n.startswith("t5jax") for n in best):
+    ours_name = min((n for n in best if n.startswith("t5jax")), key=lambda n: best[n]["step"])
   theirs = [n for n in best if n.startswith("torch")]
-  if theirs:
+  if theirs and ours_name:
     ref_name = min(theirs, key=lambda n: best[n]["step"])
     ratio = best[ref_name]["step"] / best[ours_name]["step"]
     print(
@@ -423,11 +430,12 @@ def main():
     xla_best = min(v for k, v in totals.items() if k.startswith("XLA"))
     torch_tot = [v for k, v in totals.items() if k.startswith("torch")]
     if torch_tot:
-      print(
-        f"matmul-only XLA/torch speed (best of each): {min(torch_tot) / xla_best:.2f}x;"
-        f" matmul share of the step: t5jax {xla_best / best[ours_name]['step'] * 100:.0f}%"
-        + (f", torch {min(torch_tot) / best[ref_name]['step'] * 100:.0f}%" if theirs else "")
-      )
+      print(f"matmul-only XLA/torch speed (best of each): {min(torch_tot) / xla_best:.2f}x")
+    if ours_name:
+      share = f"matmul share of the step: t5jax {xla_best / best[ours_name]['step'] * 100:.0f}%"
+      if ref_name:
+        share += f", torch {min(torch_tot) / best[ref_name]['step'] * 100:.0f}%"
+      print(share)
   print(f"machine after: {H.machine_state()}")
 
 
