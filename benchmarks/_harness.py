@@ -43,11 +43,18 @@ def stop_load(procs: list[subprocess.Popen]) -> None:
 
 
 def run_worker(
-  script: str, worker_args: list[str], *, env: dict[str, str] | None = None, load: int = 0
-) -> dict:
+  script: str,
+  worker_args: list[str],
+  *,
+  env: dict[str, str] | None = None,
+  load: int = 0,
+  timeout: float | None = None,
+) -> dict | None:
   """Runs `python script --_worker ... --_out FILE` in a fresh process and returns its JSON.
 
   `env` entries are added to (or, with value None, removed from) this process's environment.
+  Returns None when the worker runs past `timeout` seconds (it is killed; on a shared CPU,
+  torch at 2 threads under the default OpenMP policy can stall for minutes per step).
   Raises RuntimeError naming the worker when it fails (its stderr tail included).
   """
   full_env = dict(os.environ)
@@ -62,7 +69,9 @@ def run_worker(
     busy = start_load(load)
     try:
       time.sleep(0.2 if load else 0)
-      proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True)
+      proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return None
     finally:
       stop_load(busy)
     if proc.returncode != 0 or not os.path.exists(out):

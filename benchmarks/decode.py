@@ -49,6 +49,12 @@ def parse_args(argv=None):
   p.add_argument("--threads", default="1,2", help="torch thread counts to measure")
   p.add_argument("--xla", default="default,eigen1", help="t5jax XLA variants: default, eigen1")
   p.add_argument("--load", type=int, default=0, help="busy-loop processes during measurements")
+  p.add_argument(
+    "--worker_timeout",
+    type=float,
+    default=1800,
+    help="s; a slower process is reported as timed out",
+  )
   p.add_argument("--no_hf", action="store_true", help="skip transformers")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument(
@@ -193,7 +199,10 @@ def main():
         wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
         if kind == "torch":
           wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
-        r = H.run_worker(script, wa, env=env, load=args.load)
+        r = H.run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
+        if r is None:
+          print(f"  [{rep + 1}/{args.repeats}] {name:16} timed out (> {args.worker_timeout:.0f} s)")
+          continue
         results[name].append(r)
         print(
           f"  [{rep + 1}/{args.repeats}] {name:16} "
@@ -208,6 +217,7 @@ def main():
     best = {
       name: min((r["methods"][method] for r in rs), key=lambda x: x["time"])
       for name, rs in results.items()
+      if rs
     }
     for name, r in best.items():
       comp = f"{r['compile_s']:9.2f}" if r["compile_s"] is not None else f"{'-':>9}"
@@ -215,9 +225,11 @@ def main():
         f"{method:8} {name:18} {comp} {r['time']:8.3f} {n_tok / r['time']:10.1f}"
         f"  {results[name][0]['versions']}"
       )
-    ours = min((n for n in best if n.startswith("t5jax")), key=lambda n: best[n]["time"])
+    ours = min(
+      (n for n in best if n.startswith("t5jax")), key=lambda n: best[n]["time"], default=None
+    )
     theirs = [n for n in best if n.startswith("torch")]
-    if not theirs:
+    if not theirs or ours is None:
       continue
     ref = min(theirs, key=lambda n: best[n]["time"])
     same = ""

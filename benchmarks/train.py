@@ -70,6 +70,12 @@ def parse_args(argv=None):
   p.add_argument("--threads", default="1,2", help="torch thread counts to measure")
   p.add_argument("--xla", default="default,eigen1", help="t5jax XLA variants: default, eigen1")
   p.add_argument("--load", type=int, default=0, help="busy-loop processes during measurements")
+  p.add_argument(
+    "--worker_timeout",
+    type=float,
+    default=1800,
+    help="s; a slower process is reported as timed out",
+  )
   p.add_argument("--matmul", type=int, default=1, help="1: also compare the step's matmuls alone")
   p.add_argument("--no_hf", action="store_true", help="skip transformers")
   p.add_argument("--seed", type=int, default=0)
@@ -363,7 +369,10 @@ def main():
         wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
         if kind == "torch":
           wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
-        r = H.run_worker(script, wa, env=env, load=args.load)
+        r = H.run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
+        if r is None:
+          print(f"  [{rep + 1}/{args.repeats}] {name:16} timed out (> {args.worker_timeout:.0f} s)")
+          continue
         r["step"] = statistics.median(r["times"])
         results[name].append(r)
         print(
@@ -384,9 +393,13 @@ def main():
         wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
         if kind == "mm_torch":
           wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
-        mm[name] = H.run_worker(script, wa, env=env, load=args.load)
+        r = H.run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
+        if r is None:
+          print(f"  matmuls {name}: timed out (> {args.worker_timeout:.0f} s)")
+        else:
+          mm[name] = r
 
-  best = {name: min(rs, key=lambda r: r["step"]) for name, rs in results.items()}
+  best = {name: min(rs, key=lambda r: r["step"]) for name, rs in results.items() if rs}
   print()
   print(
     f"{'impl':20} {'compile s':>9} {'step s':>8} {'tokens/s':>9} {'TFLOP/s':>8}"
@@ -427,7 +440,7 @@ def main():
         totals[nm] += c * mm[nm]["times"][key]
       print(f"{key:22} {c:5d} " + " ".join(f"{mm[nm]['times'][key] * 1e3:14.2f}" for nm in names))
     print(f"{'total s per step':28} " + " ".join(f"{totals[nm]:14.3f}" for nm in names))
-    xla_best = min(v for k, v in totals.items() if k.startswith("XLA"))
+    xla_best = min((v for k, v in totals.items() if k.startswith("XLA")), default=float("nan"))
     torch_tot = [v for k, v in totals.items() if k.startswith("torch")]
     if torch_tot:
       print(f"matmul-only XLA/torch speed (best of each): {min(torch_tot) / xla_best:.2f}x")
