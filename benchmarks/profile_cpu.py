@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import re
 import sys
@@ -87,7 +88,10 @@ def hlo_index(hlo_text: str) -> dict[str, dict]:
           r"(lhs_contracting_dims=\{[\d,]*\}.*?rhs_contracting_dims=\{[\d,]*\})", rest
         )
         desc = dims.group(1) if dims else ""
-      index[name] = dict(opcode=opcode, shape=shape[:60], desc=desc)
+      op_name = re.search(r'op_name="([^"]*)"', rest)
+      where = re.sub(r"layers_\d+", "layers_N", op_name.group(1)) if op_name else ""
+      where = where.replace("transpose(jvp(", "BWD(").replace("jvp(", "FWD(")
+      index[name] = dict(opcode=opcode, shape=shape[:60], desc=desc, where=where)
   return index
 
 
@@ -233,7 +237,8 @@ def report_jax(args, wall, totals, counts, index, other):
     print(
       f"  {v / args.steps / 1e6:8.2f} ms {counts[n] / args.steps:6.0f}x"
       f" {v / args.steps / max(leaf_total, 1) * 100:5.1f}%"
-      f"  {n:28} {info['opcode']:12} {info['shape']:40} {info['desc'][:70]}"
+      f"  {n:28} {info['opcode']:12} {info['shape']:40} {info['desc'][:50]}"
+      f"  {info['where'][-90:]}"
     )
   loops = {
     n: v for n, v in totals.items() if index[n]["opcode"] in ("while", "call", "conditional")
@@ -242,6 +247,18 @@ def report_jax(args, wall, totals, counts, index, other):
     print(
       f"  container {n}: {v / args.steps / 1e6:.1f} ms per step ({counts[n] / args.steps:.0f}x)"
     )
+  copies: collections.Counter = collections.Counter()
+  ncopies: collections.Counter = collections.Counter()
+  for n in leaf:
+    info = index[n]
+    if _category(info, args.vocab).startswith("transpose"):
+      dims = re.match(r"\w+\[([\d,]*)\]", info["shape"])
+      size = 4 * math.prod(int(d) for d in dims.group(1).split(",") if d) if dims else 0
+      copies[info["where"]] += size
+      ncopies[info["where"]] += 1
+  print("layout copies by source (MiB written per step, instructions):")
+  for w, v in copies.most_common(10):
+    print(f"  {v / 2**20:8.1f} MiB {ncopies[w]:4d}x  {w[-100:]}")
   print("other host events (top 5, ms per step):")
   for n, v in other.most_common(5):
     print(f"  {v / args.steps / 1e6:8.2f}  {n[:90]}")
