@@ -1,53 +1,55 @@
 """Training throughput: the t5jax train step next to transformers' T5ForConditionalGeneration.
 
   python benchmarks/train.py                       # CPU: t5-v1_1-small, batch 8, 128 in, 32 out
+  python benchmarks/train.py --load 1              # the same with a CPU-bound busy loop running
   python benchmarks/train.py --preset t5-v1_1-base --batch 64 --input_len 512 \\
       --target_len 128 --dtype bfloat16            # accelerator setting
 
-Both sides train the same model from the same random weights (t5jax.init_params, exported with
-t5jax.save_hf and loaded by transformers) on the same fixed batch of random tokens (no padding),
-with the same optimizer: Adafactor at a constant learning rate of 1e-3 with parameter scaling
-(t5jax.optim `adafactor`, schedule `constant`; transformers.optimization.Adafactor(
-scale_parameter=True, relative_step=False, warmup_init=False, lr=1e-3)), or `--optimizer adamw`
-(t5jax.optim `adamw`; torch.optim.AdamW with the same betas, eps and no weight decay). Dropout is
-off (`--dropout`), loss is the mean token cross-entropy without z-loss on both sides.
+Both sides train the same model from the same weights: t5jax.init_params, written once with
+t5jax.save_hf and loaded by both (t5jax.load_hf; transformers from_pretrained). Do not let
+transformers initialise its own T5: its untied `lm_head` at std 1.0 gives logits near +-30 whose
+gradients are denormal floats and slow its CPU step about 2.3x, which is not a fair peer. Same fixed
+batch of random tokens (no padding), same optimizer: Adafactor at a constant learning rate of 1e-3
+with parameter scaling (t5jax.optim `adafactor`, schedule `constant`;
+transformers.optimization.Adafactor(scale_parameter=True, relative_step=False, warmup_init=False,
+lr=1e-3)), or `--optimizer adamw` (torch.optim.AdamW with the same betas, eps, no weight decay).
+Dropout off (`--dropout`); loss is the mean token cross-entropy without z-loss on both sides.
 
-t5jax: trainer.make_train_step jitted over a (data, fsdp, tensor) mesh of all local devices with
-the state donated; compile time is measured apart (lower + compile). transformers: PyTorch eager,
-on cuda when available, under bfloat16 autocast with `--dtype bfloat16` (t5jax: bfloat16 compute,
-float32 parameters and optimizer state on both sides). Each side runs --warmup steps, then --steps
-timed steps, each waited for; the table reports the mean step time,
-tokens/s = batch * (input_len + target_len) / step time, and model TFLOP/s =
-t5jax.flops.train_step_flops (3 x the forward matmul FLOPs, see t5jax/flops.py) / step time.
+Every measurement is a fresh Python process (`--repeats` of each, interleaved, best one kept):
+  * t5jax: trainer.make_train_step jitted over a mesh of all local devices, state donated;
+    compile time (lower + compile) measured apart, in the first process of each variant (the
+    others reuse a persistent compilation cache in a temporary folder). Variants (`--xla`):
+    `default`, and `eigen1` = XLA_FLAGS --xla_cpu_multi_thread_eigen=false.
+  * transformers: PyTorch eager, at each of `--threads` (default 1 and 2; OMP_NUM_THREADS and
+    torch.set_num_threads), under the default OpenMP wait policy (OMP_WAIT_POLICY unset): torch at
+    its best. Its better thread count is the reference for the ratio.
+Each process runs --warmup steps, then --steps timed steps, each waited for; a process's step
+time is the median of its timed steps; tokens/s = batch * (input_len + target_len) / step time;
+model TFLOP/s = t5jax.flops.train_step_flops / step time.
 
-OMP_WAIT_POLICY defaults to PASSIVE here: on a CPU shared with other jobs, torch's spinning OpenMP
-threads stall each other whenever one is descheduled (measured 10x slower steps at 2 threads under
-load); set OMP_WAIT_POLICY=ACTIVE to override on a dedicated machine.
+`--matmul` (on by default on CPU) also times the step's dense matmuls alone (every projection and
+the output layer, forward and both backward products, at their shapes in this step) in XLA and in
+torch, in fresh processes at the same settings, so a floor shows when the matmul library itself is
+the difference. `--load N` keeps N `python -c 'while 1: pass'` processes running during every
+measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch (and its OpenMP) loads
-
 import statistics
 import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import t5jax  # noqa: E402
-from t5jax import flops, optim, sharding, trainer  # noqa: E402
-from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig  # noqa: E402
+import _harness as H  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="t5-v1_1-small")
   p.add_argument("--batch", type=int, default=8)
@@ -58,26 +60,36 @@ def parse_args():
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--dropout", type=float, default=0.0)
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-  p.add_argument("--steps", type=int, default=8, help="timed steps")
+  p.add_argument("--steps", type=int, default=6, help="timed steps per process")
+  p.add_argument(
+    "--repeats",
+    type=int,
+    default=2,
+    help="fresh processes per variant, best kept (0: matmuls only)",
+  )
+  p.add_argument("--threads", default="1,2", help="torch thread counts to measure")
+  p.add_argument("--xla", default="default,eigen1", help="t5jax XLA variants: default, eigen1")
+  p.add_argument("--load", type=int, default=0, help="busy-loop processes during measurements")
+  p.add_argument(
+    "--worker_timeout",
+    type=float,
+    default=1800,
+    help="s; a slower process is reported as timed out",
+  )
+  p.add_argument("--matmul", type=int, default=1, help="1: also compare the step's matmuls alone")
   p.add_argument("--no_hf", action="store_true", help="skip transformers")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument(
     "--tiny", action="store_true", help="shrink the preset to 2 layers, d_model 64 (smoke test)"
   )
-  return p.parse_args()
-
-
-# --- memory ----------------------------------------------------------------------------------
-
-
-def _reset_peak_rss() -> bool:
-  """Resets this process's peak resident set size (Linux), so the next phase's peak is its own."""
-  try:
-    with open("/proc/self/clear_refs", "w") as fh:
-      fh.write("5")
-    return True
-  except OSError:
-    return False
+  # internal: one measurement in this (fresh) process
+  p.add_argument(
+    "--_worker", choices=("t5jax", "torch", "mm_xla", "mm_torch"), help=argparse.SUPPRESS
+  )
+  p.add_argument("--_ckpt", help=argparse.SUPPRESS)
+  p.add_argument("--_out", help=argparse.SUPPRESS)
+  p.add_argument("--_nthreads", type=int, default=0, help=argparse.SUPPRESS)
+  return p.parse_args(argv)
 
 
 def _rss_gib() -> tuple[float, float]:
@@ -97,14 +109,11 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _tree_bytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+def make_batch(config, args):
+  import numpy as np
 
+  import t5jax
 
-# --- the two sides ---------------------------------------------------------------------------
-
-
-def make_batch(config, args) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(args.seed)
   hi = min(config.vocab_size, 32000)  # T5 vocabularies pad the embedding past the real ids
   enc = rng.integers(3, hi, size=(args.batch, args.input_len), dtype=np.int32)
@@ -118,63 +127,101 @@ def make_batch(config, args) -> dict[str, np.ndarray]:
   }
 
 
-def run_t5jax(config, params, batch_np, args) -> dict:
+def matmul_shapes(config, b: int, s: int, t: int) -> list[tuple[int, int, int, int]]:
+  """(M, K, N, count) of every dense matmul in one train step: forward x @ W and the two
+  backward products (dX = dY W^T: M,N,K; dW = X^T dY: K,M,N). Attention score/value products
+  (batched, small at these lengths) are left out, as are the loss and optimizer."""
+  d, a, f, v = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.vocab_size
+  m_mlp = 2 if config.feed_forward_proj.startswith("gated") else 1
+  fwd: dict[tuple[int, int, int], int] = {}
+
+  def add(m, k, n, c):
+    fwd[(m, k, n)] = fwd.get((m, k, n), 0) + c
+
+  le, ld = config.num_layers, config.num_decoder_layers
+  add(b * s, d, a, 3 * le)  # encoder q, k, v
+  add(b * s, a, d, le)  # encoder o
+  add(b * s, d, f, m_mlp * le)  # encoder wi (wi_0, wi_1)
+  add(b * s, f, d, le)  # encoder wo
+  add(b * t, d, a, 4 * ld)  # decoder self q, k, v; cross q
+  add(b * t, a, d, 2 * ld)  # decoder self o, cross o
+  add(b * s, d, a, 2 * ld)  # cross k, v over the encoder output
+  add(b * t, d, f, m_mlp * ld)
+  add(b * t, f, d, ld)
+  add(b * t, d, v, 1)  # output layer
+  out: dict[tuple[int, int, int], int] = {}
+  for (m, k, n), c in fwd.items():
+    for shape in ((m, k, n), (m, n, k), (k, m, n)):
+      out[shape] = out.get(shape, 0) + c
+  return [(m, k, n, c) for (m, k, n), c in out.items()]
+
+
+# --- workers (each in its own process) -------------------------------------------------------
+
+
+def worker_t5jax(args) -> dict:
+  import jax
+
+  import t5jax
+  from t5jax import optim, sharding, trainer
+  from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
+
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  config, params = t5jax.load_hf(args._ckpt)
+  config = config.replace(dtype=args.dtype, dropout_rate=args.dropout)
+  batch_np = make_batch(config, args)
   opt_cfg = OptimizerConfig(
     name=args.optimizer, learning_rate=args.lr, schedule="constant", warmup_steps=0
   )
   schedule = optim.make_schedule(opt_cfg)
   tx = optim.make_optimizer(opt_cfg, schedule)
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=0.0, normalizer="num_tokens")
-
   mesh = sharding.create_mesh(MeshConfig())
   state_sh = trainer.state_shardings(config, tx, mesh)
   state = trainer.state_from_params(params, tx, state_sh)
-  param_bytes, opt_bytes = _tree_bytes(state.params), _tree_bytes(state.opt_state)
-  step_fn = trainer.make_train_step(config, tx, schedule, loss_cfg)
-  step = trainer.jit_train_step(step_fn, state_sh, mesh)
+  step = trainer.jit_train_step(
+    trainer.make_train_step(config, tx, schedule, loss_cfg), state_sh, mesh
+  )
   batch = jax.device_put(batch_np, sharding.batch_sharding(mesh))
   rng = jax.random.key(args.seed)
-
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-
   losses, times = [], []
   for _ in range(args.warmup + args.steps):
     t0 = time.perf_counter()
     state, metrics = compiled(state, batch, rng)
-    loss = float(metrics["loss"])  # waits for the step
+    losses.append(float(metrics["loss"]))  # waits for the step
     times.append(time.perf_counter() - t0)
-    losses.append(loss)
-  dev_stats = jax.local_devices()[0].memory_stats() or {}
   return dict(
     compile_s=compile_s,
     times=times[args.warmup :],
     losses=losses,
-    mesh=dict(mesh.shape),
-    param_bytes=param_bytes,
-    opt_bytes=opt_bytes,
     temp_bytes=getattr(mem, "temp_size_in_bytes", None) if mem is not None else None,
-    device_peak=dev_stats.get("peak_bytes_in_use"),
+    rss=_rss_gib(),
+    versions=f"jax {jax.__version__}",
   )
 
 
-def run_transformers(config, params, batch_np, args) -> dict:
+def worker_torch(args) -> dict:
   import torch
   import transformers
 
-  torch.set_num_threads(os.cpu_count() or 1)
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  with tempfile.TemporaryDirectory() as d:
-    t5jax.save_hf(config, params, d)
-    model = transformers.T5ForConditionalGeneration.from_pretrained(
-      d, dtype=torch.float32, attn_implementation="eager"
-    )
+  from t5jax.train_config import OptimizerConfig
+
+  torch.set_num_threads(args._nthreads)
+  model = transformers.T5ForConditionalGeneration.from_pretrained(
+    args._ckpt, dtype=torch.float32, attn_implementation="eager"
+  )
+  import t5jax
+
+  config = t5jax.load_hf(args._ckpt)[0]
   model.config.dropout_rate = args.dropout
   for m in model.modules():
     if isinstance(m, torch.nn.Dropout):
       m.p = args.dropout
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   model.to(device).train()
   if args.optimizer == "adafactor":
     opt = transformers.optimization.Adafactor(
@@ -185,16 +232,12 @@ def run_transformers(config, params, batch_np, args) -> dict:
     opt = torch.optim.AdamW(
       model.parameters(), lr=args.lr, betas=(a.b1, a.b2), eps=a.eps, weight_decay=0.0
     )
+  batch_np = make_batch(config, args)
   ids = torch.tensor(batch_np["encoder_input_tokens"], dtype=torch.long, device=device)
   labels = torch.tensor(batch_np["decoder_target_tokens"], dtype=torch.long, device=device)
   labels = labels.masked_fill(labels == config.pad_token_id, -100)
   mask = ids != config.pad_token_id
   amp = args.dtype == "bfloat16"
-
-  def sync():
-    if device == "cuda":
-      torch.cuda.synchronize()
-
   losses, times = [], []
   for _ in range(args.warmup + args.steps):
     t0 = time.perf_counter()
@@ -203,103 +246,210 @@ def run_transformers(config, params, batch_np, args) -> dict:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    loss = float(loss.detach())
-    sync()
+    losses.append(float(loss.detach()))
+    if device == "cuda":
+      torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
-    losses.append(loss)
   return dict(
     compile_s=None,
     times=times[args.warmup :],
     losses=losses,
-    device=device,
-    versions=f"transformers {transformers.__version__}, torch {torch.__version__}",
-    device_peak=torch.cuda.max_memory_allocated() if device == "cuda" else None,
+    rss=_rss_gib(),
+    versions=f"transformers {transformers.__version__}, torch {torch.__version__} on {device},"
+    f" {torch.get_num_threads()} threads",
   )
 
 
-# --- report ----------------------------------------------------------------------------------
+def _best_time(fn, reps: int = 5, inner: int = 3) -> float:
+  fn()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      fn()
+    best = min(best, (time.perf_counter() - t0) / inner)
+  return best
+
+
+def worker_mm(args, config_shapes) -> dict:
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  res = {}
+  if args._worker == "mm_xla":
+    import jax
+    import jax.numpy as jnp
+
+    dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    mm = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+    for m, k, n, _ in config_shapes:
+      x = jnp.asarray(rng.standard_normal((m, k), np.float32), dt)
+      w = jnp.asarray(rng.standard_normal((k, n), np.float32), dt)
+      res[f"{m}x{k}x{n}"] = _best_time(lambda x=x, w=w: mm(x, w).block_until_ready())
+    version = f"jax {jax.__version__}"
+  else:
+    import torch
+
+    torch.set_num_threads(args._nthreads)
+    dt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    with torch.no_grad():
+      for m, k, n, _ in config_shapes:
+        x = torch.from_numpy(rng.standard_normal((m, k), np.float32)).to(dt)
+        w = torch.from_numpy(rng.standard_normal((k, n), np.float32)).to(dt)
+        res[f"{m}x{k}x{n}"] = _best_time(lambda x=x, w=w: torch.mm(x, w))
+    version = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+  return dict(times=res, versions=version)
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+def _tiny(config):
+  return config.replace(
+    d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, num_decoder_layers=2
+  )
 
 
 def main():
   args = parse_args()
+  if args._worker:
+    import t5jax
+
+    if args._worker in ("mm_xla", "mm_torch"):
+      config = t5jax.load_hf(args._ckpt)[0]
+      shapes = matmul_shapes(config, args.batch, args.input_len, args.target_len)
+      H.write_result(args._out, worker_mm(args, shapes))
+    else:
+      fn = worker_t5jax if args._worker == "t5jax" else worker_torch
+      H.write_result(args._out, fn(args))
+    return
+
+  import jax
+
+  import t5jax
+  from t5jax import flops
+
   config = t5jax.get_config(args.preset, dropout_rate=args.dropout, dtype=args.dtype)
   if args.tiny:
-    config = config.replace(
-      d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, num_decoder_layers=2
-    )
+    config = _tiny(config)
   b, s, t = args.batch, args.input_len, args.target_len
   step_flops = flops.train_step_flops(config, b, s, t)
-  parts = flops.forward_flops_breakdown(config, b, s, t)
   tokens = b * (s + t)
   params = jax.device_get(t5jax.init_params(config, jax.random.key(args.seed)))
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  batch = make_batch(config, args)
+  threads = [int(x) for x in args.threads.split(",") if x]
+  variants = [x for x in args.xla.split(",") if x]
+  for v in variants:
+    H.xla_variant_env(v)  # validates the name before anything runs
 
-  print(
-    f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}) x{jax.device_count()},"
-    f" jax {jax.__version__}; {os.cpu_count()} CPUs, load average "
-    f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; OMP_WAIT_POLICY "
-    f"{os.environ['OMP_WAIT_POLICY']}"
-  )
+  print(f"machine: {H.machine_state()}; busy-loop load processes: {args.load}")
   print(
     f"model: {args.preset}{' (tiny)' if args.tiny else ''}, {n_params / 1e6:.1f}M parameters,"
-    f" dtype {args.dtype}, dropout {args.dropout}; optimizer {args.optimizer},"
-    f" constant lr {args.lr}"
-  )
-  print(
-    f"batch {b} x ({s} input + {t} target) = {tokens} tokens/step; {args.warmup} warm-up +"
-    f" {args.steps} timed steps"
-  )
-  print(
-    f"model FLOPs/step (3 x forward): {step_flops / 1e9:.1f} GFLOP; forward parts (GFLOP): "
-    + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items() if k != "total"),
+    f" dtype {args.dtype}, dropout {args.dropout}; optimizer {args.optimizer}, constant lr"
+    f" {args.lr}; batch {b} x ({s} + {t}) = {tokens} tokens/step; {args.warmup} warm-up +"
+    f" {args.steps} timed steps per process, {args.repeats} fresh processes per variant",
     flush=True,
   )
+  script = os.path.abspath(__file__)
+  passthrough = [
+    f"--batch={b}", f"--input_len={s}", f"--target_len={t}", f"--dtype={args.dtype}",
+    f"--optimizer={args.optimizer}", f"--lr={args.lr}", f"--dropout={args.dropout}",
+    f"--warmup={args.warmup}", f"--steps={args.steps}", f"--seed={args.seed}",
+  ]  # fmt: skip
+  with tempfile.TemporaryDirectory() as tmp:
+    ckpt = os.path.join(tmp, "model")
+    t5jax.save_hf(config, params, ckpt)
+    cache = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tmp, "jax_cache")}
+    jobs = [(f"t5jax xla={v}", "t5jax", {**cache, **H.xla_variant_env(v)}) for v in variants]
+    if not args.no_hf:
+      jobs += [(f"torch {n} thr", "torch", H.thread_env(n)) for n in threads]
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in jobs}
+    for rep in range(args.repeats):  # interleaved, so load drifts hit every variant alike
+      for name, kind, env in jobs:
+        wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
+        if kind == "torch":
+          wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
+        r = H.run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
+        if r is None:
+          print(f"  [{rep + 1}/{args.repeats}] {name:16} timed out (> {args.worker_timeout:.0f} s)")
+          continue
+        r["step"] = statistics.median(r["times"])
+        results[name].append(r)
+        print(
+          f"  [{rep + 1}/{args.repeats}] {name:16} step {r['step']:.3f} s"
+          + (f", compile {r['compile_s']:.1f} s" if r.get("compile_s") else "")
+          + f"; load average {os.getloadavg()[0]:.2f}",
+          flush=True,
+        )
+    mm = {}
+    if args.matmul:
+      shapes = matmul_shapes(config, b, s, t)
+      mm_jobs = [("XLA (default)", "mm_xla", H.xla_variant_env("default"))]
+      if "eigen1" in variants:
+        mm_jobs.append(("XLA (eigen1)", "mm_xla", H.xla_variant_env("eigen1")))
+      if not args.no_hf:
+        mm_jobs += [(f"torch {n} thr", "mm_torch", H.thread_env(n)) for n in threads]
+      for name, kind, env in mm_jobs:
+        wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
+        if kind == "mm_torch":
+          wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
+        r = H.run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
+        if r is None:
+          print(f"  matmuls {name}: timed out (> {args.worker_timeout:.0f} s)")
+        else:
+          mm[name] = r
 
-  rows = []
-  _reset_peak_rss()
-  ours = run_t5jax(config, params, batch, args)
-  ours["rss"] = _rss_gib()
-  print(
-    f"t5jax: mesh {ours['mesh']}, compile {ours['compile_s']:.1f} s; params "
-    f"{_gib(ours['param_bytes'])}, optimizer state {_gib(ours['opt_bytes'])}, XLA temp "
-    + (_gib(ours["temp_bytes"]) if ours["temp_bytes"] is not None else "n/a")
-    + (f", device peak {_gib(ours['device_peak'])}" if ours["device_peak"] else "")
-    + f"; process RSS now {ours['rss'][0]:.2f} GiB, peak {ours['rss'][1]:.2f} GiB",
-    flush=True,
-  )
-  rows.append(("t5jax", ours))
-  if not args.no_hf:
-    peak_reset = _reset_peak_rss()
-    theirs = run_transformers(config, params, batch, args)
-    theirs["rss"] = _rss_gib()
-    print(
-      f"transformers: {theirs['versions']} on {theirs['device']} (eager"
-      + (", bf16 autocast" if args.dtype == "bfloat16" else "")
-      + ")"
-      + (f"; device peak {_gib(theirs['device_peak'])}" if theirs["device_peak"] else "")
-      + f"; process RSS now {theirs['rss'][0]:.2f} GiB, peak {theirs['rss'][1]:.2f} GiB"
-      + ("" if peak_reset else " (peak includes t5jax)"),
-      flush=True,
-    )
-    rows.append(("transformers", theirs))
-
+  best = {name: min(rs, key=lambda r: r["step"]) for name, rs in results.items() if rs}
   print()
   print(
-    f"{'impl':13} {'compile s':>9} {'step s':>8} {'min s':>8} {'tokens/s':>9} {'TFLOP/s':>8}"
-    f" {'loss first':>10} {'loss last':>9}"
+    f"{'impl':20} {'compile s':>9} {'step s':>8} {'tokens/s':>9} {'TFLOP/s':>8}"
+    f" {'loss first':>10} {'loss last':>9}  versions"
   )
-  for name, r in rows:
-    mean = statistics.mean(r["times"])
-    comp = f"{r['compile_s']:9.1f}" if r["compile_s"] is not None else f"{'-':>9}"
+  for name, r in best.items():
+    first_compile = results[name][0].get("compile_s")
+    comp = f"{first_compile:9.1f}" if first_compile else f"{'-':>9}"
     print(
-      f"{name:13} {comp} {mean:8.3f} {min(r['times']):8.3f} {tokens / mean:9.1f}"
-      f" {step_flops / mean / 1e12:8.3f} {r['losses'][0]:10.4f} {r['losses'][-1]:9.4f}"
+      f"{name:20} {comp} {r['step']:8.3f} {tokens / r['step']:9.1f}"
+      f" {step_flops / r['step'] / 1e12:8.3f} {r['losses'][0]:10.4f} {r['losses'][-1]:9.4f}"
+      f"  {r['versions']}"
     )
-  if len(rows) == 2:
-    ratio = statistics.mean(rows[1][1]["times"]) / statistics.mean(rows[0][1]["times"])
-    print(f"{'t5jax/transformers throughput':29} {ratio:.2f}x")
-  print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+  ours_name = ref_name = None
+  if any(n.startswith("t5jax") for n in best):
+    ours_name = min((n for n in best if n.startswith("t5jax")), key=lambda n: best[n]["step"])
+  theirs = [n for n in best if n.startswith("torch")]
+  if theirs and ours_name:
+    ref_name = min(theirs, key=lambda n: best[n]["step"])
+    ratio = best[ref_name]["step"] / best[ours_name]["step"]
+    print(
+      f"t5jax/transformers throughput: {ratio:.2f}x  (best t5jax: {ours_name}; best reference:"
+      f" {ref_name}; load {args.load} busy process(es))"
+    )
+    if "t5jax xla=default" in best:
+      r0 = best[ref_name]["step"] / best["t5jax xla=default"]["step"]
+      print(f"  with t5jax xla=default: {r0:.2f}x")
+  if mm:
+    print()
+    shapes = matmul_shapes(config, b, s, t)
+    names = list(mm)
+    print("dense matmuls of one step alone (M x K x N, count; ms each, best of 5):")
+    print(f"{'shape':22} {'count':>5} " + " ".join(f"{n:>14}" for n in names))
+    totals = dict.fromkeys(names, 0.0)
+    for m, k, n, c in sorted(shapes, key=lambda x: -x[0] * x[1] * x[2] * x[3]):
+      key = f"{m}x{k}x{n}"
+      for nm in names:
+        totals[nm] += c * mm[nm]["times"][key]
+      print(f"{key:22} {c:5d} " + " ".join(f"{mm[nm]['times'][key] * 1e3:14.2f}" for nm in names))
+    print(f"{'total s per step':28} " + " ".join(f"{totals[nm]:14.3f}" for nm in names))
+    xla_best = min((v for k, v in totals.items() if k.startswith("XLA")), default=float("nan"))
+    torch_tot = [v for k, v in totals.items() if k.startswith("torch")]
+    if torch_tot:
+      print(f"matmul-only XLA/torch speed (best of each): {min(torch_tot) / xla_best:.2f}x")
+    if ours_name:
+      share = f"matmul share of the step: t5jax {xla_best / best[ours_name]['step'] * 100:.0f}%"
+      if ref_name:
+        share += f", torch {min(torch_tot) / best[ref_name]['step'] * 100:.0f}%"
+      print(share)
+  print(f"machine after: {H.machine_state()}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""Shared plumbing for the CPU benchmarks: fresh worker processes, busy-loop load, machine state.
+
+Every measurement runs in its own Python process (`python SCRIPT --_worker ...`) that writes one
+JSON result, so neither side inherits the other's thread pools, allocator state or OpenMP spin
+threads. `--load N` starts N `python -c 'while 1: pass'` processes for the duration of each
+measurement (started before the worker, ended by pid after it), so a "loaded" number is one
+command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# torch/OpenMP/MKL thread-count variables a worker sets from its --threads (before torch loads).
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def machine_state() -> str:
+  """One line: CPU count, load average, and whether OMP_WAIT_POLICY is set in this environment."""
+  load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+  omp = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)")
+  return f"{os.cpu_count()} CPUs, load average {load}; OMP_WAIT_POLICY {omp}"
+
+
+def start_load(n: int) -> list[subprocess.Popen]:
+  """Starts n CPU-bound busy loops; returns their handles (stop them with stop_load)."""
+  return [
+    subprocess.Popen([sys.executable, "-c", "while 1: pass"], stdin=subprocess.DEVNULL)
+    for _ in range(n)
+  ]
+
+
+def stop_load(procs: list[subprocess.Popen]) -> None:
+  for p in procs:
+    p.kill()
+  for p in procs:
+    p.wait()
+
+
+def run_worker(
+  script: str,
+  worker_args: list[str],
+  *,
+  env: dict[str, str] | None = None,
+  load: int = 0,
+  timeout: float | None = None,
+) -> dict | None:
+  """Runs `python script --_worker ... --_out FILE` in a fresh process and returns its JSON.
+
+  `env` entries are added to (or, with value None, removed from) this process's environment.
+  Returns None when the worker runs past `timeout` seconds (it is killed; on a shared CPU,
+  torch at 2 threads under the default OpenMP policy can stall for minutes per step).
+  Raises RuntimeError naming the worker when it fails (its stderr tail included).
+  """
+  full_env = dict(os.environ)
+  for k, v in (env or {}).items():
+    if v is None:
+      full_env.pop(k, None)
+    else:
+      full_env[k] = v
+  with tempfile.TemporaryDirectory() as d:
+    out = os.path.join(d, "result.json")
+    cmd = [sys.executable, script, *worker_args, "--_out", out]
+    busy = start_load(load)
+    try:
+      time.sleep(0.2 if load else 0)
+      proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return None
+    finally:
+      stop_load(busy)
+    if proc.returncode != 0 or not os.path.exists(out):
+      tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+      raise RuntimeError(f"worker {' '.join(worker_args)} failed ({proc.returncode}):\n{tail}")
+    with open(out) as fh:
+      return json.load(fh)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+  """Environment that pins torch (OpenMP / MKL) to `threads`, leaving the wait policy default."""
+  env: dict[str, str | None] = {k: str(threads) for k in _THREAD_VARS}
+  env["OMP_WAIT_POLICY"] = None  # the default policy (spin, then sleep), torch at its best
+  return env  # type: ignore[return-value]
+
+
+def xla_variant_env(variant: str) -> dict[str, str]:
+  """XLA_FLAGS for a t5jax CPU variant: `default`, or `eigen1` (single-threaded Eigen matmuls)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if variant == "default":
+    return {"XLA_FLAGS": flags} if flags else {}
+  if variant == "eigen1":
+    return {"XLA_FLAGS": (flags + " --xla_cpu_multi_thread_eigen=false").strip()}
+  raise ValueError(f"unknown XLA variant {variant!r} (expected default or eigen1)")
+
+
+def write_result(path: str, result: dict) -> None:
+  with open(path, "w") as fh:
+    json.dump(result, fh)
+
+
+def fmt_ratio(ours: float, theirs: float) -> str:
+  return f"{ours / theirs:.2f}x" if theirs > 0 else "n/a"
