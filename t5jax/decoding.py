@@ -313,7 +313,8 @@ def _token_loop(
     return (step < total) & ~jnp.all(done)
 
   def body(state):
-    step, tokens, sequences, done, scores, token_scores, cache = state
+    step, tokens, sequences, done, scores, cache = state[:6]
+    token_scores = state[6] if return_token_scores else None
     logits, cache = tokens_to_logits(tokens, cache, step)
     logits = logits.astype(jnp.float32)
     generated = step if prefix is None else step - prefix.lengths
@@ -326,7 +327,7 @@ def _token_loop(
     next_tokens = select(processed, step).astype(jnp.int32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     token_log_probs = jnp.take_along_axis(log_probs, next_tokens[:, None], axis=-1)[:, 0]
-    counted = ~done
+    counted = ~done if (prefix is not None or return_token_scores) else None
     if prefix is not None:
       forced = generated < 0
       forced_tokens = jax.lax.dynamic_index_in_dim(
@@ -334,7 +335,10 @@ def _token_loop(
       )
       next_tokens = jnp.where(forced, forced_tokens, next_tokens)
       counted = counted & ~forced
-    scores = scores + jnp.where(counted, token_log_probs, 0.0)
+    if prefix is None:  # (the operations of the loop before prefixes existed)
+      scores = scores + jnp.where(done, 0.0, token_log_probs)
+    else:
+      scores = scores + jnp.where(counted, token_log_probs, 0.0)
     if return_token_scores:
       chosen = jax.nn.log_softmax(processed, axis=-1)
       chosen = jnp.take_along_axis(chosen, next_tokens[:, None], axis=-1)
@@ -346,7 +350,8 @@ def _token_loop(
       done = done | (next_tokens == eos)
     else:
       done = done | (counted & ((next_tokens == eos) | (generated >= max_len - 1)))
-    return step + 1, next_tokens, sequences, done, scores, token_scores, cache
+    new = (step + 1, next_tokens, sequences, done, scores, cache)
+    return new + (token_scores,) if return_token_scores else new
 
   init = (
     jnp.array(0, jnp.int32),
@@ -354,10 +359,13 @@ def _token_loop(
     jnp.full((num_rows, total), pad_id, jnp.int32),
     jnp.zeros((num_rows,), bool),
     jnp.zeros((num_rows,), jnp.float32),
-    jnp.zeros((num_rows, total) if return_token_scores else (0,), jnp.float32),
     cache,
   )
-  _, _, sequences, _, scores, token_scores, _ = jax.lax.while_loop(cond, body, init)
+  if return_token_scores:  # only then in the loop state: the default loop is unchanged
+    init = init + (jnp.zeros((num_rows, total), jnp.float32),)
+  final = jax.lax.while_loop(cond, body, init)
+  sequences, scores = final[2], final[4]
+  token_scores = final[6] if return_token_scores else None
   if prefix is not None:
     window = prefix.lengths[:, None] + jnp.arange(max_len)[None]
     sequences = jnp.take_along_axis(sequences, window, axis=1)
@@ -609,8 +617,8 @@ class _Beams(NamedTuple):
   heuristic_open: jax.Array  # bool [B], the stopping test still lets the example run
   all_hit: jax.Array  # bool [], every candidate of the last step finished
   cache: Cache
-  run_tok: jax.Array  # float32 [B, n, L] per-token scores of the live beams ([B, n, 0] if unused)
-  fin_tok: jax.Array  # float32 [B, n, L] those of the finished hypotheses
+  run_tok: jax.Array | None  # float32 [B, n, L] per-token scores of the live beams (or None)
+  fin_tok: jax.Array | None  # float32 [B, n, L] those of the finished hypotheses (or None)
 
 
 class _BeamRules(NamedTuple):
@@ -639,7 +647,7 @@ def _initial_beams(cache: Cache, r: _BeamRules, *, start_id: int, pad_id: int) -
   init_scores = jnp.tile(jnp.where(jnp.arange(n) == 0, 0.0, NEG_INF)[None], (b, 1))
   total = r.max_len if r.prefix is None else r.prefix.tokens.shape[1] + r.max_len
   empty_seqs = jnp.full((b, n, total), pad_id, jnp.int32)
-  empty_tok = jnp.zeros((b, n, total if r.token_scores else 0), jnp.float32)
+  empty_tok = jnp.zeros((b, n, total), jnp.float32) if r.token_scores else None
   return _Beams(
     step=jnp.array(0, jnp.int32),
     tokens=jnp.full((b * n,), start_id, jnp.int32),
@@ -681,8 +689,10 @@ def _beam_step(s: _Beams, tokens_to_logits: TokensToLogits, r: _BeamRules) -> _B
   cand_seqs = jax.lax.dynamic_update_slice(
     cand_seqs, cand_tokens[:, :, None], (0, 0, s.step)
   )  # [B, 2n, L]
-  last = (generated + 1 >= r.max_len) if r.prefix is None else (generated + 1 >= r.max_len)[:, None]
-  hits = (cand_tokens == r.eos) | last
+  if r.prefix is None:
+    hits = (cand_tokens == r.eos) | (generated + 1 >= r.max_len)
+  else:
+    hits = (cand_tokens == r.eos) | (generated + 1 >= r.max_len)[:, None]
   cand_tok = s.run_tok
   if r.token_scores:
     chosen = jnp.take_along_axis(log_probs.reshape(b, n * vocab), cand_idx, axis=1)
@@ -696,12 +706,15 @@ def _beam_step(s: _Beams, tokens_to_logits: TokensToLogits, r: _BeamRules) -> _B
   run_tok = _gather_beams(cand_tok, keep) if r.token_scores else s.run_tok
   parent = jnp.take_along_axis(cand_beams, keep, axis=1)
   new_tokens = jnp.take_along_axis(cand_tokens, keep, axis=1)
+  if r.prefix is None:
+    new_tokens = new_tokens.reshape(-1)
+    cache = _reorder_cache(cache, parent, b, n)
 
   fin_seqs, fin_scores, fin_mask, fin_tok = _merge_finished(
     s, cand_scores, cand_seqs, cand_tok, hits, generated, r
   )
   step = s.step + 1
-  bound_len = jnp.where(r.bound_at_max_len, r.max_len, generated + 1)
+  bound_len = jnp.where(r.bound_at_max_len, r.max_len, step if r.prefix is None else generated + 1)
   best_running = run_scores[:, 0] / r.penalty(bound_len)
   worst_finished = jnp.where(fin_mask, jnp.min(fin_scores, axis=1, keepdims=True), NEG_INF)
   heuristic_open = s.heuristic_open & jnp.any(best_running[:, None] > worst_finished, axis=1)
@@ -719,21 +732,27 @@ def _beam_step(s: _Beams, tokens_to_logits: TokensToLogits, r: _BeamRules) -> _B
     )
     run_seqs = jnp.where(f2, kept_seqs, run_seqs)
     run_scores = jnp.where(f1, s.run_scores, run_scores)
-    run_tok = jnp.where(f2, s.run_tok, run_tok)
+    if r.token_scores:
+      run_tok = jnp.where(f2, s.run_tok, run_tok)
+      fin_tok = jnp.where(f2, s.fin_tok, fin_tok)
     parent = jnp.where(f1, jnp.arange(n)[None], parent)
     new_tokens = jnp.where(f1, forced_tokens[:, None], new_tokens)
     fin_seqs = jnp.where(f2, s.fin_seqs, fin_seqs)
     fin_scores = jnp.where(f1, s.fin_scores, fin_scores)
     fin_mask = jnp.where(f1, s.fin_mask, fin_mask)
-    fin_tok = jnp.where(f2, s.fin_tok, fin_tok)
     heuristic_open = jnp.where(f3, s.heuristic_open, heuristic_open & (generated + 1 < r.max_len))
     all_hit = jnp.array(False)
-  flat_parent = (parent + (jnp.arange(b) * n)[:, None]).reshape(-1)
-  cache = jax.tree_util.tree_map(lambda x: x[flat_parent], cache)
+    new_tokens = new_tokens.reshape(-1)
+    cache = _reorder_cache(cache, parent, b, n)
   return _Beams(
-    step, new_tokens.reshape(-1), run_seqs, run_scores, fin_seqs, fin_scores, fin_mask,
+    step, new_tokens, run_seqs, run_scores, fin_seqs, fin_scores, fin_mask,
     heuristic_open, all_hit, cache, run_tok, fin_tok,
   )  # fmt: skip
+
+
+def _reorder_cache(cache: Cache, parent: jax.Array, b: int, n: int) -> Cache:
+  flat_parent = (parent + (jnp.arange(b) * n)[:, None]).reshape(-1)
+  return jax.tree_util.tree_map(lambda x: x[flat_parent], cache)
 
 
 def _merge_finished(s: _Beams, cand_scores, cand_seqs, cand_tok, hits, generated, r: _BeamRules):

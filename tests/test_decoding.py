@@ -404,7 +404,7 @@ def _hf_processors(p: decoding.Processors, prompt_len: int):
     decoding.Processors(no_repeat_ngram_size=1),
     decoding.Processors(no_repeat_ngram_size=2),
     decoding.Processors(no_repeat_ngram_size=3),
-    decoding.Processors(bad_words_ids=((3,), (EOS,), (2, 4), (5, 2, 3))),
+    decoding.Processors(bad_words_ids=((0,), (EOS,), (2, 4), (5, 2, 3))),
     decoding.Processors(min_new_tokens=4),
     decoding.Processors(suppress_tokens=(0, 5)),
     decoding.Processors(
@@ -423,6 +423,8 @@ def test_processors_match_transformers(processors):
   vocab, width, rows = 6, 9, 16
   history = rng.integers(0, vocab, size=(rows, width)).astype(np.int32)
   history[:4, 1::2] = 2  # repeated n-grams
+  history[4, :3] = 5, 2, 3  # a bad word's prefix that fits only once enough tokens are fed
+  history[5, :2] = 2, 4
   scores = rng.normal(size=(rows, vocab)).astype(np.float32)
   fn = jax.jit(
     lambda s, h, n: decoding.apply_processors(s, h, n, n - 2, processors, EOS), static_argnums=()

@@ -299,3 +299,26 @@ def test_invalid_against_the_model(model, inputs):
     generate(params, config, inputs, decoder_prefix=[[1]])
   with pytest.raises(ValueError, match="non-empty list"):
     rank(params, config, inputs, [[[1]]] * 5 + [[]])
+
+
+def test_sampling_typical_p_first_token(model):
+  """typical_p (with top-p before it) through generate(): first-token frequencies follow
+  transformers' TopP then Typical warpers."""
+  hf, config, params, _ = model
+  tokens = random_inputs(1, 7, VOCAB, seed=3)
+  kw = dict(top_p=0.95, typical_p=0.6)
+  ids = torch.tensor(tokens, dtype=torch.long)
+  with torch.no_grad():
+    start = torch.zeros((1, 1), dtype=torch.long)
+    logits = hf(input_ids=ids, attention_mask=(ids != 0).long(), decoder_input_ids=start).logits
+    warped = lp.TypicalLogitsWarper(kw["typical_p"])(
+      None, lp.TopPLogitsWarper(kw["top_p"])(None, logits[:, 0])
+    )
+    probs = torch.softmax(warped, -1)[0].double().numpy()
+  full = torch.softmax(lp.TopPLogitsWarper(kw["top_p"])(None, logits[:, 0]), -1)[0].numpy()
+  assert (probs > 0).sum() < (full > 0).sum()  # typical-p removed tokens top-p kept
+  out = generate(
+    params, config, tokens, method="sample", max_new_tokens=1, num_return_sequences=3000,
+    rng=jax.random.key(5), **kw,
+  )  # fmt: skip
+  assert_samples_follow(np.asarray(out.sequences)[0, :, 0], probs)
