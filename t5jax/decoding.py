@@ -17,7 +17,11 @@ reaches the maximum length) among the top num_beams becomes a finished hypothesi
 EOS), and an optional t5x brevity penalty `((5 + len) / 6) ** alpha`.
 
 Sampling warpers are pure functions over logits [..., V] that reproduce transformers'
-`TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper`, ties included.
+`TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper` (ties included),
+`MinPLogitsWarper` and `TypicalLogitsWarper`. `Processors` / `apply_processors` reproduce its
+logits processors (repetition penalty, no-repeat n-gram, bad words, min new tokens, suppressed
+tokens) on a static history buffer; `Prefix` forces per-row first tokens. Every extra is behind a
+Python-level switch, so the default loops are the ones without them.
 """
 
 from __future__ import annotations
