@@ -291,9 +291,9 @@ def test_sampling_min_p_typical_flags(checkpoint, tmp_path, capsys):
   inp = write(tmp_path, "in.txt", "\n".join(TEXTS[:3]) + "\n")
   args = ["--checkpoint", checkpoint, "--input_file", inp, "--method", "sample", "--seed", "1"]
   args += ["--min_p", "0.2", "--typical_p", "0.9", "--max_new_tokens", "6", "--no_progress"]
-  first, second = run_cli(args, capsys), run_cli(args, capsys)
-  assert first[0] == 0, first[2]
-  assert first[1] == second[1] and len(first[1].splitlines()) == 3
+  code, stdout, err = run_cli(args, capsys)
+  assert code == 0, err
+  assert len(stdout.splitlines()) == 3
 
 
 def test_decoder_prefix_column(checkpoint, tmp_path, capsys):
@@ -309,15 +309,19 @@ def test_decoder_prefix_column(checkpoint, tmp_path, capsys):
   assert code == 0, err
   config, params = load_hf(checkpoint)
   tok = load_tokenizer(checkpoint)
-  for line, text, prefix in zip(stdout.splitlines(), texts, prefixes, strict=True):
-    ids = tok.encode(text)
-    row = np.zeros((1, 16), np.int32)
-    row[0, : len(ids)] = ids
-    pre = [tok.encode(prefix)[:-1]]
-    out = generate(
-      params, config, row, method="beam", num_beams=2, max_new_tokens=5, decoder_prefix=pre
-    )
-    assert line == tok.decode(np.asarray(out.sequences)[0].tolist()).replace("\n", " ")
+  rows = np.zeros((4, 16), np.int32)
+  pre = np.zeros((4, 8), np.int32)  # one compilation: a fixed width, the lengths per row
+  for i, (text, prefix) in enumerate(zip(texts, prefixes, strict=True)):
+    ids, p = tok.encode(text), tok.encode(prefix)[:-1]
+    rows[i, : len(ids)], pre[i, : len(p)] = ids, p
+  lengths = [len(tok.encode(p)) - 1 for p in prefixes]
+  assert len(set(lengths)) == 4  # a different prefix length per row, one of them 0
+  out = generate(
+    params, config, rows, method="beam", num_beams=2, max_new_tokens=5, decoder_prefix=pre,
+    decoder_prefix_lengths=lengths,
+  )  # fmt: skip
+  want = [tok.decode(s.tolist()).replace("\n", " ") for s in np.asarray(out.sequences)]
+  assert stdout.splitlines() == want
 
 
 def test_candidates_rank(checkpoint, tmp_path, capsys):
