@@ -57,11 +57,25 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
   for f in GENERATE_FLAGS:
     method, choices = f.metadata["method"], f.metadata.get("choices")
     default = None if method else FLAG_DEFAULTS.get(f.name, f.default)
-    kind = {"int": int, "float": float}.get(str(f.type))
     only = f" ({method} only)" if method else ""
+    if str(f.type) == "bool":
+      p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"] + only)
+      continue
+    kind = {"int": int, "float": float, "float | None": float}.get(str(f.type))
     choices = list(choices) if choices else None
     p.add_argument(f"--{f.name}", type=kind, choices=choices, default=default,
                    help=f.metadata["help"] + only)  # fmt: skip
+
+
+def _token_lists(flag: str, text: str, kind: str):
+  """'5 7;9' -> ((5, 7), (9,)) for kind "seqs", '5 7' -> (5, 7) for "ids" (commas allowed)."""
+  try:
+    seqs = [tuple(int(t) for t in part.replace(",", " ").split()) for part in text.split(";")]
+  except ValueError as e:
+    raise CLIError(f"--{flag}: token ids must be integers, got {text!r}") from e
+  if kind == "ids":
+    return tuple(t for seq in seqs for t in seq)
+  return tuple(seqs) if any(seqs) else ()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -78,6 +92,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--strict", action="store_true", help="reject (not truncate) too-long inputs")
   _add_generate_flags(p)
   p.add_argument("--seed", type=int, help="sampling seed (sample only)")
+  p.add_argument(
+    "--decoder_prefix_column",
+    help="TSV/JSONL field whose text starts every output (forced, not returned)",
+  )
+  p.add_argument(
+    "--candidates",
+    help="rank classification: a file with one line per input, its candidates separated by tabs",
+  )
+  p.add_argument("--candidates_column", help="rank classification: a JSONL field (list of strings)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="computation dtype")
   p.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
   # Device mesh (t5jax.sharding); the product must equal the device count, -1 = the rest.
@@ -101,6 +124,8 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
   for f in GENERATE_FLAGS:  # flag spellings of non-string values, e.g. --early_stopping true
     if isinstance(f.metadata.get("choices"), dict) and given[f.name] is not None:
       given[f.name] = f.metadata["choices"][given[f.name]]
+    if f.metadata.get("parse") and given[f.name] is not None:
+      given[f.name] = _token_lists(f.name, given[f.name], f.metadata["parse"])
   try:
     return GenerateConfig(**{k: v for k, v in given.items() if v is not None})
   except ValueError as e:
@@ -326,29 +351,103 @@ def load(args: argparse.Namespace):
   return (config.replace(dtype=args.dtype) if args.dtype else config), params, tokenizer
 
 
+def read_candidates(args: argparse.Namespace, lines: list[str], name: str, n: int):
+  """Candidate texts per input from --candidates FILE (tab-separated) or --candidates_column."""
+  if args.candidates and args.candidates_column:
+    raise CLIError("pass --candidates or --candidates_column, not both")
+  if args.candidates:
+    cand_lines, cand_name = read_lines(args.candidates)
+    groups = [line.split("\t") for line in cand_lines]
+    where = lambda i: f"{cand_name}:{i + 1}"
+  else:
+    groups, where = [], lambda i: f"{name}:{i + 1}"
+    for number, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      try:
+        value = json.loads(line).get(args.candidates_column)
+      except (ValueError, AttributeError) as e:
+        raise CLIError(f"{name}:{number}: invalid JSON object ({e})") from e
+      if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise CLIError(
+          f"{name}:{number}: field {args.candidates_column!r} is not a list of strings"
+        )
+      groups.append(value)
+  if len(groups) != n:
+    raise CLIError(f"{len(groups)} candidate lines for {n} inputs")
+  for i, g in enumerate(groups):
+    if not g or any(c == "" for c in g):
+      raise CLIError(f"{where(i)}: empty candidate list or empty candidate")
+  return groups
+
+
+def _drop_eos(ids: list[int], eos: int = 1) -> list[int]:
+  return ids[:-1] if ids and ids[-1] == eos else ids
+
+
 def run(args: argparse.Namespace) -> int:
   gen_cfg = generate_config(args)
   lines, name = read_lines(args.input_file)
   texts = parse_inputs(lines, name, args.input_format, args.input_column)
+  ranking = bool(args.candidates or args.candidates_column)
+  candidates = read_candidates(args, lines, name, len(texts)) if ranking else None
+  prefixes = None
+  if args.decoder_prefix_column:
+    if ranking:
+      raise CLIError("--decoder_prefix_column does not apply to rank classification")
+    prefixes = parse_inputs(lines, name, args.input_format, args.decoder_prefix_column)
   output = open_output(args.output_file, args.input_file)
   try:
-    return _decode_and_write(args, gen_cfg, texts, output)
+    return _decode_and_write(args, gen_cfg, texts, output, candidates, prefixes)
   finally:
     output.discard()
 
 
-def _decode_and_write(args, gen_cfg: GenerateConfig, texts: list[str], output: Output) -> int:
+def _decode_and_write(
+  args, gen_cfg: GenerateConfig, texts: list[str], output: Output, candidates, prefixes
+) -> int:
+  ranking = candidates is not None
   mesh = make_mesh(args)
   batch_size = round_batch_size(args.batch_size, mesh)
   config, params, tokenizer = load(args)
   check_memory(config, gen_cfg, batch_size, args.max_input_length)
+  ids = [t for w in gen_cfg.bad_words_ids or () for t in w] + list(gen_cfg.suppress_tokens or ())
+  if any(t >= config.vocab_size for t in ids):
+    raise CLIError(
+      f"--bad_words_ids/--suppress_tokens: ids must be < the vocabulary size {config.vocab_size}"
+    )
   token_ids = encode_inputs(tokenizer, texts, args.max_input_length, args.strict)
   params = jax.device_put(params, sharding.param_shardings(config, mesh))
   with tqdm(total=len(texts), file=sys.stderr, disable=args.no_progress, unit="ex") as bar:
-    sequences, scores = inference.generate_all(
-      params, config, token_ids, gen_cfg, batch_size=batch_size, max_len=args.max_input_length,
-      rng=jax.random.key(args.seed or 0), mesh=mesh, on_batch=bar.update,
-    )  # fmt: skip
+    if ranking:
+      cand_ids = [[list(tokenizer.encode(c)) for c in g] for g in candidates]
+      rank_scores, best = inference.rank_all(
+        params, config, token_ids, cand_ids, batch_size=batch_size,
+        max_len=args.max_input_length, on_batch=bar.update,
+      )  # fmt: skip
+    else:
+      prefix_ids = None
+      if prefixes is not None:
+        prefix_ids = [_drop_eos(list(tokenizer.encode(t))) for t in prefixes]
+      token_scores: list = []
+      sequences, scores = inference.generate_all(
+        params, config, token_ids, gen_cfg, batch_size=batch_size, max_len=args.max_input_length,
+        rng=jax.random.key(args.seed or 0), mesh=mesh, on_batch=bar.update, prefixes=prefix_ids,
+        token_scores=token_scores if gen_cfg.return_token_scores else None,
+      )  # fmt: skip
+  if ranking:
+    if args.output_format == "text":
+      body = "".join(g[b].replace("\n", " ") + "\n" for g, b in zip(candidates, best, strict=True))
+    else:
+      body = "".join(
+        json.dumps(
+          {"input": t, "candidates": g, "scores": s.tolist(), "best": b}, ensure_ascii=False
+        )
+        + "\n"
+        for t, g, s, b in zip(texts, candidates, rank_scores, best, strict=True)
+      )
+    output.commit(body)
+    return 0
   results = [
     ([tokenizer.decode(s.tolist()).replace("\n", " ") for s in seqs], sc.tolist())
     for seqs, sc in zip(sequences, scores, strict=True)
@@ -357,12 +456,24 @@ def _decode_and_write(args, gen_cfg: GenerateConfig, texts: list[str], output: O
   if args.output_format == "text":
     body = "".join(outputs[0] + "\n" for outputs, _ in results)
   else:
-    body = "".join(
-      json.dumps({"input": t, "outputs": o, "scores": s}, ensure_ascii=False) + "\n"
-      for t, (o, s) in zip(texts, results, strict=True)
-    )
+    records = []
+    for i, (t, (o, s)) in enumerate(zip(texts, results, strict=True)):
+      record = {"input": t, "outputs": o, "scores": s}
+      if gen_cfg.return_token_scores:  # each output's generated tokens, EOS included
+        record["token_scores"] = [
+          ts[: len(inference_length(seq))].tolist()
+          for seq, ts in zip(sequences[i], token_scores[i], strict=True)
+        ]
+      records.append(json.dumps(record, ensure_ascii=False) + "\n")
+    body = "".join(records)
   output.commit(body)
   return 0
+
+
+def inference_length(seq) -> list[int]:
+  """The generated tokens of a returned sequence: up to and including the first EOS."""
+  seq = list(seq)
+  return seq[: seq.index(1) + 1] if 1 in seq else seq
 
 
 def main(argv: Sequence[str] | None = None) -> int:

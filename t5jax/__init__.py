@@ -2,7 +2,15 @@
 
 from t5jax.config import PRESETS, T5Config, get_config
 from t5jax.errors import CheckpointError
-from t5jax.generate import GenerateConfig, GenerateOutput, ScoreOutput, generate, score
+from t5jax.generate import (
+  GenerateConfig,
+  GenerateOutput,
+  RankOutput,
+  ScoreOutput,
+  generate,
+  rank,
+  score,
+)
 from t5jax.hf import load_hf, save_hf
 from t5jax.model import (
   decode_step,
@@ -21,6 +29,7 @@ __all__ = [
   "T5Config",
   "GenerateConfig",
   "GenerateOutput",
+  "RankOutput",
   "ScoreOutput",
   "decode_step",
   "encode",
@@ -32,6 +41,7 @@ __all__ = [
   "init_self_cache",
   "load_hf",
   "param_axes",
+  "rank",
   "save_hf",
   "score",
   "shift_right",

@@ -17,11 +17,16 @@ reaches the maximum length) among the top num_beams becomes a finished hypothesi
 EOS), and an optional t5x brevity penalty `((5 + len) / 6) ** alpha`.
 
 Sampling warpers are pure functions over logits [..., V] that reproduce transformers'
-`TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper`, ties included.
+`TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper` (ties included),
+`MinPLogitsWarper` and `TypicalLogitsWarper`. `Processors` / `apply_processors` reproduce its
+logits processors (repetition penalty, no-repeat n-gram, bad words, min new tokens, suppressed
+tokens) on a static history buffer; `Prefix` forces per-row first tokens. Every extra is behind a
+Python-level switch, so the default loops are the ones without them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -98,22 +103,176 @@ def top_p_filter(logits: jax.Array, top_p: float, min_tokens_to_keep: int = 1) -
   return jnp.where(remove, -jnp.inf, logits)
 
 
+def min_p_filter(logits: jax.Array, min_p: float, min_tokens_to_keep: int = 1) -> jax.Array:
+  """Drops the tokens whose probability is below `min_p` times the top token's (transformers'
+  `MinPLogitsWarper`); the `min_tokens_to_keep` likeliest always stay.
+
+  Args:
+    logits: [..., V].
+    min_p: in [0, 1]; 0 keeps every token.
+    min_tokens_to_keep: never drop the largest this many tokens.
+  """
+  if not 0.0 <= min_p <= 1.0:
+    raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  remove = probs < min_p * jnp.max(probs, axis=-1, keepdims=True)
+  k = min(min_tokens_to_keep, logits.shape[-1])
+  kth_largest = jax.lax.top_k(probs, k)[0][..., -1:]
+  # transformers keeps the top k by index; for distinct probabilities that is p >= the k-th.
+  remove = remove & (probs < kth_largest)
+  return jnp.where(remove, -jnp.inf, logits)
+
+
+def typical_filter(logits: jax.Array, typical_p: float, min_tokens_to_keep: int = 1) -> jax.Array:
+  """Locally typical sampling (transformers' `TypicalLogitsWarper`): tokens sorted by how far
+  their surprisal is from the entropy; keep the closest ones up to mass `typical_p` (the token
+  that crosses it included, and every token as close as it).
+
+  Args:
+    logits: [..., V].
+    typical_p: in (0, 1]; 1.0 disables the filter.
+    min_tokens_to_keep: never drop the closest this many tokens.
+  """
+  if not 0.0 < typical_p <= 1.0:
+    raise ValueError(f"typical_p must be in (0, 1], got {typical_p}")
+  if typical_p >= 1.0:
+    return logits
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  p = jnp.exp(log_p)
+  entropy = -jnp.sum(jnp.where(p > 0, log_p * p, 0.0), axis=-1, keepdims=True)
+  shifted = jnp.abs(-log_p - entropy)
+  order = jnp.argsort(shifted, axis=-1, stable=True)
+  sorted_shifted = jnp.take_along_axis(shifted, order, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits.astype(jnp.float32), order, axis=-1)
+  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+  vocab = logits.shape[-1]
+  last = jnp.minimum(jnp.sum(cumulative < typical_p, axis=-1, keepdims=True), vocab - 1)
+  remove_sorted = sorted_shifted > jnp.take_along_axis(sorted_shifted, last, axis=-1)
+  remove_sorted = remove_sorted & (jnp.arange(vocab) >= min_tokens_to_keep)
+  remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
+  return jnp.where(remove, -jnp.inf, logits)
+
+
 def process_logits(
   logits: jax.Array,
   *,
   temperature: float = 1.0,
   top_k: int = 0,
   top_p: float = 1.0,
+  min_p: float | None = None,
+  typical_p: float = 1.0,
   min_tokens_to_keep: int = 1,
 ) -> jax.Array:
-  """Temperature, then top-k, then top-p (each skipped at its neutral value), like transformers."""
+  """Temperature, top-k, top-p, min-p, then typical-p (each skipped at its neutral value), in
+  transformers' order."""
   if temperature != 1.0:
     logits = apply_temperature(logits, temperature)
   if top_k != 0:
     logits = top_k_filter(logits, top_k, min_tokens_to_keep)
   if top_p < 1.0:
     logits = top_p_filter(logits, top_p, min_tokens_to_keep)
+  if min_p is not None:
+    logits = min_p_filter(logits, min_p, min_tokens_to_keep)
+  if typical_p < 1.0:
+    logits = typical_filter(logits, typical_p, min_tokens_to_keep)
   return logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Logits processors (every method): transformers' order and rules, on the tokens fed so far.
+
+
+class Processors(NamedTuple):
+  """Static settings of the logits processors; the defaults turn each one off.
+
+  Attributes:
+    repetition_penalty: scores of tokens already fed (start token and prefix included, as
+      transformers) are divided by it when positive, multiplied when negative; 1.0 disables.
+    no_repeat_ngram_size: n > 0 bans every token that would repeat an n-gram of the fed tokens.
+    bad_words_ids: token sequences never produced: the last token is banned where the fed
+      tokens end with the others (a lone EOS is ignored, as transformers does).
+    min_new_tokens: EOS is banned while fewer tokens than this have been generated.
+    suppress_tokens: tokens always banned.
+  """
+
+  repetition_penalty: float = 1.0
+  no_repeat_ngram_size: int = 0
+  bad_words_ids: tuple[tuple[int, ...], ...] = ()
+  min_new_tokens: int = 0
+  suppress_tokens: tuple[int, ...] = ()
+
+  @property
+  def active(self) -> bool:
+    return self != Processors()
+
+
+def apply_processors(
+  scores: jax.Array,
+  history: jax.Array,
+  length: jax.Array,
+  generated: jax.Array,
+  processors: Processors,
+  eos_id: int | None,
+) -> jax.Array:
+  """transformers' processors in its order: repetition penalty, no-repeat n-gram, bad words,
+  min new tokens, suppressed tokens.
+
+  Args:
+    scores: [N, V] logits (greedy, sampling) or log-probabilities (beam search, as transformers).
+    history: int [N, H], the tokens fed so far (start token, prefix, generated) in [:, :length].
+    length: int32 scalar, how many tokens of `history` are valid.
+    generated: int32 scalar or [N], tokens generated so far (prefix excluded).
+    processors: the settings.
+    eos_id: EOS (None: min_new_tokens does nothing).
+
+  Returns:
+    [N, V] processed scores (banned tokens -inf).
+  """
+  p = processors
+  n_rows, vocab = scores.shape
+  width = history.shape[1]
+  rows = jnp.arange(n_rows)[:, None]
+  banned = jnp.zeros((n_rows, vocab), bool)
+
+  def mark(ids, where):  # ids [N, W] banned where `where`; scattered past the vocab otherwise
+    ids = jnp.where(where, jnp.minimum(ids, vocab), vocab)
+    return jnp.zeros((n_rows, vocab + 1), bool).at[rows, ids].set(True)[:, :vocab]
+
+  if p.repetition_penalty != 1.0:
+    seen = mark(history, jnp.arange(width)[None] < length)
+    penalized = jnp.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+    scores = jnp.where(seen, penalized, scores)
+  n = p.no_repeat_ngram_size
+  if n and width >= n:
+    count = width - n + 1
+    windows = jnp.stack([history[:, k : k + count] for k in range(n)], axis=-1)  # [N, W, n]
+    match = (jnp.arange(count) <= length - n)[None]  # the window lies within the fed tokens
+    if n > 1:
+      suffix = jax.lax.dynamic_slice_in_dim(history, jnp.maximum(length - n + 1, 0), n - 1, 1)
+      match = match & jnp.all(windows[..., :-1] == suffix[:, None], axis=-1)
+    banned = banned | mark(windows[..., -1], match)
+  for word in p.bad_words_ids:
+    if eos_id is not None and tuple(word) == (eos_id,):
+      continue
+    m = len(word) - 1
+    hit = jnp.ones((n_rows,), bool)
+    if m:
+      tail = jax.lax.dynamic_slice_in_dim(history, jnp.maximum(length - m, 0), m, 1)
+      hit = (length >= m) & jnp.all(tail == jnp.asarray(word[:-1], history.dtype), axis=-1)
+    banned = banned.at[:, word[-1]].set(banned[:, word[-1]] | hit)
+  if p.min_new_tokens and eos_id is not None:
+    early = jnp.broadcast_to(jnp.asarray(generated) < p.min_new_tokens, (n_rows,))
+    banned = banned.at[:, eos_id].set(banned[:, eos_id] | early)
+  if p.suppress_tokens:
+    banned = banned.at[:, jnp.asarray(p.suppress_tokens)].set(True)
+  return jnp.where(banned, -jnp.inf, scores)
+
+
+class Prefix(NamedTuple):
+  """Forced first tokens per row: `tokens` int [N, P], row i forces `tokens[i, :lengths[i]]`."""
+
+  tokens: jax.Array
+  lengths: jax.Array
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,40 +289,94 @@ def _token_loop(
   start_id: int,
   eos_id: int | None,
   pad_id: int,
-) -> tuple[jax.Array, jax.Array]:
+  warp: Callable[[jax.Array], jax.Array] | None = None,
+  processors: Processors | None = None,
+  prefix: Prefix | None = None,
+  return_token_scores: bool = False,
+) -> tuple[jax.Array, ...]:
   """One token per row per step until every row has produced EOS or `max_len` tokens.
 
-  `select(logits[N, V], step) -> tokens[N]` picks the next token. Returns (sequences [N, L] padded
-  with `pad_id` after EOS, scores [N]: sum of the model's log-probabilities of the chosen tokens).
+  `select(scores[N, V], step) -> tokens[N]` picks the next token from the processed (`processors`)
+  and warped (`warp`) logits. With a `prefix`, row i is fed its forced tokens first (they are
+  neither scored nor returned) and then generates `max_len` tokens; the cache must hold
+  `P + max_len` positions. Returns (sequences [N, L] padded with `pad_id` after EOS, scores [N]:
+  sum of the model's log-probabilities of the chosen tokens) and, with `return_token_scores`,
+  token scores [N, L]: log-softmax of the processed, warped logits at the chosen token (0 after
+  EOS), transformers' `compute_transition_scores(..., normalize_logits=True)`.
   """
   eos = -1 if eos_id is None else eos_id
+  if processors is not None and not processors.active:
+    processors = None
+  p_max = 0 if prefix is None else prefix.tokens.shape[1]
+  if p_max == 0:
+    prefix = None
+  total = p_max + max_len
 
   def cond(state):
-    step, _, _, done, _, _ = state
-    return (step < max_len) & ~jnp.all(done)
+    step, done = state[0], state[3]
+    return (step < total) & ~jnp.all(done)
 
   def body(state):
-    step, tokens, sequences, done, scores, cache = state
+    step, tokens, sequences, done, scores, cache = state[:6]
+    token_scores = state[6] if return_token_scores else None
     logits, cache = tokens_to_logits(tokens, cache, step)
     logits = logits.astype(jnp.float32)
-    next_tokens = select(logits, step).astype(jnp.int32)
+    generated = step if prefix is None else step - prefix.lengths
+    processed = logits
+    if processors is not None:
+      history = jnp.concatenate([jnp.full((num_rows, 1), start_id, jnp.int32), sequences], axis=1)
+      processed = apply_processors(logits, history, step + 1, generated, processors, eos_id)
+    if warp is not None:
+      processed = warp(processed)
+    next_tokens = select(processed, step).astype(jnp.int32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     token_log_probs = jnp.take_along_axis(log_probs, next_tokens[:, None], axis=-1)[:, 0]
-    scores = scores + jnp.where(done, 0.0, token_log_probs)
+    counted = ~done if (prefix is not None or return_token_scores) else None
+    if prefix is not None:
+      forced = generated < 0
+      forced_tokens = jax.lax.dynamic_index_in_dim(
+        prefix.tokens, jnp.minimum(step, p_max - 1), axis=1, keepdims=False
+      )
+      next_tokens = jnp.where(forced, forced_tokens, next_tokens)
+      counted = counted & ~forced
+    if prefix is None:  # (the operations of the loop before prefixes existed)
+      scores = scores + jnp.where(done, 0.0, token_log_probs)
+    else:
+      scores = scores + jnp.where(counted, token_log_probs, 0.0)
+    if return_token_scores:
+      chosen = jax.nn.log_softmax(processed, axis=-1)
+      chosen = jnp.take_along_axis(chosen, next_tokens[:, None], axis=-1)
+      chosen = jnp.where(counted[:, None], chosen, 0.0)
+      token_scores = jax.lax.dynamic_update_slice(token_scores, chosen, (0, step))
     next_tokens = jnp.where(done, pad_id, next_tokens)
     sequences = jax.lax.dynamic_update_slice(sequences, next_tokens[:, None], (0, step))
-    done = done | (next_tokens == eos)
-    return step + 1, next_tokens, sequences, done, scores, cache
+    if prefix is None:
+      done = done | (next_tokens == eos)
+    else:
+      done = done | (counted & ((next_tokens == eos) | (generated >= max_len - 1)))
+    new = (step + 1, next_tokens, sequences, done, scores, cache)
+    return new + (token_scores,) if return_token_scores else new
 
   init = (
     jnp.array(0, jnp.int32),
     jnp.full((num_rows,), start_id, jnp.int32),
-    jnp.full((num_rows, max_len), pad_id, jnp.int32),
+    jnp.full((num_rows, total), pad_id, jnp.int32),
     jnp.zeros((num_rows,), bool),
     jnp.zeros((num_rows,), jnp.float32),
     cache,
   )
-  _, _, sequences, _, scores, _ = jax.lax.while_loop(cond, body, init)
+  if return_token_scores:  # only then in the loop state: the default loop is unchanged
+    init = init + (jnp.zeros((num_rows, total), jnp.float32),)
+  final = jax.lax.while_loop(cond, body, init)
+  sequences, scores = final[2], final[4]
+  token_scores = final[6] if return_token_scores else None
+  if prefix is not None:
+    window = prefix.lengths[:, None] + jnp.arange(max_len)[None]
+    sequences = jnp.take_along_axis(sequences, window, axis=1)
+    if return_token_scores:
+      token_scores = jnp.take_along_axis(token_scores, window, axis=1)
+  if return_token_scores:
+    return sequences, scores, token_scores
   return sequences, scores
 
 
@@ -176,7 +389,10 @@ def greedy_search(
   start_id: int = 0,
   eos_id: int | None = 1,
   pad_id: int = 0,
-) -> tuple[jax.Array, jax.Array]:
+  processors: Processors | None = None,
+  prefix: Prefix | None = None,
+  return_token_scores: bool = False,
+) -> tuple[jax.Array, ...]:
   """Argmax decoding (first index on ties, like torch.argmax).
 
   Args:
@@ -187,9 +403,13 @@ def greedy_search(
     start_id: token fed at step 0.
     eos_id: ends a row; None never ends one early.
     pad_id: fills positions after EOS.
+    processors: logits processors (`Processors`), applied before the argmax.
+    prefix: forced first tokens per row (`Prefix`); the cache then holds P + L positions.
+    return_token_scores: also return the per-token scores [N, L] (see `_token_loop`).
 
   Returns:
-    sequences int32 [N, L], scores float32 [N] (sum of log-probabilities, EOS included).
+    sequences int32 [N, L], scores float32 [N] (sum of log-probabilities, EOS included)
+    [, token_scores float32 [N, L]].
   """
   select = lambda logits, step: jnp.argmax(logits, axis=-1)
   return _token_loop(
@@ -201,6 +421,9 @@ def greedy_search(
     start_id=start_id,
     eos_id=eos_id,
     pad_id=pad_id,
+    processors=processors,
+    prefix=prefix,
+    return_token_scores=return_token_scores,
   )
 
 
@@ -214,28 +437,40 @@ def sample(
   temperature: float = 1.0,
   top_k: int = 0,
   top_p: float = 1.0,
+  min_p: float | None = None,
+  typical_p: float = 1.0,
   start_id: int = 0,
   eos_id: int | None = 1,
   pad_id: int = 0,
-) -> tuple[jax.Array, jax.Array]:
-  """Ancestral sampling from the warped distribution (temperature, then top-k, then top-p).
+  processors: Processors | None = None,
+  prefix: Prefix | None = None,
+  return_token_scores: bool = False,
+) -> tuple[jax.Array, ...]:
+  """Ancestral sampling from the processed, warped distribution (transformers' order: processors,
+  then temperature, top-k, top-p, min-p, typical-p).
 
   Args:
-    tokens_to_logits, cache, num_rows, max_len, start_id, eos_id, pad_id: as in `greedy_search`.
+    tokens_to_logits, cache, num_rows, max_len, start_id, eos_id, pad_id, processors, prefix,
+      return_token_scores: as in `greedy_search`.
     rng: PRNG key; the key of step t is `fold_in(rng, t)`, so results are deterministic.
     temperature: > 0; 1.0 leaves logits unchanged.
     top_k: keep the k largest logits (ties kept); 0 disables.
     top_p: nucleus mass; 1.0 disables.
+    min_p: keep tokens with probability >= min_p * the top one's; None disables.
+    typical_p: locally typical mass; 1.0 disables.
 
   Returns:
     sequences int32 [N, L], scores float32 [N]: sum of the model's (unwarped) log-probabilities of
-    the sampled tokens.
+    the sampled tokens [, token_scores [N, L] under the warped distribution].
   """
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
+  warp = functools.partial(
+    process_logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+    typical_p=typical_p,
+  )  # fmt: skip
 
-  def select(logits, step):
-    warped = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  def select(warped, step):
     return jax.random.categorical(jax.random.fold_in(rng, step), warped, axis=-1)
 
   return _token_loop(
@@ -247,6 +482,10 @@ def sample(
     start_id=start_id,
     eos_id=eos_id,
     pad_id=pad_id,
+    warp=warp,
+    processors=processors,
+    prefix=prefix,
+    return_token_scores=return_token_scores,
   )
 
 
@@ -290,7 +529,10 @@ def beam_search(
   start_id: int = 0,
   eos_id: int | None = 1,
   pad_id: int = 0,
-) -> tuple[jax.Array, jax.Array]:
+  processors: Processors | None = None,
+  prefix: Prefix | None = None,
+  return_token_scores: bool = False,
+) -> tuple[jax.Array, ...]:
   """Beam search with transformers' candidate selection, scoring and stopping rules.
 
   Args:
@@ -309,9 +551,16 @@ def beam_search(
     start_id: token fed at step 0.
     eos_id: finishes a hypothesis; None never finishes one before max_len.
     pad_id: fills positions after EOS.
+    processors: logits processors, applied to the log-softmaxed scores as transformers does (the
+      processed log-probabilities are what the beams accumulate).
+    prefix: forced first tokens per example (`Prefix`, tokens [B, P], lengths [B]); an example
+      generates (and counts lengths) from the end of its prefix; the cache holds P + L positions.
+    return_token_scores: also return the processed log-probability of each token [B, n, L]
+      (transformers' `compute_transition_scores` with `beam_indices`; 0 after EOS).
 
   Returns:
-    sequences int32 [B, n, L] sorted best first, scores float32 [B, n] (length-normalised).
+    sequences int32 [B, n, L] sorted best first, scores float32 [B, n] (length-normalised)
+    [, token_scores float32 [B, n, L]].
   """
   eos = -1 if eos_id is None else eos_id
   # Length penalty and early-stopping mode may be traced: one compilation serves all their values.
@@ -324,15 +573,21 @@ def beam_search(
   bound_at_max_len = ((mode == EARLY_STOPPING_CODES["never"]) | (length_penalty_style == "t5x")) & (
     alpha > 0
   )
+  if processors is not None and not processors.active:
+    processors = None
+  if prefix is not None and prefix.tokens.shape[1] == 0:
+    prefix = None
   rules = _BeamRules(
     n=num_beams, batch_size=batch_size, max_len=max_len, eos=eos, alpha=alpha,
     style=length_penalty_style, stop_at_full=mode == EARLY_STOPPING_CODES[True],
-    bound_at_max_len=bound_at_max_len,
+    bound_at_max_len=bound_at_max_len, start_id=start_id, eos_id=eos_id, processors=processors,
+    prefix=prefix, token_scores=return_token_scores,
   )  # fmt: skip
+  total = max_len if prefix is None else prefix.tokens.shape[1] + max_len
 
   def cond(s: _Beams):
     exists_open_beam = ~(jnp.all(s.fin_mask) & rules.stop_at_full)
-    return (s.step < max_len) & jnp.any(s.heuristic_open) & exists_open_beam & ~s.all_hit
+    return (s.step < total) & jnp.any(s.heuristic_open) & exists_open_beam & ~s.all_hit
 
   state = jax.lax.while_loop(
     cond,
@@ -342,7 +597,15 @@ def beam_search(
   # Hypotheses grow on pad-filled rows, so positions after EOS already hold pad_id. Every slot is
   # filled on exit: the loop ends at max_len (where the top n candidates all finish), or once all
   # slots of every example are finished (early_stopping=True or the bound heuristic).
-  return state.fin_seqs, state.fin_scores
+  seqs, token_scores = state.fin_seqs, state.fin_tok
+  if prefix is not None:  # each example's generated window
+    window = (prefix.lengths[:, None] + jnp.arange(max_len)[None])[:, None, :]
+    seqs = jnp.take_along_axis(seqs, window, axis=2)
+    if return_token_scores:
+      token_scores = jnp.take_along_axis(token_scores, window, axis=2)
+  if return_token_scores:
+    return seqs, state.fin_scores, token_scores
+  return seqs, state.fin_scores
 
 
 class _Beams(NamedTuple):
@@ -358,6 +621,8 @@ class _Beams(NamedTuple):
   heuristic_open: jax.Array  # bool [B], the stopping test still lets the example run
   all_hit: jax.Array  # bool [], every candidate of the last step finished
   cache: Cache
+  run_tok: jax.Array | None  # float32 [B, n, L] per-token scores of the live beams (or None)
+  fin_tok: jax.Array | None  # float32 [B, n, L] those of the finished hypotheses (or None)
 
 
 class _BeamRules(NamedTuple):
@@ -371,6 +636,11 @@ class _BeamRules(NamedTuple):
   style: str
   stop_at_full: jax.Array
   bound_at_max_len: jax.Array
+  start_id: int = 0
+  eos_id: int | None = None
+  processors: Processors | None = None
+  prefix: Prefix | None = None
+  token_scores: bool = False
 
   def penalty(self, length):
     return length_penalty_denominator(length, self.alpha, self.style)
@@ -379,7 +649,9 @@ class _BeamRules(NamedTuple):
 def _initial_beams(cache: Cache, r: _BeamRules, *, start_id: int, pad_id: int) -> _Beams:
   b, n = r.batch_size, r.n
   init_scores = jnp.tile(jnp.where(jnp.arange(n) == 0, 0.0, NEG_INF)[None], (b, 1))
-  empty_seqs = jnp.full((b, n, r.max_len), pad_id, jnp.int32)
+  total = r.max_len if r.prefix is None else r.prefix.tokens.shape[1] + r.max_len
+  empty_seqs = jnp.full((b, n, total), pad_id, jnp.int32)
+  empty_tok = jnp.zeros((b, n, total), jnp.float32) if r.token_scores else None
   return _Beams(
     step=jnp.array(0, jnp.int32),
     tokens=jnp.full((b * n,), start_id, jnp.int32),
@@ -391,6 +663,8 @@ def _initial_beams(cache: Cache, r: _BeamRules, *, start_id: int, pad_id: int) -
     heuristic_open=jnp.ones((b,), bool),
     all_hit=jnp.array(False),
     cache=cache,
+    run_tok=empty_tok,
+    fin_tok=empty_tok,
   )
 
 
@@ -399,7 +673,16 @@ def _beam_step(s: _Beams, tokens_to_logits: TokensToLogits, r: _BeamRules) -> _B
   b, n = r.batch_size, r.n
   logits, cache = tokens_to_logits(s.tokens, s.cache, s.step)
   vocab = logits.shape[-1]
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, n, vocab)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  # Tokens generated before this step, per example ([B]; the prefix does not count).
+  generated = s.step if r.prefix is None else s.step - r.prefix.lengths
+  if r.processors is not None:
+    history = jnp.concatenate(
+      [jnp.full((b * n, 1), r.start_id, jnp.int32), s.run_seqs.reshape(b * n, -1)], axis=1
+    )
+    per_row = generated if r.prefix is None else jnp.repeat(generated, n)
+    log_probs = apply_processors(log_probs, history, s.step + 1, per_row, r.processors, r.eos_id)
+  log_probs = log_probs.reshape(b, n, vocab)
   accumulated = (log_probs + s.run_scores[:, :, None]).reshape(b, n * vocab)
 
   # Top 2n candidates over all beams of each example.
@@ -410,34 +693,78 @@ def _beam_step(s: _Beams, tokens_to_logits: TokensToLogits, r: _BeamRules) -> _B
   cand_seqs = jax.lax.dynamic_update_slice(
     cand_seqs, cand_tokens[:, :, None], (0, 0, s.step)
   )  # [B, 2n, L]
-  hits = (cand_tokens == r.eos) | (s.step + 1 >= r.max_len)
+  if r.prefix is None:
+    hits = (cand_tokens == r.eos) | (generated + 1 >= r.max_len)
+  else:
+    hits = (cand_tokens == r.eos) | (generated + 1 >= r.max_len)[:, None]
+  cand_tok = s.run_tok
+  if r.token_scores:
+    chosen = jnp.take_along_axis(log_probs.reshape(b, n * vocab), cand_idx, axis=1)
+    cand_tok = _gather_beams(s.run_tok, cand_beams)
+    cand_tok = jax.lax.dynamic_update_slice(cand_tok, chosen[:, :, None], (0, 0, s.step))
 
   # Live beams: the best n candidates that did not just finish.
   live_cand_scores = cand_scores + hits.astype(jnp.float32) * NEG_INF
   run_scores, keep = jax.lax.top_k(live_cand_scores, n)
   run_seqs = _gather_beams(cand_seqs, keep)
+  run_tok = _gather_beams(cand_tok, keep) if r.token_scores else s.run_tok
   parent = jnp.take_along_axis(cand_beams, keep, axis=1)
-  new_tokens = jnp.take_along_axis(cand_tokens, keep, axis=1).reshape(-1)
-  flat_parent = (parent + (jnp.arange(b) * n)[:, None]).reshape(-1)
-  cache = jax.tree_util.tree_map(lambda x: x[flat_parent], cache)
+  new_tokens = jnp.take_along_axis(cand_tokens, keep, axis=1)
+  if r.prefix is None:
+    new_tokens = new_tokens.reshape(-1)
+    cache = _reorder_cache(cache, parent, b, n)
 
-  fin_seqs, fin_scores, fin_mask = _merge_finished(s, cand_scores, cand_seqs, hits, r)
+  fin_seqs, fin_scores, fin_mask, fin_tok = _merge_finished(
+    s, cand_scores, cand_seqs, cand_tok, hits, generated, r
+  )
   step = s.step + 1
-  bound_len = jnp.where(r.bound_at_max_len, r.max_len, step)
+  bound_len = jnp.where(r.bound_at_max_len, r.max_len, step if r.prefix is None else generated + 1)
   best_running = run_scores[:, 0] / r.penalty(bound_len)
   worst_finished = jnp.where(fin_mask, jnp.min(fin_scores, axis=1, keepdims=True), NEG_INF)
   heuristic_open = s.heuristic_open & jnp.any(best_running[:, None] > worst_finished, axis=1)
+  all_hit = jnp.all(hits)
+  if r.prefix is not None:
+    # An example still in its prefix keeps its beams (all alike) and scores, and feeds its next
+    # forced token; one past its last step is closed.
+    forced = generated < 0
+    forced_tokens = jax.lax.dynamic_index_in_dim(
+      r.prefix.tokens, jnp.minimum(s.step, r.prefix.tokens.shape[1] - 1), 1, keepdims=False
+    )
+    f1, f2, f3 = forced[:, None], forced[:, None, None], forced
+    kept_seqs = jax.lax.dynamic_update_slice(
+      s.run_seqs, jnp.broadcast_to(forced_tokens[:, None, None], (b, n, 1)), (0, 0, s.step)
+    )
+    run_seqs = jnp.where(f2, kept_seqs, run_seqs)
+    run_scores = jnp.where(f1, s.run_scores, run_scores)
+    if r.token_scores:
+      run_tok = jnp.where(f2, s.run_tok, run_tok)
+      fin_tok = jnp.where(f2, s.fin_tok, fin_tok)
+    parent = jnp.where(f1, jnp.arange(n)[None], parent)
+    new_tokens = jnp.where(f1, forced_tokens[:, None], new_tokens)
+    fin_seqs = jnp.where(f2, s.fin_seqs, fin_seqs)
+    fin_scores = jnp.where(f1, s.fin_scores, fin_scores)
+    fin_mask = jnp.where(f1, s.fin_mask, fin_mask)
+    heuristic_open = jnp.where(f3, s.heuristic_open, heuristic_open & (generated + 1 < r.max_len))
+    all_hit = jnp.array(False)
+    new_tokens = new_tokens.reshape(-1)
+    cache = _reorder_cache(cache, parent, b, n)
   return _Beams(
-    step, new_tokens, run_seqs, run_scores, fin_seqs, fin_scores, fin_mask, heuristic_open,
-    jnp.all(hits), cache,
+    step, new_tokens, run_seqs, run_scores, fin_seqs, fin_scores, fin_mask,
+    heuristic_open, all_hit, cache, run_tok, fin_tok,
   )  # fmt: skip
 
 
-def _merge_finished(s: _Beams, cand_scores, cand_seqs, hits, r: _BeamRules):
+def _reorder_cache(cache: Cache, parent: jax.Array, b: int, n: int) -> Cache:
+  flat_parent = (parent + (jnp.arange(b) * n)[:, None]).reshape(-1)
+  return jax.tree_util.tree_map(lambda x: x[flat_parent], cache)
+
+
+def _merge_finished(s: _Beams, cand_scores, cand_seqs, cand_tok, hits, generated, r: _BeamRules):
   """The n best finished hypotheses: the kept ones and the candidates that just finished within
   the top n (none for an example that is already full with early stopping, or closed)."""
   just_finished = hits & (jnp.arange(2 * r.n) < r.n)[None, :]
-  fin_cand = cand_scores / r.penalty(s.step + 1)
+  length = generated + 1 if r.prefix is None else (generated + 1)[:, None]
+  fin_cand = cand_scores / r.penalty(length)
   fin_cand = fin_cand + (jnp.all(s.fin_mask, axis=1, keepdims=True) & r.stop_at_full) * NEG_INF
   fin_cand = fin_cand + (~s.heuristic_open)[:, None] * NEG_INF
   fin_cand = fin_cand + (~just_finished) * NEG_INF
@@ -445,7 +772,10 @@ def _merge_finished(s: _Beams, cand_scores, cand_seqs, hits, r: _BeamRules):
   fin_scores, best = jax.lax.top_k(merged_scores, r.n)
   fin_seqs = _gather_beams(jnp.concatenate([s.fin_seqs, cand_seqs], axis=1), best)
   fin_mask = _gather_beams(jnp.concatenate([s.fin_mask, just_finished], axis=1), best)
-  return fin_seqs, fin_scores, fin_mask
+  fin_tok = s.fin_tok
+  if r.token_scores:
+    fin_tok = _gather_beams(jnp.concatenate([s.fin_tok, cand_tok], axis=1), best)
+  return fin_seqs, fin_scores, fin_mask, fin_tok
 
 
 def pad_after_eos(sequences: np.ndarray, eos_id: int = 1, pad_id: int = 0) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5jax import decoding, model
 from t5jax.config import T5Config
@@ -42,10 +43,15 @@ class GenerateOutput:
     sequences: int32 [B, L], or [B, n, L] when num_return_sequences n > 1; no start token, padded
       with pad_token_id after EOS.
     scores: float32 [B] or [B, n] (see the module docstring for their meaning per method).
+    token_scores: float32 [B, L] or [B, n, L] with `return_token_scores=True` (else None): each
+      generated token's log-probability under the processed (and, sampling, warped) distribution,
+      0 after EOS; transformers' `compute_transition_scores` (greedy and sampling with
+      `normalize_logits=True`; beams: summed, they give `scores * len**length_penalty`).
   """
 
   sequences: jax.Array
   scores: jax.Array
+  token_scores: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +103,56 @@ class GenerateConfig:
   ignore_eos: bool = _option(
     False, "never stop at EOS (always generate max_new_tokens; for benchmarks)", flag=False
   )
+  # Logits processors (every method, transformers' order and rules) and more sampling warpers.
+  min_new_tokens: int = _option(0, "EOS is impossible before this many generated tokens")
+  repetition_penalty: float = _option(
+    1.0, "divide (multiply if negative) the scores of tokens already fed; 1 disables"
+  )
+  no_repeat_ngram_size: int = _option(0, "never repeat an n-gram of this size (0 disables)")
+  bad_words_ids: tuple[tuple[int, ...], ...] | None = _option(
+    None, "token sequences never produced, e.g. '5 7;9' (';' between sequences)", parse="seqs"
+  )
+  suppress_tokens: tuple[int, ...] | None = _option(
+    None, "tokens never produced, e.g. '5 7'", parse="ids"
+  )
+  min_p: float | None = _option(
+    None, "keep tokens with probability >= min_p x the top one's", "sample"
+  )
+  typical_p: float = _option(1.0, "locally typical sampling mass (1 disables)", "sample")
+  return_token_scores: bool = _option(False, "also return each generated token's log-prob")
 
   def __post_init__(self):
+    # Token lists become tuples (hashable: the config is a static argument of the jitted loop).
+    if self.bad_words_ids is not None:
+      words = self.bad_words_ids
+      if isinstance(words, (str, bytes)) or not all(isinstance(w, (list, tuple)) for w in words):
+        raise ValueError(f"bad_words_ids must be a list of token lists, got {words!r}")
+      object.__setattr__(self, "bad_words_ids", tuple(tuple(int(t) for t in w) for w in words))
+      if not self.bad_words_ids or not all(self.bad_words_ids):
+        raise ValueError("bad_words_ids must be a non-empty list of non-empty token lists")
+      if any(t < 0 for w in self.bad_words_ids for t in w):
+        raise ValueError(f"bad_words_ids must hold token ids >= 0, got {self.bad_words_ids}")
+    if self.suppress_tokens is not None:
+      if isinstance(self.suppress_tokens, (str, bytes)):
+        raise ValueError(
+          f"suppress_tokens must be a list of token ids, got {self.suppress_tokens!r}"
+        )
+      object.__setattr__(self, "suppress_tokens", tuple(int(t) for t in self.suppress_tokens))
+      if not self.suppress_tokens or any(t < 0 for t in self.suppress_tokens):
+        raise ValueError(
+          f"suppress_tokens must be a non-empty list of token ids >= 0, got {self.suppress_tokens}"
+        )
+    if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+      raise ValueError(
+        f"min_new_tokens must be in [0, max_new_tokens ({self.max_new_tokens})], got "
+        f"{self.min_new_tokens}"
+      )
+    if not self.repetition_penalty > 0:
+      raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    if self.no_repeat_ngram_size < 0:
+      raise ValueError(
+        f"no_repeat_ngram_size must be >= 0 (0 disables), got {self.no_repeat_ngram_size}"
+      )
     if self.method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
     for name in ("max_new_tokens", "num_return_sequences"):
@@ -131,9 +185,23 @@ class GenerateConfig:
         raise ValueError(f"top_k must be >= 0 (0 disables), got {self.top_k}")
       if not 0.0 < self.top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 disables), got {self.top_p}")
+      if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+      if not 0.0 < self.typical_p <= 1.0:
+        raise ValueError(f"typical_p must be in (0, 1] (1 disables), got {self.typical_p}")
 
   def replace(self, **changes: Any) -> GenerateConfig:
     return dataclasses.replace(self, **changes)
+
+  def processors(self) -> decoding.Processors:
+    """The logits processors' settings (`decoding.Processors`; all off by default)."""
+    return decoding.Processors(
+      repetition_penalty=self.repetition_penalty,
+      no_repeat_ngram_size=self.no_repeat_ngram_size,
+      bad_words_ids=self.bad_words_ids or (),
+      min_new_tokens=self.min_new_tokens,
+      suppress_tokens=self.suppress_tokens or (),
+    )
 
   def _static(self) -> GenerateConfig:
     """The part that shapes the compiled loop: length penalty and early stopping are traced, and
@@ -170,9 +238,11 @@ def compute_dtype_params(params: Any, config: T5Config) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"))
 def _generate(
-  params, encoder_input_tokens, rng, length_penalty, early_stopping, *, config, settings
-):
-  """Returns sequences [B, r, L] and scores [B, r] (r = num_beams or samples per input)."""
+  params, encoder_input_tokens, rng, length_penalty, early_stopping, prefix=None, *, config,
+  settings,
+):  # fmt: skip
+  """Returns sequences [B, r, L], scores [B, r] (r = num_beams or samples per input), and token
+  scores [B, r, L] or None. `prefix`: `decoding.Prefix` per example ([B, P], [B]) or None."""
   s = settings
   eos_id = None if s.ignore_eos else config.eos_token_id
   batch = encoder_input_tokens.shape[0]
@@ -181,7 +251,8 @@ def _generate(
   params = compute_dtype_params(params, config)  # once, outside the loop
   encoded = model.encode(params, config, encoder_input_tokens)
   cross = model.init_cross_cache(params, config, encoded, encoder_input_tokens)
-  cache = model.init_self_cache(config, num_rows, s.max_new_tokens)
+  prefix_len = 0 if prefix is None else prefix.tokens.shape[1]
+  cache = model.init_self_cache(config, num_rows, prefix_len + s.max_new_tokens)
 
   def tokens_to_logits(tokens, cache, step):
     return model.decode_step(params, config, tokens, cache, cross, step)
@@ -192,8 +263,10 @@ def _generate(
     eos_id=eos_id,
     pad_id=config.pad_token_id,
   )
+  extra = dict(processors=s.processors(), return_token_scores=s.return_token_scores)
+  token_scores = None
   if s.method == "beam":
-    seqs, scores = decoding.beam_search(
+    out = decoding.beam_search(
       tokens_to_logits,
       cache,
       batch_size=batch,
@@ -201,13 +274,25 @@ def _generate(
       length_penalty=length_penalty,
       early_stopping=early_stopping,
       length_penalty_style=s.length_penalty_style,
+      prefix=prefix,
       **common,
+      **extra,
     )
+    seqs, scores = out[:2]
+    if s.return_token_scores:
+      token_scores = out[2]
   else:
+    if prefix is not None:  # one copy per sample
+      prefix = decoding.Prefix(
+        jnp.repeat(prefix.tokens, rows_per_example, axis=0),
+        jnp.repeat(prefix.lengths, rows_per_example, axis=0),
+      )
     if s.method == "greedy":
-      seqs, scores = decoding.greedy_search(tokens_to_logits, cache, num_rows=num_rows, **common)
+      out = decoding.greedy_search(
+        tokens_to_logits, cache, num_rows=num_rows, prefix=prefix, **common, **extra
+      )
     else:
-      seqs, scores = decoding.sample(
+      out = decoding.sample(
         tokens_to_logits,
         cache,
         rng,
@@ -215,11 +300,49 @@ def _generate(
         temperature=s.temperature,
         top_k=s.top_k,
         top_p=s.top_p,
+        min_p=s.min_p,
+        typical_p=s.typical_p,
+        prefix=prefix,
         **common,
+        **extra,
       )
-    seqs = seqs.reshape(batch, rows_per_example, s.max_new_tokens)
-    scores = scores.reshape(batch, rows_per_example)
-  return seqs, scores
+    seqs = out[0].reshape(batch, rows_per_example, s.max_new_tokens)
+    scores = out[1].reshape(batch, rows_per_example)
+    if s.return_token_scores:
+      token_scores = out[2].reshape(batch, rows_per_example, s.max_new_tokens)
+  return seqs, scores, token_scores
+
+
+def _prefix(decoder_prefix, lengths, batch: int) -> decoding.Prefix | None:
+  """`decoding.Prefix` from a ragged list of token lists or an int array [B, P] (+ lengths)."""
+  if decoder_prefix is None:
+    if lengths is not None:
+      raise ValueError("decoder_prefix_lengths needs decoder_prefix")
+    return None
+  if isinstance(decoder_prefix, (list, tuple)) and lengths is None:
+    rows = [list(r) for r in decoder_prefix]
+    width = max((len(r) for r in rows), default=0)
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+      tokens[i, : len(r)] = r
+    lengths = np.array([len(r) for r in rows], np.int32)
+  else:
+    tokens = np.asarray(decoder_prefix)
+    if tokens.ndim != 2:
+      raise ValueError(f"decoder_prefix must be [B, P], got shape {tokens.shape}")
+    lengths = (
+      np.full((tokens.shape[0],), tokens.shape[1]) if lengths is None else np.asarray(lengths)
+    )
+  if tokens.shape[0] != batch or lengths.shape != (batch,):
+    raise ValueError(
+      f"decoder_prefix must have one row per input ({batch}), got {tokens.shape[0]} rows and "
+      f"lengths of shape {lengths.shape}"
+    )
+  if np.any(lengths < 0) or np.any(lengths > tokens.shape[1]):
+    raise ValueError(f"decoder_prefix_lengths must be in [0, {tokens.shape[1]}], got {lengths}")
+  if tokens.shape[1] == 0 or not np.any(lengths):
+    return None
+  return decoding.Prefix(jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32))
 
 
 def generate(
@@ -229,6 +352,8 @@ def generate(
   generate_config: GenerateConfig | None = None,
   *,
   rng: jax.Array | None = None,
+  decoder_prefix: Any = None,
+  decoder_prefix_lengths: Any = None,
   **options: Any,
 ) -> GenerateOutput:
   """Generates continuations of a batch of encoder inputs.
@@ -239,16 +364,22 @@ def generate(
     encoder_input_tokens: int [B, S], padded with 0 (ending with EOS, as the tokenizer writes).
     generate_config: the decoding options (default `GenerateConfig()`).
     rng: PRNG key for sampling (default `jax.random.key(0)`); same key, same samples.
+    decoder_prefix: forced first output tokens per input (after the start token, which it must
+      not include): a list of B token lists of any lengths, or an int array [B, P] with
+      `decoder_prefix_lengths` [B] (default: every row P long). Outputs, scores and lengths
+      count only the generated tokens after it, as transformers' `decoder_input_ids` do.
     **options: `GenerateConfig` fields by name, overriding `generate_config`'s:
       method ("greedy", "beam" or "sample"); max_new_tokens (L, EOS included);
       num_return_sequences (n best beams or n samples per input); beam search: num_beams,
       length_penalty, early_stopping (True, False or "never", transformers' meaning),
       length_penalty_style ("hf": `len**p`, "t5x": `((5+len)/6)**p`); sampling: temperature,
-      top_k, top_p, applied in that order (top_k=0 and top_p=1.0 disable their filter);
-      ignore_eos (never stop at EOS; for benchmarks).
+      top_k, top_p, min_p, typical_p, applied in that order (top_k=0, top_p=1.0, min_p=None and
+      typical_p=1.0 disable their filter); every method: min_new_tokens, repetition_penalty,
+      no_repeat_ngram_size, bad_words_ids, suppress_tokens (transformers' logits processors);
+      return_token_scores; ignore_eos (never stop at EOS; for benchmarks).
 
   Returns:
-    `GenerateOutput(sequences [B, L] or [B, n, L], scores [B] or [B, n])`.
+    `GenerateOutput(sequences [B, L] or [B, n, L], scores [B] or [B, n], token_scores)`.
   """
   g = (generate_config or GenerateConfig()).replace(**options)
   if rng is None:
@@ -256,21 +387,32 @@ def generate(
   tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
   if tokens.ndim != 2:
     raise ValueError(f"encoder_input_tokens must be [B, S], got shape {tokens.shape}")
+  ids = [t for w in g.bad_words_ids or () for t in w] + list(g.suppress_tokens or ())
+  if any(t >= config.vocab_size for t in ids):
+    raise ValueError(
+      f"bad_words_ids / suppress_tokens hold ids >= the vocabulary size ({config.vocab_size})"
+    )
+  prefix = _prefix(decoder_prefix, decoder_prefix_lengths, tokens.shape[0])
   code = decoding.EARLY_STOPPING_CODES.get(g.early_stopping, 0) if g.method == "beam" else 0
-  seqs, scores = _generate(
+  seqs, scores, token_scores = _generate(
     params,
     tokens,
     rng,
     jnp.float32(g.length_penalty),
     jnp.int32(code),
+    prefix,
     config=config,
     settings=g._static(),
   )
   n = g.num_return_sequences
   seqs, scores = seqs[:, :n], scores[:, :n]
+  if token_scores is not None:
+    token_scores = token_scores[:, :n]
   if n == 1:
     seqs, scores = seqs[:, 0], scores[:, 0]
-  return GenerateOutput(sequences=seqs, scores=scores)
+    if token_scores is not None:
+      token_scores = token_scores[:, 0]
+  return GenerateOutput(sequences=seqs, scores=scores, token_scores=token_scores)
 
 
 def _target_mask(target_tokens: jax.Array, config: T5Config) -> jax.Array:
@@ -319,3 +461,103 @@ def score(
   mask = _target_mask(tgt, config) if target_mask is None else jnp.asarray(target_mask, bool)
   seq, tok = _score(params, enc, tgt, mask, config=config)
   return ScoreOutput(sequence_scores=seq, token_scores=tok)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankOutput:
+  """Log-likelihoods of candidate outputs.
+
+  Attributes:
+    scores: float32 [B, C], the summed log-probability of each candidate (its tokens up to and
+      including its first EOS); -inf for padding candidates.
+    best: int32 [B], the index of each input's likeliest candidate (the first on ties).
+  """
+
+  scores: jax.Array
+  best: jax.Array
+
+
+def _rank_logits(module, encoder_input_tokens, candidates_NT):
+  """Decoder logits [B*C, T, V] of C candidates per input: the encoder and each layer's
+  cross-attention keys/values run once per input (B rows) and serve its C candidates, as the
+  cached decoder shares them among beams."""
+  cfg = module.config
+  encoded = module.encode(encoder_input_tokens)
+  inputs = model.shift_right(candidates_NT, cfg.decoder_start_token_id)
+  t = inputs.shape[1]
+  self_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+  cross_mask = (encoder_input_tokens != cfg.pad_token_id)[:, None, None, :]
+  y = module.decoder(module.embed(inputs), encoded, self_mask, cross_mask, None, True)
+  return module.logits(y)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _rank(params, encoder_input_tokens, candidates, mask, valid, *, config: T5Config):
+  b, c, t = candidates.shape
+  flat = candidates.reshape(b * c, t)
+  logits = model._apply(params, config, _rank_logits, encoder_input_tokens, flat)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  token_scores = jnp.take_along_axis(log_probs, flat[..., None], axis=-1)[..., 0]
+  scores = jnp.where(mask.reshape(b * c, t), token_scores, 0.0).sum(-1).reshape(b, c)
+  scores = jnp.where(valid, scores, -jnp.inf)
+  return scores, jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def rank(
+  params: Any,
+  config: T5Config,
+  encoder_input_tokens: jax.Array,
+  candidates: Any,
+  candidate_mask: Any = None,
+) -> RankOutput:
+  """Rank classification: the log-likelihood of each input's candidate outputs, and the best one.
+
+  The encoder runs once per input and its cross-attention keys/values are shared by that input's
+  candidates (Flan/T0-style multiple choice; t5x's `score_batch`). A candidate's score is the sum
+  of log p(token | input, previous tokens) over its tokens up to and including its first EOS
+  (`score`'s rule), transformers' summed log-likelihood with the same labels.
+
+  Args:
+    params, config: the model.
+    encoder_input_tokens: int [B, S], 0-padded.
+    candidates: int [B, C, T] (each candidate ending with EOS, padded after it), or per input a
+      list of token lists (any number per input and any lengths; shorter lists are padded with
+      candidates scored -inf).
+    candidate_mask: bool [B, C, T], the tokens to score (array form only; default: up to and
+      including the first EOS).
+
+  Returns:
+    `RankOutput(scores [B, C], best [B])`.
+  """
+  enc = jnp.asarray(encoder_input_tokens, jnp.int32)
+  if isinstance(candidates, (list, tuple)):
+    if candidate_mask is not None:
+      raise ValueError("candidate_mask needs candidates as an int array [B, C, T]")
+    if len(candidates) != enc.shape[0] or not all(candidates):
+      raise ValueError(
+        f"candidates must hold a non-empty list for each of the {enc.shape[0]} inputs"
+      )
+    c = max(len(group) for group in candidates)
+    t = max(len(cand) for group in candidates for cand in group)
+    if t == 0:
+      raise ValueError("candidates must not all be empty")
+    tokens = np.zeros((len(candidates), c, t), np.int32)
+    mask = np.zeros((len(candidates), c, t), bool)
+    valid = np.zeros((len(candidates), c), bool)
+    for i, group in enumerate(candidates):
+      for j, cand in enumerate(group):
+        tokens[i, j, : len(cand)] = cand
+        mask[i, j, : len(cand)] = True
+        valid[i, j] = True
+  else:
+    tokens = np.asarray(candidates, np.int32)
+    if tokens.ndim != 3 or tokens.shape[0] != enc.shape[0]:
+      raise ValueError(f"candidates must be [B={enc.shape[0]}, C, T], got shape {tokens.shape}")
+    mask = (
+      np.asarray(_target_mask(jnp.asarray(tokens), config))
+      if candidate_mask is None
+      else np.asarray(candidate_mask, bool)
+    )
+    valid = np.ones(tokens.shape[:2], bool)
+  scores, best = _rank(params, enc, tokens, mask, valid, config=config)
+  return RankOutput(scores=scores, best=best)

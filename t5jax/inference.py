@@ -20,7 +20,7 @@ import numpy as np
 from t5jax import checkpoint, hf, sharding
 from t5jax.config import T5Config
 from t5jax.errors import CheckpointError
-from t5jax.generate import GenerateConfig, generate
+from t5jax.generate import GenerateConfig, generate, rank
 from t5jax.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -119,6 +119,8 @@ def generate_all(
   rng: jax.Array | None = None,
   mesh: jax.sharding.Mesh | None = None,
   on_batch: Callable[[int], Any] | None = None,
+  prefixes: Sequence[Sequence[int]] | None = None,
+  token_scores: list | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """`generate` for every token list (`make_batches`), outputs in input order.
 
@@ -132,6 +134,9 @@ def generate_all(
     rng: batch k samples with `fold_in(rng, k)` (default `jax.random.key(0)`).
     mesh: place each batch split over the mesh's batch axes and decode under it.
     on_batch: called with the number of real inputs of each finished batch (progress).
+    prefixes: a decoder prefix per input (`generate`'s `decoder_prefix`); each batch's prefixes
+      are padded to a power-of-two width, so that it compiles once per width.
+    token_scores: with `return_token_scores`, filled with each input's [n, L] token scores.
 
   Returns:
     `(sequences, scores)`: per input, int [n, L] and float [n] numpy arrays (n returned
@@ -141,18 +146,72 @@ def generate_all(
   rng = jax.random.key(0) if rng is None else rng
   sequences: list[Any] = [None] * len(token_ids)
   scores: list[Any] = [None] * len(token_ids)
+  if token_scores is not None:
+    token_scores[:] = [None] * len(token_ids)
   for k, (idx, batch) in enumerate(make_batches(token_ids, batch_size, max_len, buckets=buckets)):
+    kw: dict[str, Any] = dict(rng=jax.random.fold_in(rng, k))
+    if prefixes is not None:
+      rows = [list(prefixes[i]) if i >= 0 else [] for i in idx]
+      longest = max(map(len, rows))
+      width = bucket_length(longest, max(longest, 1), minimum=4) if longest else 0
+      kw["decoder_prefix"] = np.zeros((len(rows), width), np.int32)
+      for r, row in enumerate(rows):
+        kw["decoder_prefix"][r, : len(row)] = row
+      kw["decoder_prefix_lengths"] = np.array([len(row) for row in rows], np.int32)
     if mesh is None:
-      out = generate(params, config, batch, generate_config, rng=jax.random.fold_in(rng, k))
+      out = generate(params, config, batch, generate_config, **kw)
     else:
       with jax.set_mesh(mesh):
         placed = jax.device_put(batch, sharding.batch_sharding(mesh))
-        out = generate(params, config, placed, generate_config, rng=jax.random.fold_in(rng, k))
+        out = generate(params, config, placed, generate_config, **kw)
     seqs = np.asarray(out.sequences).reshape(len(idx), n, -1)
     batch_scores = np.asarray(out.scores).reshape(len(idx), n)
+    batch_tok = None if out.token_scores is None else np.asarray(out.token_scores)
     for r, i in enumerate(idx):
       if i >= 0:
         sequences[i], scores[i] = seqs[r], batch_scores[r]
+        if token_scores is not None and batch_tok is not None:
+          token_scores[i] = batch_tok[r].reshape(n, -1)
     if on_batch is not None:
       on_batch(sum(i >= 0 for i in idx))
   return sequences, scores
+
+
+def rank_all(
+  params: Any,
+  config: T5Config,
+  token_ids: Sequence[Sequence[int]],
+  candidates: Sequence[Sequence[Sequence[int]]],
+  *,
+  batch_size: int,
+  max_len: int,
+  on_batch: Callable[[int], Any] | None = None,
+) -> tuple[list[np.ndarray], list[int]]:
+  """`rank` for every input and its candidate token lists, in input order.
+
+  Candidate lists are padded to the most candidates of any input and to a power-of-two length, so
+  that each (input bucket, candidate length) compiles once. Returns per input its candidates'
+  scores (float [C_i]) and the index of the best one.
+  """
+  most = max(len(c) for c in candidates)
+  scores: list[Any] = [None] * len(token_ids)
+  best: list[Any] = [None] * len(token_ids)
+  for idx, batch in make_batches(token_ids, batch_size, max_len):
+    groups = [list(candidates[i]) if i >= 0 else [[1]] for i in idx]
+    longest = max(len(c) for g in groups for c in g)
+    width = bucket_length(longest, max(longest, 8))
+    tokens = np.zeros((len(idx), most, width), np.int32)
+    mask = np.zeros((len(idx), most, width), bool)
+    for r, g in enumerate(groups):
+      for j, c in enumerate(g):
+        tokens[r, j, : len(c)] = c
+        mask[r, j, : len(c)] = True
+    out = rank(params, config, batch, tokens, mask)
+    batch_scores = np.asarray(out.scores)
+    for r, i in enumerate(idx):
+      if i >= 0:
+        scores[i] = batch_scores[r, : len(candidates[i])]
+        best[i] = int(np.argmax(scores[i]))
+    if on_batch is not None:
+      on_batch(sum(i >= 0 for i in idx))
+  return scores, best

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hf_utils_decoding import make_hf_model, save_hf_model
 
-from t5jax.generate import generate
+from t5jax.generate import generate, rank
 from t5jax.hf import load_hf
 from t5jax.tokenizer import ByteTokenizer, load_tokenizer, train_sentencepiece
 
@@ -201,6 +201,21 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
     (["--mesh_data", "3", "--mesh_tensor", "5"], "needs 15 devices, have"),
     (["--mesh_fsdp", "0"], "mesh sizes must be positive"),
     (["--mesh_fsdp", "-1"], "at most one -1"),
+    (
+      ["--min_new_tokens", "7", "--max_new_tokens", "6"],
+      "--min_new_tokens must be in [0, --max_new",
+    ),
+    (["--repetition_penalty", "-1"], "--repetition_penalty must be > 0"),
+    (["--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be >= 0"),
+    (["--bad_words_ids", ""], "--bad_words_ids must be a non-empty list"),
+    (["--bad_words_ids", "5;"], "--bad_words_ids must be a non-empty list of non-empty"),
+    (["--bad_words_ids", "5 x"], "--bad_words_ids: token ids must be integers"),
+    (["--suppress_tokens", ""], "--suppress_tokens must be a non-empty list"),
+    (["--suppress_tokens", "600"], "ids must be < the vocabulary size 512"),
+    (["--method", "beam", "--min_p", "0.1"], "--min_p requires --method sample"),
+    (["--method", "sample", "--min_p", "1.5"], "--min_p must be in [0, 1]"),
+    (["--method", "sample", "--typical_p", "0"], "--typical_p must be in (0, 1]"),
+    (["--candidates", "/nonexistent/c.txt"], "cannot read"),
   ],
 )
 def test_incompatible_flags(checkpoint, tmp_path, capsys, flags, message):
@@ -371,3 +386,94 @@ def test_unusable_generation_settings_are_one_line(checkpoint, tmp_path, capsys,
   assert message in line, line
   if "max_new_tokens" in flags:
     assert "at most" in line and "GiB" in line  # the limit is named
+
+
+def test_generation_controls_flags(checkpoint, tmp_path, capsys):
+  """Every processor flag at once, with per-token scores: the library's outputs for the same
+  options, token scores as many as the generated tokens (EOS included) and summing to the score."""
+  inp = write(tmp_path, "in.txt", "\n".join(TEXTS[:4]) + "\n")
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--output_format", "jsonl"]
+  args += ["--max_new_tokens", "6", "--max_input_length", "16", "--no_progress"]
+  flags = ["--min_new_tokens", "3", "--repetition_penalty", "1.3", "--no_repeat_ngram_size", "2"]
+  flags += ["--bad_words_ids", "104 105;106", "--suppress_tokens", "107", "--return_token_scores"]
+  code, stdout, err = run_cli(args + flags, capsys)
+  assert code == 0, err
+  records = [json.loads(line) for line in stdout.splitlines()]
+  kw = dict(
+    max_new_tokens=6, min_new_tokens=3, repetition_penalty=1.3, no_repeat_ngram_size=2,
+    bad_words_ids=[[104, 105], [106]], suppress_tokens=[107],
+  )  # fmt: skip
+  assert [r["outputs"][0] for r in records] == expected_outputs(checkpoint, TEXTS[:4], 16, **kw)
+  for r in records:
+    assert 3 <= len(r["token_scores"][0]) <= 6
+  # No processor: token scores are the model's log-probs and sum to the score.
+  code, stdout, err = run_cli(args + ["--return_token_scores"], capsys)
+  for r in map(json.loads, stdout.splitlines()):
+    np.testing.assert_allclose(sum(r["token_scores"][0]), r["scores"][0], atol=1e-4)
+
+
+def test_sampling_min_p_typical_flags(checkpoint, tmp_path, capsys):
+  inp = write(tmp_path, "in.txt", "\n".join(TEXTS[:3]) + "\n")
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--method", "sample", "--seed", "1"]
+  args += ["--min_p", "0.2", "--typical_p", "0.9", "--max_new_tokens", "6", "--no_progress"]
+  code, stdout, err = run_cli(args, capsys)
+  assert code == 0, err
+  assert len(stdout.splitlines()) == 3
+
+
+def test_decoder_prefix_column(checkpoint, tmp_path, capsys):
+  """A TSV prefix column, different lengths per row (one empty): each output is what the library
+  generates after that row's prefix alone."""
+  texts, prefixes = ["hi", "hello there", "", "b"], ["ab", "", "x", "hello"]
+  rows = "inputs\tprefix\n" + "".join(f"{t}\t{p}\n" for t, p in zip(texts, prefixes, strict=True))
+  inp = write(tmp_path, "in.tsv", rows)
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--decoder_prefix_column", "prefix"]
+  args += ["--max_new_tokens", "5", "--max_input_length", "16", "--batch_size", "4"]
+  args += ["--method", "beam", "--num_beams", "2", "--no_progress"]
+  code, stdout, err = run_cli(args, capsys)
+  assert code == 0, err
+  config, params = load_hf(checkpoint)
+  tok = load_tokenizer(checkpoint)
+  rows = np.zeros((4, 16), np.int32)
+  pre = np.zeros((4, 8), np.int32)  # one compilation: a fixed width, the lengths per row
+  for i, (text, prefix) in enumerate(zip(texts, prefixes, strict=True)):
+    ids, p = tok.encode(text), tok.encode(prefix)[:-1]
+    rows[i, : len(ids)], pre[i, : len(p)] = ids, p
+  lengths = [len(tok.encode(p)) - 1 for p in prefixes]
+  assert len(set(lengths)) == 4  # a different prefix length per row, one of them 0
+  out = generate(
+    params, config, rows, method="beam", num_beams=2, max_new_tokens=5, decoder_prefix=pre,
+    decoder_prefix_lengths=lengths,
+  )  # fmt: skip
+  want = [tok.decode(s.tolist()).replace("\n", " ") for s in np.asarray(out.sequences)]
+  assert stdout.splitlines() == want
+
+
+def test_candidates_rank(checkpoint, tmp_path, capsys):
+  """--candidates FILE and a JSONL candidates column: the library's rank() best candidate."""
+  groups = [["yes", "no"], ["maybe", "a", "bbb"], ["x"]]
+  inp = write(tmp_path, "in.txt", "\n".join(TEXTS[:3]) + "\n")
+  cands = write(tmp_path, "c.txt", "".join("\t".join(g) + "\n" for g in groups))
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--candidates", cands, "--no_progress"]
+  code, stdout, err = run_cli(args + ["--output_format", "jsonl"], capsys)
+  assert code == 0, err
+  records = [json.loads(line) for line in stdout.splitlines()]
+  config, params = load_hf(checkpoint)
+  tok = load_tokenizer(checkpoint)
+  for r, text, g in zip(records, TEXTS, groups, strict=False):
+    ids = tok.encode(text)
+    out = rank(params, config, np.array([ids], np.int32), [[tok.encode(c) for c in g]])
+    np.testing.assert_allclose(r["scores"], np.asarray(out.scores)[0], atol=1e-4)
+    assert r["best"] == int(out.best[0]) and r["candidates"] == g
+  pairs = zip(TEXTS[:3], groups, strict=True)
+  lines = "".join(json.dumps({"text": t, "choices": g}) + "\n" for t, g in pairs)
+  jsonl = write(tmp_path, "in.jsonl", lines)
+  args = ["--checkpoint", checkpoint, "--input_file", jsonl, "--candidates_column", "choices"]
+  code, stdout, err = run_cli(args + ["--no_progress"], capsys)
+  assert code == 0, err
+  assert stdout.splitlines() == [g[r["best"]] for g, r in zip(groups, records, strict=True)]
+  short = write(tmp_path, "short.txt", "yes\tno\n")
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--candidates", short]
+  assert "1 candidate lines for 3 inputs" in _error(args, capsys)
+  empty = write(tmp_path, "empty.txt", "yes\t\nno\nx\n")
+  assert "empty.txt:1: empty candidate" in _error(args[:-1] + [empty], capsys)

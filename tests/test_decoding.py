@@ -350,3 +350,90 @@ def test_invalid_arguments():
       max_len=2,
       early_stopping="sometimes",
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# min-p / typical-p warpers and the logits processors against transformers'.
+
+
+@pytest.mark.parametrize(
+  "min_p,typical_p,min_keep", [(0.1, 1.0, 1), (0.5, 1.0, 2), (None, 0.5, 1), (None, 0.9, 3)]
+)
+def test_min_p_typical_match_transformers(min_p, typical_p, min_keep):
+  for seed in range(3):
+    logits = np.random.default_rng(seed).normal(size=(8, 12)).astype(np.float32) * 2
+    ours = decoding.process_logits(
+      jnp.asarray(logits), min_p=min_p, typical_p=typical_p, min_tokens_to_keep=min_keep
+    )
+    x = torch.tensor(logits)
+    if min_p is not None:
+      x = logits_process.MinPLogitsWarper(min_p, min_tokens_to_keep=min_keep)(None, x)
+    if typical_p < 1.0:
+      x = logits_process.TypicalLogitsWarper(typical_p, min_tokens_to_keep=min_keep)(None, x)
+    theirs = x.numpy()
+    assert np.isinf(theirs).any()  # the filter removes something
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
+    np.testing.assert_array_equal(
+      np.asarray(ours)[np.isfinite(theirs)], theirs[np.isfinite(theirs)]
+    )
+
+
+def _hf_processors(p: decoding.Processors, prompt_len: int):
+  procs = []
+  if p.repetition_penalty != 1.0:
+    procs.append(logits_process.RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+  if p.no_repeat_ngram_size:
+    procs.append(logits_process.NoRepeatNGramLogitsProcessor(p.no_repeat_ngram_size))
+  if p.bad_words_ids:
+    words = [list(w) for w in p.bad_words_ids]
+    procs.append(logits_process.NoBadWordsLogitsProcessor(words, eos_token_id=EOS))
+  if p.min_new_tokens:
+    procs.append(
+      logits_process.MinNewTokensLengthLogitsProcessor(prompt_len, p.min_new_tokens, EOS)
+    )
+  if p.suppress_tokens:
+    procs.append(logits_process.SuppressTokensLogitsProcessor(list(p.suppress_tokens)))
+  return logits_process.LogitsProcessorList(procs)
+
+
+@pytest.mark.parametrize(
+  "processors",
+  [
+    decoding.Processors(repetition_penalty=1.7),
+    decoding.Processors(repetition_penalty=0.6),
+    decoding.Processors(no_repeat_ngram_size=1),
+    decoding.Processors(no_repeat_ngram_size=2),
+    decoding.Processors(no_repeat_ngram_size=3),
+    decoding.Processors(bad_words_ids=((0,), (EOS,), (2, 4), (5, 2, 3))),
+    decoding.Processors(min_new_tokens=4),
+    decoding.Processors(suppress_tokens=(0, 5)),
+    decoding.Processors(
+      repetition_penalty=1.3,
+      no_repeat_ngram_size=2,
+      bad_words_ids=((2, 2),),
+      min_new_tokens=3,
+      suppress_tokens=(4,),
+    ),  # fmt: skip
+  ],
+)
+def test_processors_match_transformers(processors):
+  """apply_processors on a static [N, H] history with `length` valid tokens equals transformers'
+  processors on the same tokens, for every length (prompt of 2: start token and one forced)."""
+  rng = np.random.default_rng(0)
+  vocab, width, rows = 6, 9, 16
+  history = rng.integers(0, vocab, size=(rows, width)).astype(np.int32)
+  history[:4, 1::2] = 2  # repeated n-grams
+  history[4, :3] = 5, 2, 3  # a bad word's prefix that fits only once enough tokens are fed
+  history[5, :2] = 2, 4
+  scores = rng.normal(size=(rows, vocab)).astype(np.float32)
+  fn = jax.jit(
+    lambda s, h, n: decoding.apply_processors(s, h, n, n - 2, processors, EOS), static_argnums=()
+  )
+  for length in range(1, width + 1):
+    ours = np.asarray(fn(scores, history, jnp.int32(length)))
+    theirs = _hf_processors(processors, 2)(
+      torch.tensor(history[:, :length], dtype=torch.long), torch.tensor(scores)
+    ).numpy()
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs), err_msg=f"len {length}")
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+  assert processors.active and not decoding.Processors().active
