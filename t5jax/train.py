@@ -63,7 +63,10 @@ def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
       has_lm_head=None,
     )
     return cfg.replace(
-      dtype=dtype, dropout_rate=float(fields.get("dropout_rate", cfg.dropout_rate))
+      dtype=dtype,
+      dropout_rate=float(fields.get("dropout_rate", cfg.dropout_rate)),
+      scan_layers=bool(fields.get("scan_layers", False)),
+      remat=str(fields.get("remat", "none")),
     )
   try:
     base = get_config(preset).to_dict() if preset else {}
@@ -80,7 +83,7 @@ def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
   diffs = [
     f"{k}: saved {v!r}, now {now.to_dict()[k]!r}"
     for k, v in saved.to_dict().items()
-    if k not in ("dropout_rate", "dtype") and now.to_dict()[k] != v
+    if k not in ("dropout_rate", "dtype", "remat") and now.to_dict()[k] != v
   ]
   if diffs:
     raise TrainingError(
