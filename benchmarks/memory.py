@@ -2,7 +2,7 @@
 
   python benchmarks/memory.py                    # tables + measured point (8 CPU devices, ~1 min)
   python benchmarks/memory.py --no_measure       # tables only (seconds)
-  python benchmarks/memory.py --remat            # temporaries per remat policy, v1.1-base 8x512/128
+  python benchmarks/memory.py --remat            # temporaries per remat policy (~1 min)
 
 Model state per parameter, all float32 (t5jax keeps parameters in float32 whatever the compute
 dtype): parameters 4 B + gradients 4 B + optimizer state: Adafactor (T5's default) keeps factored
