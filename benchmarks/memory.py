@@ -2,6 +2,7 @@
 
   python benchmarks/memory.py                    # tables + measured point (8 CPU devices, ~1 min)
   python benchmarks/memory.py --no_measure       # tables only (seconds)
+  python benchmarks/memory.py --remat            # temporaries per remat policy (~1 min)
 
 Model state per parameter, all float32 (t5jax keeps parameters in float32 whatever the compute
 dtype): parameters 4 B + gradients 4 B + optimizer state: Adafactor (T5's default) keeps factored
@@ -166,12 +167,65 @@ def measure(num_layers: int = 2, batch: int = 8) -> None:
     )
 
 
+def measure_remat(preset: str, batch: int, s_len: int, t_len: int, scan: bool = True) -> None:
+  """Compiled train step's temporaries with each `T5Config.remat` policy (one CPU device).
+
+  Temporaries hold the gradients (as many bytes as the parameters) plus the activations kept
+  for the backward pass; the issue's target compares `temporaries - parameter bytes` with full
+  remat against none (<= 25%).
+  """
+  from t5jax import trainer
+  from t5jax.config import REMAT_POLICIES
+
+  ocfg = OptimizerConfig()
+  schedule = optim.make_schedule(ocfg)
+  tx = optim.make_optimizer(ocfg, schedule)
+  loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
+  batch_shapes = {
+    name: jax.ShapeDtypeStruct((batch, length), dtype)
+    for name, length, dtype in [
+      ("encoder_input_tokens", s_len, np.int32),
+      ("decoder_input_tokens", t_len, np.int32),
+      ("decoder_target_tokens", t_len, np.int32),
+      ("decoder_loss_weights", t_len, np.float32),
+    ]
+  }
+  print(
+    f"\n## Remat: {preset} ({'scanned' if scan else 'unrolled'}), batch {batch} x {s_len}/{t_len}, "
+    "Adafactor, XLA CPU memory_analysis\n"
+  )
+  print("| remat | temporaries | temporaries - params | vs none |")
+  print("|---|---:|---:|---:|")
+  base = None
+  for remat in REMAT_POLICIES:
+    cfg = get_config(preset, scan_layers=scan, remat=remat)
+    state = trainer.state_shapes(cfg, tx)
+    step = jax.jit(trainer.make_train_step(cfg, tx, schedule, loss_cfg), donate_argnums=0)
+    rng = jax.ShapeDtypeStruct((2,), np.uint32)
+    mem = step.lower(state, batch_shapes, rng).compile().memory_analysis()
+    if mem is None:
+      print(f"| {remat} | (memory_analysis unavailable) | | |")
+      continue
+    extra = mem.temp_size_in_bytes - _nbytes(state.params)
+    base = extra if remat == "none" else base
+    share = f"{extra / base:.0%}" if base else ""
+    print(f"| {remat} | {mem.temp_size_in_bytes / 1e6:,.0f} MB | {extra / 1e6:,.0f} MB | {share} |")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--no_measure", action="store_true", help="only the computed tables")
   parser.add_argument("--layers", type=int, default=2, help="layers of the measured config")
   parser.add_argument("--batch", type=int, default=8, help="global rows of the measured step")
+  parser.add_argument(
+    "--remat", action="store_true",
+    help="only the remat comparison: t5-v1_1-base, batch 8, 512/128 (a few minutes per policy)",
+  )  # fmt: skip
+  parser.add_argument("--remat_preset", default="t5-v1_1-base")
   args = parser.parse_args()
+  if args.remat:
+    measure_remat(args.remat_preset, 8, 512, 128)
+    return
   print_tables()
   if not args.no_measure:
     measure(args.layers, args.batch)

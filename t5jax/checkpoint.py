@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save
 
-from t5jax import distributed, hf
+from t5jax import distributed, hf, model
 from t5jax.config import T5Config
 from t5jax.errors import CheckpointError
 from t5jax.workdir import atomic_copy, atomic_open
@@ -167,8 +167,12 @@ def save_json(path: str, obj: Any) -> None:
     json.dump(obj, fh, indent=2, sort_keys=True)
 
 
+def _model_config(workdir: str) -> str:
+  return os.path.join(workdir, "model_config.json")
+
+
 def load_model_config(workdir: str) -> T5Config:
-  path = os.path.join(workdir, "model_config.json")
+  path = _model_config(workdir)
   try:
     with open(path) as fh:
       d = json.load(fh)
@@ -235,12 +239,23 @@ def _cpu_sharding():
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def load_for_inference(workdir: str, step: int | None = None) -> tuple[T5Config, Any, str]:
+def load_for_inference(
+  workdir: str, step: int | None = None, *, scan_layers: bool | None = None
+) -> tuple[T5Config, Any, str]:
   """`(config, params, tokenizer_path)` of a t5jax training workdir (see `t5jax.inference.load`).
 
   Uses checkpoint `step` (default the latest) when there is one, else the exported HuggingFace
-  folder.
+  folder. `scan_layers` (None: as trained) returns the parameters per layer or stacked over
+  layers whatever the run used (`t5jax.model.convert_params`).
   """
+  config, params, tok = _load_for_inference(workdir, step)
+  if scan_layers is not None and scan_layers != config.scan_layers:
+    config = config.replace(scan_layers=scan_layers)
+    params = model.convert_params(params, config)
+  return config, params, tok
+
+
+def _load_for_inference(workdir: str, step: int | None) -> tuple[T5Config, Any, str]:
   tok = os.path.join(workdir, "tokenizer")
   if not os.path.isdir(tok) or not os.listdir(tok):
     raise FileNotFoundError(f"{workdir}: no tokenizer/ folder in this t5jax workdir")
@@ -250,7 +265,9 @@ def load_for_inference(workdir: str, step: int | None = None) -> tuple[T5Config,
     return load_model_config(workdir), params, tok
   hf_dir = os.path.join(workdir, "export", "hf")
   if os.path.isfile(os.path.join(hf_dir, "config.json")):
-    config, params = hf.load_hf(hf_dir)
+    # The run's own config (dtype, scan_layers, ...) over the folder's architecture.
+    config = load_model_config(workdir) if os.path.isfile(_model_config(workdir)) else None
+    config, params = hf.load_hf(hf_dir, config=config)
     return config, params, tok
   raise FileNotFoundError(f"{workdir}: no checkpoints/ and no export/hf/ with weights")
 

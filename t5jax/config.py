@@ -46,6 +46,15 @@ class T5Config:
     attention_impl: "einsum" (default: scores, softmax and values as einsums) or a fused kernel
       through `jax.nn.dot_product_attention`: "dot_product" (cuDNN flash attention on NVIDIA GPUs
       where it applies, XLA's otherwise), "cudnn" (forced) or "xla". See `t5jax.layers.attend`.
+    scan_layers: run each stack's layers as one `scan` over parameters stacked on a leading
+      `layers` axis (`params["encoder"]["layers"]`) instead of one unrolled block per layer
+      (`params["encoder"]["layers_0"]`, ...): compile time no longer grows with depth. Same
+      results; `t5jax.model.convert_params` moves parameters between the two layouts.
+    remat: rematerialisation of each layer in the backward pass (`REMAT_POLICIES`): "none"
+      keeps every activation; "full" keeps only each layer's input and recomputes the rest;
+      "dots" keeps every matmul output (attention scores included) and recomputes the
+      elementwise work; "dots_no_batch" keeps the weight matmuls' outputs (projections, MLP) and
+      recomputes attention scores, softmax and the elementwise work. Same gradients.
   """
 
   vocab_size: int = 32128
@@ -69,6 +78,8 @@ class T5Config:
   eos_token_id: int = 1
   decoder_start_token_id: int = 0
   attention_impl: str = "einsum"
+  scan_layers: bool = False
+  remat: str = "none"
 
   def __post_init__(self):
     if self.attention_impl not in ATTENTION_IMPLS:
@@ -76,6 +87,8 @@ class T5Config:
         f"T5Config.attention_impl={self.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}"
       )
     _ = self.activation  # validates feed_forward_proj
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"T5Config.remat={self.remat!r}: expected one of {list(REMAT_POLICIES)}")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))
@@ -212,6 +225,10 @@ def _first(x: Any) -> int:
     return int(x[0])
   return int(x if x is not None else 1)
 
+
+# Rematerialisation settings (`T5Config.remat`); `t5jax.model` maps them to `jax.checkpoint`
+# policies: none, nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 # Activations by the names HuggingFace configs use. gelu is the tanh approximation ("gelu_new"),
 # which is what every released gated-gelu T5 was trained with.

@@ -22,6 +22,7 @@ import numpy as np
 
 from t5jax.config import T5Config
 from t5jax.errors import CheckpointError as CheckpointError  # its home is t5jax.errors
+from t5jax.model import convert_params
 from t5jax.workdir import atomic_open, atomic_write
 
 # Tensors HuggingFace checkpoints may carry that the model does not use: copies of `shared`, and
@@ -273,7 +274,11 @@ def _check_hf_config(path: str, hf_cfg: Any) -> None:
 
 
 def load_hf(
-  path: str, *, allow_pickle: bool = False, config: T5Config | None = None
+  path: str,
+  *,
+  allow_pickle: bool = False,
+  config: T5Config | None = None,
+  scan_layers: bool | None = None,
 ) -> tuple[T5Config, dict[str, Any]]:
   """Loads a HuggingFace T5 / mT5 / UMT5 / ByT5 folder.
 
@@ -281,9 +286,12 @@ def load_hf(
     path: folder with `config.json` and weights.
     allow_pickle: permit `pytorch_model.bin` (loaded with `torch.load(weights_only=True)`).
     config: overrides the architecture read from `config.json` (e.g. to set `dtype`).
+    scan_layers: sets `config.scan_layers` (parameters stacked over layers); None keeps the
+      config's (False for a config.json).
 
   Returns:
-    `(config, params)`, params as float32 numpy arrays in the layout of `t5jax.init_params`.
+    `(config, params)`, params as float32 numpy arrays in the layout of `t5jax.init_params`
+    (per layer, or stacked over layers with `config.scan_layers`).
 
   Raises:
     CheckpointError / ValueError: unsupported architecture, or missing, unexpected or
@@ -301,6 +309,8 @@ def load_hf(
       config = T5Config.from_hf_dict(hf_cfg, has_lm_head=has_head)
     except (ValueError, TypeError, KeyError) as e:
       raise CheckpointError(f"{path}: config.json does not describe a T5 ({e})") from e
+  if scan_layers is not None:
+    config = config.replace(scan_layers=scan_layers)
   entries = key_map(config)
   expected = {e[0] for e in entries}
   missing = sorted(expected - tensors.keys())
@@ -324,14 +334,19 @@ def load_hf(
     _set(params, ours, np.ascontiguousarray(to_ours(w)))
   if bad:
     raise CheckpointError(f"{path}: mis-shaped tensors {_short(bad)}")
-  return config, params
+  return config, convert_params(params, config)
 
 
 def save_hf(config: T5Config, params: dict[str, Any], path: str, *, dtype: str = "float32") -> None:
-  """Writes `config.json`, `generation_config.json` and `model.safetensors` to `path`."""
+  """Writes `config.json`, `generation_config.json` and `model.safetensors` to `path`.
+
+  `params` may be in either layout (per layer or stacked over layers); HuggingFace gets one
+  tensor per layer either way.
+  """
   from safetensors.numpy import save
 
   os.makedirs(path, exist_ok=True)
+  params = convert_params(params, config.replace(scan_layers=False))
   tensors = {}
   for hf_key, ours, _, to_hf, _ in key_map(config):
     w = np.asarray(_get(params, ours), dtype=np.float32)

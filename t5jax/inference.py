@@ -29,7 +29,11 @@ class TokenizerNotFound(CheckpointError):
 
 
 def load(
-  path: str, tokenizer: str | None = None, *, step: int | None = None
+  path: str,
+  tokenizer: str | None = None,
+  *,
+  step: int | None = None,
+  scan_layers: bool | None = None,
 ) -> tuple[T5Config, Any, Tokenizer]:
   """The architecture, parameters and tokenizer of a checkpoint, ready for `generate`.
 
@@ -38,6 +42,9 @@ def load(
       ByT5 marker) or a t5jax training workdir (`t5jax.checkpoint`).
     tokenizer: "byt5", a SentencePiece .model or a folder holding one; default: the checkpoint's.
     step: a workdir's checkpoint step; default its latest (or its export when it has none).
+    scan_layers: run the layers as one scan over stacked parameters (True) or unrolled
+      (False), converting the parameters as needed; None keeps the checkpoint's setting (a
+      HuggingFace folder: unrolled; a workdir: as trained).
 
   Raises:
     CheckpointError: the folder is missing, has no weights, or cannot be read (one line);
@@ -49,13 +56,15 @@ def load(
     if not hf.has_weights(path):
       raise CheckpointError(f"{path}: config.json but no weights (model.safetensors)")
     try:
-      config, params = hf.load_hf(path)
+      config, params = hf.load_hf(path, scan_layers=scan_layers)
     except (OSError, ValueError) as e:
       raise CheckpointError(f"cannot load {path}: {e}") from e
     found_tokenizer = path
   else:
     try:
-      config, params, found_tokenizer = checkpoint.load_for_inference(path, step)
+      config, params, found_tokenizer = checkpoint.load_for_inference(
+        path, step, scan_layers=scan_layers
+      )
     except (OSError, ValueError, KeyError) as e:
       raise CheckpointError(f"cannot load t5jax workdir: {e}") from e
   source = tokenizer or found_tokenizer

@@ -40,7 +40,7 @@ from t5jax.layers import (
   init_std,
   param,
 )
-from t5jax.partitioning import with_logical_constraint
+from t5jax.partitioning import STACKED, with_logical_constraint
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
@@ -76,8 +76,17 @@ def _attention_mask(q_valid, k_valid, q_seg=None, k_seg=None, causal=False) -> A
 
 # --- layers ----------------------------------------------------------------------------------
 
+# `T5Config.remat` -> the `jax.checkpoint` policy of each layer (absent: no remat).
+_REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 class EncoderLayer(nn.Module):
+  """One encoder block. `__call__` returns `(x, None)`, the signature `nn.scan` expects."""
+
   config: T5Config
 
   def setup(self):
@@ -92,16 +101,27 @@ class EncoderLayer(nn.Module):
 
   def __call__(self, x_BSD, bias, rel_pos, mask, deterministic):
     if self.config.per_layer_position_bias:
-      bias = self.relpos_bias(rel_pos)
+      bias = self.relpos_bias(rel_pos).astype(self.config.dtype)
     h = self.pre_attention_layer_norm(x_BSD)
     k, v = self.attention.project_kv(h)
     h = self.attention(h, k, v, bias, mask, deterministic)
     x_BSD = x_BSD + self.dropout(h, deterministic=deterministic)
     h = self.mlp(self.pre_mlp_layer_norm(x_BSD), deterministic)
-    return x_BSD + self.dropout(h, deterministic=deterministic)
+    return _hidden(x_BSD + self.dropout(h, deterministic=deterministic)), None
 
 
 class DecoderLayer(nn.Module):
+  """One decoder block, in one of three modes under one signature (so that `nn.scan` and
+  `nn.remat` wrap a single `__call__`):
+
+  - "train": `carry = (y [B, T, D], None)`; cross-attention keys/values from `encoded`.
+  - "step": `carry = (y [N, 1, D], cache)`, the token at `step`; `xs = (i, cross)` with `cross`
+    this layer's `{"k", "v"}` `[B, S, H, K]`. Unrolled, `i` is None and `cache` is this layer's
+    `{"k", "v"}` `[N, L, H, K]`; scanned, `cache` holds every layer, `[N, n_layers, L, H, K]`,
+    and only this layer's row `i` at position `step` is written.
+  - "cross": returns this layer's cross-attention `(k, v)` of `encoded` as the scan output.
+  """
+
   config: T5Config
 
   def setup(self):
@@ -116,38 +136,80 @@ class DecoderLayer(nn.Module):
     if cfg.per_layer_position_bias:
       self.relpos_bias = RelativePositionBias(cfg, bidirectional=False)
 
-  def cross_kv(self, encoded_BSD):
-    return self.encoder_decoder_attention.project_kv(encoded_BSD)
-
   def __call__(
-    self,
-    x,
-    bias,
-    rel_pos,
-    self_mask,
-    cross_k,
-    cross_v,
-    cross_mask,
-    deterministic,
-    cache=None,
-    step=None,
+    self, carry, xs, bias, rel_pos, self_mask, cross_mask, encoded_BSD, step, mode, deterministic
   ):
-    """One block. With `cache` ({"k","v"} `[N, L, H, K]`), `x` is the token at `step`."""
+    if mode == "cross":
+      return carry, self.encoder_decoder_attention.project_kv(encoded_BSD)
+    x, cache = carry
+    layer_index, cross = xs
+    if cross is None:
+      cross_k, cross_v = self.encoder_decoder_attention.project_kv(encoded_BSD)
+    else:
+      cross_k, cross_v = cross["k"], cross["v"]
     if self.config.per_layer_position_bias:
-      bias = self.relpos_bias(rel_pos)
+      bias = self.relpos_bias(rel_pos).astype(self.config.dtype)
     h = self.pre_self_attention_layer_norm(x)
     k, v = self.self_attention.project_kv(h)
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), step, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), step, axis=1)
-      cache = {"k": k, "v": v}
+      k, v, cache = _update_cache(cache, k, v, step, layer_index)
     h = self.self_attention(h, k, v, bias, self_mask, deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.pre_cross_attention_layer_norm(x)
     h = self.encoder_decoder_attention(h, cross_k, cross_v, None, cross_mask, deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.mlp(self.pre_mlp_layer_norm(x), deterministic)
-    return x + self.dropout(h, deterministic=deterministic), cache
+    return (_hidden(x + self.dropout(h, deterministic=deterministic)), cache), None
+
+
+def _update_cache(cache, k_N1HK, v_N1HK, step, layer_index):
+  """Writes this step's keys/values; returns this layer's full keys/values and the new cache.
+
+  Unrolled (`layer_index` None), `cache` is the layer's `[N, L, H, K]`. Scanned, it is every
+  layer's `[N, n_layers, L, H, K]` (rows first, so beam search reorders it like any cache
+  leaf): the layer reads its slice and writes back only position `step` of it, so a step never
+  copies the whole cache.
+  """
+  if layer_index is None:
+    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_N1HK.astype(cache["k"].dtype), step, 1)
+    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_N1HK.astype(cache["v"].dtype), step, 1)
+    return k, v, {"k": k, "v": v}
+  out, new = [], {}
+  for name, x_N1HK in (("k", k_N1HK), ("v", v_N1HK)):
+    full = cache[name]
+    x_N1HK = x_N1HK.astype(full.dtype)
+    mine = jax.lax.dynamic_index_in_dim(full, layer_index, axis=1, keepdims=False)
+    out.append(jax.lax.dynamic_update_slice_in_dim(mine, x_N1HK, step, axis=1))
+    zero = jnp.zeros((), jnp.int32)
+    new[name] = jax.lax.dynamic_update_slice(
+      full, x_N1HK[:, None], (zero, layer_index, step, zero, zero)
+    )
+  return out[0], out[1], new
+
+
+def _stack(layer_cls, config: T5Config, num: int, in_axes: tuple, static_argnums: tuple):
+  """The layers of one stack: a list of `num` modules, or one `nn.scan` over `num` layers whose
+  parameters are stacked on a leading `layers` axis (`in_axes`: of the arguments after the
+  carry, 0 = scanned over, `nn.broadcast` = the same for every layer). With `config.remat`, each
+  layer is wrapped in `nn.remat` with that policy (`static_argnums` count `self` as 0)."""
+  scan = config.scan_layers
+  if config.remat != "none":
+    layer_cls = nn.remat(
+      layer_cls,
+      policy=_REMAT_POLICIES[config.remat],
+      prevent_cse=not scan,  # scan already keeps XLA from merging the recomputation away
+      static_argnums=static_argnums,
+    )
+  if not scan:
+    return [layer_cls(config) for _ in range(num)]
+  return nn.scan(
+    layer_cls,
+    variable_axes={"params": 0},
+    split_rngs={"params": True, "dropout": True},
+    in_axes=in_axes,
+    length=num,
+    metadata_params={nn.PARTITION_NAME: STACKED},
+  )(config, name=STACKED)
 
 
 # --- stacks ----------------------------------------------------------------------------------
@@ -160,18 +222,24 @@ class Encoder(nn.Module):
     cfg = self.config
     if not cfg.per_layer_position_bias:
       self.relpos_bias = RelativePositionBias(cfg, bidirectional=True)
-    self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_layers)]
+    # EncoderLayer(x, bias, rel_pos, mask, deterministic): deterministic is argument 5.
+    self.layers = _stack(EncoderLayer, cfg, cfg.num_layers, (nn.broadcast,) * 4, (5,))
     self.encoder_norm = RMSNorm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def __call__(self, x_BSD, valid_BS, segment_ids, positions, deterministic):
+    cfg = self.config
     s = x_BSD.shape[1]
     rel = _relative_positions(s, s, positions, positions)
-    bias = None if self.config.per_layer_position_bias else self.relpos_bias(rel)
+    # The shared bias is computed once per stack, in the compute dtype, and passed to every layer.
+    bias = None if cfg.per_layer_position_bias else self.relpos_bias(rel).astype(cfg.dtype)
     mask = _attention_mask(valid_BS, valid_BS, segment_ids, segment_ids)
     x = _hidden(self.dropout(x_BSD, deterministic=deterministic))
-    for layer in self.layers:
-      x = _hidden(layer(x, bias, rel, mask, deterministic))
+    if cfg.scan_layers:
+      x, _ = self.layers(x, bias, rel, mask, deterministic)
+    else:
+      for layer in self.layers:
+        x, _ = layer(x, bias, rel, mask, deterministic)
     return self.dropout(self.encoder_norm(x), deterministic=deterministic)
 
 
@@ -182,42 +250,65 @@ class Decoder(nn.Module):
     cfg = self.config
     if not cfg.per_layer_position_bias:
       self.relpos_bias = RelativePositionBias(cfg, bidirectional=False)
-    self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
+    # DecoderLayer(carry, xs, bias, rel_pos, self_mask, cross_mask, encoded, step, mode,
+    # deterministic): mode and deterministic are arguments 9 and 10; xs is scanned over.
+    in_axes = (0,) + (nn.broadcast,) * 8
+    self.layers = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, in_axes, (9, 10))
     self.decoder_norm = RMSNorm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def cross_kv(self, encoded_BSD):
-    return [layer.cross_kv(encoded_BSD) for layer in self.layers]
-
   def _bias(self, rel):
-    return None if self.config.per_layer_position_bias else self.relpos_bias(rel)
+    cfg = self.config
+    return None if cfg.per_layer_position_bias else self.relpos_bias(rel).astype(cfg.dtype)
+
+  def _run(self, carry, xs, *args):
+    """Every layer in order: one scan over stacked `xs`, or a loop over a list of per-layer
+    `xs` (None: nothing per layer)."""
+    if self.config.scan_layers:
+      return self.layers(carry, (None, None) if xs is None else xs, *args)
+    outs = []
+    for i, layer in enumerate(self.layers):
+      carry, out = layer(carry, (None, None) if xs is None else xs[i], *args)
+      outs.append(out)
+    return carry, outs
+
+  def cross_kv(self, encoded_BSD) -> Cache:
+    """Cross-attention keys/values of every layer: `{"layers_i": {"k", "v"}}` `[B, S, H, K]`, or
+    scanned `{"layers": {"k", "v"}}` `[n_layers, B, S, H, K]`."""
+    _, kv = self._run((None, None), None, None, None, None, None, encoded_BSD, None, "cross", True)
+    if self.config.scan_layers:
+      return {STACKED: {"k": kv[0], "v": kv[1]}}
+    return {f"layers_{i}": {"k": k, "v": v} for i, (k, v) in enumerate(kv)}
 
   def __call__(self, y_BTD, encoded_BSD, self_mask, cross_mask, positions, deterministic):
     t = y_BTD.shape[1]
     rel = _relative_positions(t, t, positions, positions)
     bias = self._bias(rel)
     y = _hidden(self.dropout(y_BTD, deterministic=deterministic))
-    for layer in self.layers:
-      k, v = layer.cross_kv(encoded_BSD)
-      y, _ = layer(y, bias, rel, self_mask, k, v, cross_mask, deterministic)
-      y = _hidden(y)
+    args = (bias, rel, self_mask, cross_mask, encoded_BSD, None, "train", deterministic)
+    (y, _), _ = self._run((y, None), None, *args)
     return self.dropout(self.decoder_norm(y), deterministic=deterministic)
 
   def step(self, y_N1D, cache, cross, step):
-    max_len = cache["layers_0"]["k"].shape[1]
+    cfg = self.config
+    if cfg.scan_layers:
+      max_len = cache[STACKED]["k"].shape[2]
+    else:
+      names = [f"layers_{i}" for i in range(cfg.num_decoder_layers)]
+      max_len = cache["layers_0"]["k"].shape[1]
     # Only this step's row of the bias: keys 0..L-1 against query position `step`.
     rel = (jnp.arange(max_len, dtype=jnp.int32) - step)[None, None, :]  # [1, 1, L]
     bias = self._bias(rel)
     self_mask = AttentionMask(key_lengths=jnp.reshape(step + 1, (1,)))  # keys 0..step
     cross_mask = AttentionMask(key_valid=cross["mask"])
-    new_cache = {}
-    y = y_N1D
-    for i, layer in enumerate(self.layers):
-      name = f"layers_{i}"
-      kv = cross[name]
-      y, new_cache[name] = layer(
-        y, bias, rel, self_mask, kv["k"], kv["v"], cross_mask, True, cache[name], step
-      )
+    args = (bias, rel, self_mask, cross_mask, None, step, "step", True)
+    if cfg.scan_layers:
+      index = jnp.arange(cfg.num_decoder_layers, dtype=jnp.int32)
+      (y, stacked), _ = self.layers((y_N1D, cache[STACKED]), (index, cross[STACKED]), *args)
+      return self.decoder_norm(y), {STACKED: stacked}
+    y, new_cache = y_N1D, {}
+    for name, layer in zip(names, self.layers, strict=True):
+      (y, new_cache[name]), _ = layer((y, cache[name]), (None, cross[name]), *args)
     return self.decoder_norm(y), new_cache
 
 
@@ -280,10 +371,7 @@ class T5(nn.Module):
     )  # fmt: skip
 
   def cross_cache(self, encoded_BSD, enc_tokens_BS):
-    cache = {"mask": enc_tokens_BS != self.config.pad_token_id}
-    for i, (k, v) in enumerate(self.decoder.cross_kv(encoded_BSD)):
-      cache[f"layers_{i}"] = {"k": k, "v": v}
-    return cache
+    return {"mask": enc_tokens_BS != self.config.pad_token_id, **self.decoder.cross_kv(encoded_BSD)}
 
   def decode_step(self, tokens_N, cache, cross, step):
     y, cache = self.decoder.step(self.embed(tokens_N[:, None]), cache, cross, step)
@@ -429,10 +517,15 @@ def init_cross_cache(
 
 
 def init_self_cache(config: T5Config, num_rows: int, max_len: int) -> Cache:
-  """Zeroed self-attention cache: `{"layers_i": {"k", "v"}}`, each `[N, L, H, K]`."""
-  shape = (num_rows, max_len, config.num_heads, config.d_kv)
-  z = jnp.zeros(shape, config.dtype)
-  return {f"layers_{i}": {"k": z, "v": z} for i in range(config.num_decoder_layers)}
+  """Zeroed self-attention cache: `{"layers_i": {"k", "v"}}`, each `[N, L, H, K]`; with
+  `config.scan_layers`, `{"layers": {"k", "v"}}`, each `[N, n_layers, L, H, K]` (rows first, so
+  that beam search reorders it like any cache leaf)."""
+  n = config.num_decoder_layers
+  if config.scan_layers:
+    z = jnp.zeros((num_rows, n, max_len, config.num_heads, config.d_kv), config.dtype)
+    return {STACKED: {"k": z, "v": z}}
+  z = jnp.zeros((num_rows, max_len, config.num_heads, config.d_kv), config.dtype)
+  return {f"layers_{i}": {"k": z, "v": z} for i in range(n)}
 
 
 @partial(jax.jit, static_argnums=1)
@@ -458,6 +551,42 @@ def decode_step(
   """
   step = jnp.asarray(step, jnp.int32)
   return _apply(params, config, T5.decode_step, tokens, cache, cross, step)
+
+
+def convert_params(params: Params, config: T5Config) -> Params:
+  """`params` in the layout `config.scan_layers` asks for, from either layout.
+
+  Per layer: `params[stack]["layers_i"][...]` with the layer's own shapes; stacked:
+  `params[stack]["layers"][...]` with a leading axis over the layers. Other parameters are shared
+  as they are. numpy leaves stay numpy (host memory), others become jax arrays.
+
+  Raises:
+    ValueError: the number of layers in `params` differs from `config`'s.
+  """
+  out = dict(params)
+  for stack, num in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers)):
+    sub = dict(params[stack])
+    per_layer = sorted((k for k in sub if k.startswith("layers_")), key=lambda k: int(k[7:]))
+    if STACKED in sub:
+      have = {int(np.shape(x)[0]) for x in jax.tree.leaves(sub[STACKED])}
+      if have != {num}:
+        raise ValueError(f"params[{stack!r}] stacks {sorted(have)} layers, config has {num}")
+      if not config.scan_layers:
+        stacked = sub.pop(STACKED)
+        for i in range(num):
+          sub[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    elif per_layer:
+      if per_layer != [f"layers_{i}" for i in range(num)]:
+        raise ValueError(f"params[{stack!r}] has {len(per_layer)} layers, config has {num}")
+      if config.scan_layers:
+        layers = [sub.pop(k) for k in per_layer]
+        sub[STACKED] = jax.tree.map(lambda *xs: _xp(xs[0]).stack(xs), *layers)
+    out[stack] = sub
+  return out
+
+
+def _xp(x):
+  return np if isinstance(x, np.ndarray) else jnp
 
 
 def shift_right(targets: jax.Array, start_token: int = 0) -> jax.Array:

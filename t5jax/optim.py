@@ -21,16 +21,24 @@ would leave e.g. `[512, 8, 64]` unfactored (second-largest dim 64 < 128). With
 `[D, H*K]` / `[H*K, D]` (the split of the dimensions whose two products are closest), which
 reproduces T5's factoring. Clipping and parameter scaling use whole-tensor RMS, unchanged by the
 view.
+
+Parameters stacked over layers (`T5Config.scan_layers`, `[layers, ...]` under a `layers` key) are
+optimised layer by layer (`per_layer`): the optimizer is `vmap`ped over the stacked axis, so
+Adafactor factors each layer's matrix (never across layers) and clips and scales each layer's
+update by that layer's RMS, exactly as for the same parameters unrolled; AdamW's weight-decay
+mask sees each layer's rank. Unrolled parameters keep today's optimizer state, unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from t5jax.partitioning import STACKED, is_stacked
 from t5jax.train_config import OptimizerConfig
 
 
@@ -100,6 +108,72 @@ def as_matrices(inner: optax.GradientTransformation, min_dim: int) -> optax.Grad
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+class PerLayerState(NamedTuple):
+  """State of `per_layer`: the inner state of the unstacked parameters, and per stack (e.g.
+  "encoder", "decoder") that of its stacked parameters, every leaf with a leading layer axis
+  (Adafactor's factored moments of a `[layers, D, F]` kernel are `[layers, D]`, `[layers, F]`)."""
+
+  unstacked: Any
+  stacked: dict[str, Any]
+
+
+def _stack_names(tree) -> Any:
+  """Per leaf: the stack it is stacked in ("encoder" for `encoder/layers/...`), or "" if none."""
+
+  def name(path, _):
+    keys = [getattr(k, "key", None) for k in path]
+    return "/".join(map(str, keys[: keys.index(STACKED)])) if is_stacked(path) else ""
+
+  return jax.tree_util.tree_map_with_path(name, tree)
+
+
+def _part(tree, names, want: str):
+  """`tree` with None in place of every leaf not in stack `want` ("" = the unstacked ones)."""
+  return jax.tree.map(lambda x, n: x if n == want else None, tree, names)
+
+
+def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Runs `inner` on each layer of parameters stacked over layers (`partitioning.is_stacked`
+  paths), through `jax.vmap` over the leading axis of each stack, and as it is on every other
+  parameter.
+
+  Without stacked parameters it is `inner` itself, with the same state. `update` needs `params`
+  whenever `inner` does.
+  """
+
+  def init_fn(params):
+    names = _stack_names(params)
+    stacks = sorted(set(jax.tree.leaves(names)) - {""})
+    if not stacks:
+      return inner.init(params)
+    return PerLayerState(
+      inner.init(_part(params, names, "")),
+      {s: jax.vmap(inner.init)(_part(params, names, s)) for s in stacks},
+    )
+
+  def update_fn(updates, state, params=None):
+    if not isinstance(state, PerLayerState):
+      return inner.update(updates, state, params)
+    names = _stack_names(updates)
+
+    def run(stack, inner_state, update):
+      p = None if params is None else _part(params, names, stack)
+      return update(_part(updates, names, stack), inner_state, p)
+
+    new, s_flat = run("", state.unstacked, inner.update)
+    states = {}
+    for stack, inner_state in state.stacked.items():
+      if params is None:
+        layer_update = jax.vmap(lambda u, s, _: inner.update(u, s), in_axes=(0, 0, None))
+      else:
+        layer_update = jax.vmap(inner.update)
+      part, states[stack] = run(stack, inner_state, layer_update)
+      new = jax.tree.map(lambda a, b: a if b is None else b, new, part, is_leaf=lambda x: x is None)
+    return new, PerLayerState(s_flat, states)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(
   cfg: OptimizerConfig, schedule: optax.Schedule | None = None
 ) -> optax.GradientTransformation:
@@ -145,6 +219,7 @@ def make_optimizer(
       mask=decay_mask,
     )
 
+  opt = per_layer(opt)  # a no-op unless parameters are stacked over layers (scan_layers)
   if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip_norm)), opt)
   return opt

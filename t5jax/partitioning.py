@@ -22,6 +22,16 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# With `T5Config.scan_layers`, a stack's layers live under this key, their parameters stacked on a
+# leading axis of this logical name (`params["encoder"]["layers"]["mlp"]["wo"]`: `[layers, F, D]`).
+STACKED = "layers"
+
+
+def is_stacked(path: Sequence[Any]) -> bool:
+  """True for the path (jax tree-path keys) of a parameter stacked over layers."""
+  return any(getattr(k, "key", None) == STACKED for k in path)
+
+
 # (logical name, mesh axes): mesh axes may be a name, a tuple of names (split over their product)
 # or None (replicated). A name may appear in several rules: the first whose mesh axes are not
 # already used by another dimension of the same array (and survive the divisibility fallback) wins.

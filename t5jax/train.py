@@ -66,7 +66,10 @@ def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
       has_lm_head=None,
     )
     return cfg.replace(
-      dtype=dtype, dropout_rate=float(fields.get("dropout_rate", cfg.dropout_rate))
+      dtype=dtype,
+      dropout_rate=float(fields.get("dropout_rate", cfg.dropout_rate)),
+      scan_layers=bool(fields.get("scan_layers", False)),
+      remat=str(fields.get("remat", "none")),
     )
   try:
     base = get_config(preset).to_dict() if preset else {}
@@ -80,7 +83,7 @@ def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
 
 
 # Model fields that change how a step computes, not the parameters: a run may resume with others.
-RESUMABLE_CHANGES = ("dropout_rate", "dtype", "attention_impl")
+RESUMABLE_CHANGES = ("dropout_rate", "dtype", "attention_impl", "remat")
 
 
 def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
