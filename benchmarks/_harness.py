@@ -20,6 +20,31 @@ import time
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def add_common_args(p, workers: tuple[str, ...]) -> None:
+  """The options both benchmarks share: the reference's thread counts, XLA variants, load,
+  timeouts, and the hidden flags of a worker process (one measurement in a fresh process)."""
+  import argparse
+
+  p.add_argument("--threads", default="1,2", help="torch thread counts to measure")
+  p.add_argument("--xla", default="default,eigen1", help="t5jax XLA variants: default, eigen1")
+  p.add_argument("--load", type=int, default=0, help="busy-loop processes during measurements")
+  p.add_argument(
+    "--worker_timeout",
+    type=float,
+    default=1800,
+    help="s; a slower process is reported as timed out",
+  )
+  p.add_argument("--no_hf", action="store_true", help="skip transformers")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--tiny", action="store_true", help="shrink the preset to 2 layers, d_model 64 (smoke test)"
+  )
+  p.add_argument("--_worker", choices=workers, help=argparse.SUPPRESS)
+  p.add_argument("--_ckpt", help=argparse.SUPPRESS)
+  p.add_argument("--_out", help=argparse.SUPPRESS)
+  p.add_argument("--_nthreads", type=int, default=0, help=argparse.SUPPRESS)
+
+
 def machine_state() -> str:
   """One line: CPU count, load average, and whether OMP_WAIT_POLICY is set in this environment."""
   load = " ".join(f"{x:.2f}" for x in os.getloadavg())

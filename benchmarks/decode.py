@@ -46,24 +46,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--calls", type=int, default=3, help="timed calls per method per process")
   p.add_argument("--repeats", type=int, default=2, help="fresh processes per variant (best kept)")
-  p.add_argument("--threads", default="1,2", help="torch thread counts to measure")
-  p.add_argument("--xla", default="default,eigen1", help="t5jax XLA variants: default, eigen1")
-  p.add_argument("--load", type=int, default=0, help="busy-loop processes during measurements")
-  p.add_argument(
-    "--worker_timeout",
-    type=float,
-    default=1800,
-    help="s; a slower process is reported as timed out",
-  )
-  p.add_argument("--no_hf", action="store_true", help="skip transformers")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument(
-    "--tiny", action="store_true", help="shrink the preset to 2 layers, d_model 64 (smoke test)"
-  )
-  p.add_argument("--_worker", choices=("t5jax", "torch"), help=argparse.SUPPRESS)
-  p.add_argument("--_ckpt", help=argparse.SUPPRESS)
-  p.add_argument("--_out", help=argparse.SUPPRESS)
-  p.add_argument("--_nthreads", type=int, default=0, help=argparse.SUPPRESS)
+  H.add_common_args(p, ("t5jax", "torch"))
   return p.parse_args(argv)
 
 

@@ -67,28 +67,8 @@ def parse_args(argv=None):
     default=2,
     help="fresh processes per variant, best kept (0: matmuls only)",
   )
-  p.add_argument("--threads", default="1,2", help="torch thread counts to measure")
-  p.add_argument("--xla", default="default,eigen1", help="t5jax XLA variants: default, eigen1")
-  p.add_argument("--load", type=int, default=0, help="busy-loop processes during measurements")
-  p.add_argument(
-    "--worker_timeout",
-    type=float,
-    default=1800,
-    help="s; a slower process is reported as timed out",
-  )
   p.add_argument("--matmul", type=int, default=1, help="1: also compare the step's matmuls alone")
-  p.add_argument("--no_hf", action="store_true", help="skip transformers")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument(
-    "--tiny", action="store_true", help="shrink the preset to 2 layers, d_model 64 (smoke test)"
-  )
-  # internal: one measurement in this (fresh) process
-  p.add_argument(
-    "--_worker", choices=("t5jax", "torch", "mm_xla", "mm_torch"), help=argparse.SUPPRESS
-  )
-  p.add_argument("--_ckpt", help=argparse.SUPPRESS)
-  p.add_argument("--_out", help=argparse.SUPPRESS)
-  p.add_argument("--_nthreads", type=int, default=0, help=argparse.SUPPRESS)
+  H.add_common_args(p, ("t5jax", "torch", "mm_xla", "mm_torch"))
   return p.parse_args(argv)
 
 
