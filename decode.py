@@ -120,6 +120,8 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
   for name in ("batch_size", "max_input_length"):
     if getattr(args, name) < 1:
       raise CLIError(f"--{name} must be >= 1")
+  if getattr(args, "return_token_scores", None) and args.output_format != "jsonl":
+    raise CLIError("--return_token_scores needs --output_format jsonl (text output has no scores)")
   given = {f.name: getattr(args, f.name) for f in GENERATE_FLAGS}
   for f in GENERATE_FLAGS:  # flag spellings of non-string values, e.g. --early_stopping true
     if isinstance(f.metadata.get("choices"), dict) and given[f.name] is not None:

@@ -201,6 +201,7 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
     (["--mesh_data", "3", "--mesh_tensor", "5"], "needs 15 devices, have"),
     (["--mesh_fsdp", "0"], "mesh sizes must be positive"),
     (["--mesh_fsdp", "-1"], "at most one -1"),
+    (["--return_token_scores"], "--return_token_scores needs --output_format jsonl"),
     (
       ["--min_new_tokens", "7", "--max_new_tokens", "6"],
       "--min_new_tokens must be in [0, --max_new",
