@@ -106,6 +106,31 @@ def run_worker(
       return json.load(fh)
 
 
+def worker_args(passthrough: list[str], kind: str, ckpt: str, env: dict[str, str]) -> list[str]:
+  """The argv of one worker process: the user's flags, its kind, the weights, torch's threads."""
+  wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
+  if kind.endswith("torch"):
+    wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
+  return wa
+
+
+def run_jobs(script, passthrough, jobs, ckpt, args, report) -> dict[str, list[dict]]:
+  """Every `(name, kind, env)` job `args.repeats` times, interleaved so load drifts hit every
+  variant alike; prints `report(result)` per run and returns the results by name."""
+  results: dict[str, list[dict]] = {name: [] for name, _, _ in jobs}
+  for rep in range(args.repeats):
+    for name, kind, env in jobs:
+      wa = worker_args(passthrough, kind, ckpt, env)
+      r = run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
+      tag = f"  [{rep + 1}/{args.repeats}] {name:16}"
+      if r is None:
+        print(f"{tag} timed out (> {args.worker_timeout:.0f} s)")
+        continue
+      results[name].append(r)
+      print(f"{tag} {report(r)}; load average {os.getloadavg()[0]:.2f}", flush=True)
+  return results
+
+
 def thread_env(threads: int) -> dict[str, str]:
   """Environment that pins torch (OpenMP / MKL) to `threads`, leaving the wait policy default."""
   env: dict[str, str | None] = {k: str(threads) for k in _THREAD_VARS}

@@ -176,23 +176,10 @@ def main():
     jobs = [(f"t5jax xla={v}", "t5jax", H.xla_variant_env(v)) for v in variants]
     if not args.no_hf:
       jobs += [(f"torch {n} thr", "torch", H.thread_env(n)) for n in threads]
-    results: dict[str, list[dict]] = {name: [] for name, _, _ in jobs}
-    for rep in range(args.repeats):
-      for name, kind, env in jobs:
-        wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
-        if kind == "torch":
-          wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
-        r = H.run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
-        if r is None:
-          print(f"  [{rep + 1}/{args.repeats}] {name:16} timed out (> {args.worker_timeout:.0f} s)")
-          continue
-        results[name].append(r)
-        print(
-          f"  [{rep + 1}/{args.repeats}] {name:16} "
-          + ", ".join(f"{m} {r['methods'][m]['time']:.3f} s" for m in methods)
-          + f"; load average {os.getloadavg()[0]:.2f}",
-          flush=True,
-        )
+    results = H.run_jobs(
+      script, passthrough, jobs, ckpt, args,
+      lambda r: ", ".join(f"{m} {r['methods'][m]['time']:.3f} s" for m in methods),
+    )  # fmt: skip
 
   print()
   print(f"{'method':8} {'impl':18} {'compile s':>9} {'time s':>8} {'tokens/s':>10}  versions")

@@ -110,24 +110,12 @@ def profile_jax(args):
   params = jax.device_get(t5jax.init_params(config, jax.random.key(args.seed)))
   if args.target == "train":
     import train as bench_train
-    from t5jax import optim, sharding, trainer
-    from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
 
     bargs = argparse.Namespace(
       batch=args.batch, input_len=args.input_len, target_len=args.target_len, seed=args.seed
     )
     batch_np = bench_train.make_batch(config, bargs)
-    opt_cfg = OptimizerConfig(name="adafactor", learning_rate=1e-3, schedule="constant")
-    schedule = optim.make_schedule(opt_cfg)
-    tx = optim.make_optimizer(opt_cfg, schedule)
-    loss_cfg = LossConfig(label_smoothing=0.0, z_loss=0.0, normalizer="num_tokens")
-    mesh = sharding.create_mesh(MeshConfig())
-    state_sh = trainer.state_shardings(config, tx, mesh)
-    state = trainer.state_from_params(params, tx, state_sh)
-    step = trainer.jit_train_step(
-      trainer.make_train_step(config, tx, schedule, loss_cfg), state_sh, mesh
-    )
-    batch = jax.device_put(batch_np, sharding.batch_sharding(mesh))
+    step, state, batch = bench_train.build_step(config, params, batch_np, "adafactor", 1e-3)
     rng = jax.random.key(args.seed)
     compiled = step.lower(state, batch, rng).compile()
     texts = [compiled.as_text()]

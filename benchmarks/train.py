@@ -72,6 +72,27 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+def build_step(config, params, batch_np, optimizer: str, lr: float):
+  """(jitted sharded train step, its state, the device batch) on a one-device mesh: the step the
+  benchmark times (constant learning rate, no z-loss or smoothing, num_tokens normaliser)."""
+  import jax
+
+  from t5jax import optim, sharding, trainer
+  from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
+
+  opt_cfg = OptimizerConfig(name=optimizer, learning_rate=lr, schedule="constant", warmup_steps=0)
+  schedule = optim.make_schedule(opt_cfg)
+  tx = optim.make_optimizer(opt_cfg, schedule)
+  loss_cfg = LossConfig(label_smoothing=0.0, z_loss=0.0, normalizer="num_tokens")
+  mesh = sharding.create_mesh(MeshConfig())
+  state_sh = trainer.state_shardings(config, tx, mesh)
+  state = trainer.state_from_params(params, tx, state_sh)
+  step = trainer.jit_train_step(
+    trainer.make_train_step(config, tx, schedule, loss_cfg), state_sh, mesh
+  )
+  return step, state, jax.device_put(batch_np, sharding.batch_sharding(mesh))
+
+
 def _rss_gib() -> tuple[float, float]:
   """(current, peak) resident set size of this process in GiB; NaN where unavailable."""
   vals = {}
@@ -143,26 +164,12 @@ def worker_t5jax(args) -> dict:
   import jax
 
   import t5jax
-  from t5jax import optim, sharding, trainer
-  from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
 
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   config, params = t5jax.load_hf(args._ckpt)
   config = config.replace(dtype=args.dtype, dropout_rate=args.dropout)
   batch_np = make_batch(config, args)
-  opt_cfg = OptimizerConfig(
-    name=args.optimizer, learning_rate=args.lr, schedule="constant", warmup_steps=0
-  )
-  schedule = optim.make_schedule(opt_cfg)
-  tx = optim.make_optimizer(opt_cfg, schedule)
-  loss_cfg = LossConfig(label_smoothing=0.0, z_loss=0.0, normalizer="num_tokens")
-  mesh = sharding.create_mesh(MeshConfig())
-  state_sh = trainer.state_shardings(config, tx, mesh)
-  state = trainer.state_from_params(params, tx, state_sh)
-  step = trainer.jit_train_step(
-    trainer.make_train_step(config, tx, schedule, loss_cfg), state_sh, mesh
-  )
-  batch = jax.device_put(batch_np, sharding.batch_sharding(mesh))
+  step, state, batch = build_step(config, params, batch_np, args.optimizer, args.lr)
   rng = jax.random.key(args.seed)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, rng).compile()
@@ -343,24 +350,13 @@ def main():
     jobs = [(f"t5jax xla={v}", "t5jax", {**cache, **H.xla_variant_env(v)}) for v in variants]
     if not args.no_hf:
       jobs += [(f"torch {n} thr", "torch", H.thread_env(n)) for n in threads]
-    results: dict[str, list[dict]] = {name: [] for name, _, _ in jobs}
-    for rep in range(args.repeats):  # interleaved, so load drifts hit every variant alike
-      for name, kind, env in jobs:
-        wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
-        if kind == "torch":
-          wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
-        r = H.run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
-        if r is None:
-          print(f"  [{rep + 1}/{args.repeats}] {name:16} timed out (> {args.worker_timeout:.0f} s)")
-          continue
-        r["step"] = statistics.median(r["times"])
-        results[name].append(r)
-        print(
-          f"  [{rep + 1}/{args.repeats}] {name:16} step {r['step']:.3f} s"
-          + (f", compile {r['compile_s']:.1f} s" if r.get("compile_s") else "")
-          + f"; load average {os.getloadavg()[0]:.2f}",
-          flush=True,
-        )
+
+    def report(r):
+      r["step"] = statistics.median(r["times"])
+      compile_s = f", compile {r['compile_s']:.1f} s" if r.get("compile_s") else ""
+      return f"step {r['step']:.3f} s{compile_s}"
+
+    results = H.run_jobs(script, passthrough, jobs, ckpt, args, report)
     mm = {}
     if args.matmul:
       shapes = matmul_shapes(config, b, s, t)
@@ -370,9 +366,7 @@ def main():
       if not args.no_hf:
         mm_jobs += [(f"torch {n} thr", "mm_torch", H.thread_env(n)) for n in threads]
       for name, kind, env in mm_jobs:
-        wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
-        if kind == "mm_torch":
-          wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
+        wa = H.worker_args(passthrough, kind, ckpt, env)
         r = H.run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
         if r is None:
           print(f"  matmuls {name}: timed out (> {args.worker_timeout:.0f} s)")
