@@ -18,7 +18,8 @@ setup-test: $(BIN)/python
 
 demo: setup
 	$(BIN)/python train.py --config configs/demo.py --workdir $(WORKDIR)
-	printf 'add: 17 + 25\nreverse: a b c d\nsort: 9 3 7 1\n' | $(BIN)/python decode.py --checkpoint $(WORKDIR)
+	printf 'add: 17 + 25\nreverse: a b c d\nsort: 9 3 7 1\nnumber to words: 342\n' | $(BIN)/python decode.py --checkpoint $(WORKDIR)
+	@echo 'More prompts: source $(VENV)/bin/activate, then: echo "add: 8 + 5" | python decode.py --checkpoint $(WORKDIR)'
 
 lint: setup-test
 	$(BIN)/ruff check .
