@@ -39,7 +39,7 @@ def _commands():
   out = []
   for block in _bash_blocks():
     for line in block.replace("\\\n", " ").split("\n"):
-      for m in re.finditer(r"\bpython3? ((?:benchmarks/)?\w+\.py)\b([^|\"#]*)", line):
+      for m in re.finditer(r"\bpython3? ((?:benchmarks/)?\w+\.py)\b((?:(?! \| )[^\"#])*)", line):
         if m.group(1) in SCRIPTS:
           out.append((m.group(1), m.group(2)))
   return out
