@@ -2,6 +2,7 @@
 
   python benchmarks/memory_loss.py                 # t5-v1_1-base, batch 8, 512/128 (CPU, minutes)
   python benchmarks/memory_loss.py --block_sizes 0,8,32,128 --layers 2
+  python benchmarks/memory_loss.py --remat full --scan_layers 1   # with rematerialised layers
 
 Compiles the real train step (Adafactor, z-loss, one device) on abstract shapes, nothing
 allocated, once with the whole logits (`LossConfig.block_size=0`) and once per block size, and
@@ -40,9 +41,18 @@ def main() -> None:
   p.add_argument("--block_sizes", default="0,16", help="comma-separated; 0 = whole logits")
   p.add_argument("--layers", type=int, default=0, help="override encoder/decoder depth (0 = keep)")
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--remat", default="none", help="T5Config.remat: none, full, dots, dots_no_batch")
+  p.add_argument("--scan_layers", type=int, default=0, help="1 = T5Config.scan_layers")
   args = p.parse_args()
   depth = {"num_layers": args.layers, "num_decoder_layers": args.layers} if args.layers else {}
-  cfg = get_config(args.preset, dtype=args.dtype, dropout_rate=0.0, **depth)
+  cfg = get_config(
+    args.preset,
+    dtype=args.dtype,
+    dropout_rate=0.0,
+    remat=args.remat,
+    scan_layers=bool(args.scan_layers),
+    **depth,
+  )
   ocfg = OptimizerConfig()
   schedule = optim.make_schedule(ocfg)
   tx = optim.make_optimizer(ocfg, schedule)
@@ -63,7 +73,8 @@ def main() -> None:
   params = _nbytes(state.params)
   print(
     f"{args.preset}{f' ({args.layers}+{args.layers} layers)' if args.layers else ''}, "
-    f"{args.dtype}, batch {b}, {s}/{t} tokens, vocab {cfg.vocab_size}; one float32 [B, T, V] = "
+    f"{args.dtype}, remat {args.remat}, scan_layers {bool(args.scan_layers)}, batch {b}, "
+    f"{s}/{t} tokens, vocab {cfg.vocab_size}; one float32 [B, T, V] = "
     f"{logits / 1e6:.1f} MB; parameters (= gradients) {params / 1e6:.1f} MB; "
     f"jax {jax.__version__} on {jax.default_backend()}\n"
   )
