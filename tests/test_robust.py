@@ -193,3 +193,17 @@ def test_absurd_sizes_in_config_json_are_refused_with_the_limit(tmp_path):
   np.testing.assert_array_equal(
     hf.load_hf(str(tmp_path), config=TINY)[1]["shared"], np.asarray(params["shared"])
   )
+
+
+def test_a_failed_save_is_named_by_the_os_reason():
+  from t5jax.orbax_errors import save_failure_reason
+
+  tensorstore = ValueError(
+    'OUT_OF_RANGE: Error writing local file "/w/checkpoints/4.orbax-checkpoint-tmp/_sharding": '
+    'Failed writing: "/w/x.__lock": Failed to write 10983 bytes to file 9: No space left on '
+    "device [os_error_code='28'] [source locations='tensorstore/util/file.cc:123']"
+  )
+  assert save_failure_reason(tensorstore) == "No space left on device"
+  python = OSError(122, "Disk quota exceeded")
+  assert save_failure_reason(ValueError(str(python))) == "Disk quota exceeded"
+  assert save_failure_reason(RuntimeError("odd\nmore")) == "RuntimeError: odd"
