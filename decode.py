@@ -38,10 +38,10 @@ from t5jax.errors import CheckpointError, ConfigError
 from t5jax.generate import GenerateConfig
 from t5jax.inference import bucket_length as bucket_length  # noqa: F401 (decode.bucket_length)
 from t5jax.inference import make_batches as make_batches  # noqa: F401 (decode.make_batches)
-from t5jax.train_config import MeshConfig
+from t5jax.train_config import INPUT_COLUMNS, MeshConfig
 
 PROG = "decode.py"
-DEFAULT_COLUMNS = ("inputs", "input", "text", "source")
+DEFAULT_COLUMNS = INPUT_COLUMNS  # the names a training TSV's header row may use too
 # GenerateConfig fields with a flag, and decode.py's own defaults for some of them.
 GENERATE_FLAGS = [f for f in dataclasses.fields(GenerateConfig) if f.metadata.get("flag", True)]
 FLAG_DEFAULTS = {"max_new_tokens": 64}

@@ -279,10 +279,15 @@ def test_bad_input_is_one_line_error_and_changes_nothing(server, tmp_path):
   bad_tsv.write_text("a b\tb a\nc\tc\nno tab here\n")
   bad_jsonl.write_text('{"input": "a", "target": "b"}\n{"input": "a", \n')
   missing = tmp_path / "missing.tsv"
+  latin1, header_only = tmp_path / "latin1.tsv", tmp_path / "header.tsv"
+  latin1.write_bytes("a\tb\ncaf\u00e9\tb\n".encode("latin-1"))
+  header_only.write_text("inputs\ttargets\n")
   fresh = tmp_path / "fresh"
   cases = [
     ([f"--config.data.train_file={missing}"], [f"{missing}: no such data file"]),
-    ([f"--config.data.train_file={empty}"], [f"{empty}: file is empty"]),
+    ([f"--config.data.train_file={empty}"], [f"{empty}: file is empty (no examples)"]),
+    ([f"--config.data.train_file={latin1}"], [f"{latin1}:2: invalid UTF-8"]),
+    ([f"--config.data.train_file={header_only}"], [f"{header_only}: no examples"]),
     ([f"--config.data.train_file={bad_tsv}"], [f"{bad_tsv}:3: expected 2 tab-separated"]),
     (
       ["--config.data.kind=jsonl", f"--config.data.train_file={bad_jsonl}"],
