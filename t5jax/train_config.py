@@ -224,6 +224,8 @@ class TrainConfig(_Value):
   best_metric: str = ""  # also keep the best checkpoint by this eval metric, e.g. "exact_match"
   best_mode: str = "max"  # "max" or "min" for best_metric
   async_checkpoints: bool = True  # save in the background while training continues
+  # Progress on stderr: a bar on a terminal, else (CI logs, nohup) a plain line every log_every
+  # steps (step/total, loss, steps/s, ETA) and each eval. False: nothing.
   progress_bar: bool = True
 
   def __post_init__(self):

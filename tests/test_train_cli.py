@@ -645,3 +645,16 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(server, tmp_p
   assert_quiet(resumed.stderr)
   assert steps(workdir) == [2, 4, 6]
   assert [r["step"] for r in train_rows(workdir)] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_progress_off_a_terminal_is_one_plain_line_per_log_row(server, tmp_path):
+  """stderr is a file here, as in CI logs or under nohup: no bar, a flushed line per log row."""
+  args = tsv_args(tmp_path, tmp_path / "wd", "--config.num_train_steps=4")
+  run = server.run(*args, "--config.progress_bar=True", "--config.log_every=2")
+  assert run.rc == 0, run.stderr
+  assert_quiet(run.stderr)
+  lines = run.stderr.splitlines()
+  pattern = r"train step (\d)/4: loss \d+\.\d{4}, \d+\.\d\d steps/s, ETA (\d+s|\d+m\d\ds)"
+  assert [re.fullmatch(pattern, line).group(1) for line in lines] == ["2", "4"], lines
+  assert lines[-1].endswith("ETA 0s")
