@@ -427,10 +427,35 @@ def _save(run: Run, step: int) -> None:
   run.last_saved = step
 
 
+def _already_trained(run: Run, step: int) -> dict[str, Any]:
+  """A workdir trained to `num_train_steps` already: says so and exits (no evaluation, no new
+  event file); the export is written only if the earlier run ended before writing it."""
+  try:
+    export = os.path.join(run.workdir, "export")
+    wanted = [os.path.join(export, "params.safetensors"), os.path.join(export, "hf", "config.json")]
+    if not all(os.path.isfile(f) for f in wanted):
+      checkpoint.export(run.workdir, run.model_cfg, run.state.params)
+    if distributed.is_main_process():
+      print(
+        f"{run.workdir} is already trained to step {step} (--config.num_train_steps="
+        f"{run.config.num_train_steps}); nothing to do. To train further raise "
+        "--config.num_train_steps; to retrain use a new --workdir.",
+        file=sys.stderr,
+        flush=True,
+      )
+  finally:
+    run.ckpt.close()
+    if run.lock is not None:
+      run.lock.release()
+  return {"train": {}, "eval": {}, "step": step}
+
+
 def loop(run: Run) -> dict[str, Any]:
   """Trains `run` to `num_train_steps` (or a signal); returns the last train and eval metrics."""
   c, total = run.config, run.config.num_train_steps
   step = int(jax.device_get(run.state.step))
+  if step >= total:
+    return _already_trained(run, step)
   main = distributed.is_main_process()
   writer = metrics_lib.MetricWriter(run.workdir, main, resume_step=step)
   progress = _Progress(total, step) if main and c.progress_bar else None

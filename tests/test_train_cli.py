@@ -658,3 +658,29 @@ def test_progress_off_a_terminal_is_one_plain_line_per_log_row(server, tmp_path)
   pattern = r"train step (\d)/4: loss \d+\.\d{4}, \d+\.\d\d steps/s, ETA (\d+s|\d+m\d\ds)"
   assert [re.fullmatch(pattern, line).group(1) for line in lines] == ["2", "4"], lines
   assert lines[-1].endswith("ETA 0s")
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_workdir_says_so_and_changes_nothing(server, tmp_path):
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.num_train_steps=2", "--config.progress_bar=True")
+  assert server.run(*args).rc == 0
+  before = snapshot(workdir)
+  again = server.run(*args)
+  assert again.rc == 0, again.stderr
+  assert again.stderr.splitlines() == [
+    f"{workdir} is already trained to step 2 (--config.num_train_steps=2); nothing to do. To "
+    "train further raise --config.num_train_steps; to retrain use a new --workdir."
+  ]
+  after = snapshot(workdir)
+  # No new event file or metrics row, the checkpoints and the export untouched; only the files
+  # every start rewrites (the lock's holder, the recorded configs) differ.
+  rewritten = {"train.lock", "train_config.json", "model_config.json"}
+  assert set(after) == set(before)
+  assert {f: v for f, v in after.items() if f not in rewritten} == {
+    f: v for f, v in before.items() if f not in rewritten
+  }
+  # An export the first run did not get to write (killed after its last save) is written.
+  (workdir / "export" / "hf" / "config.json").unlink()
+  assert server.run(*args).rc == 0
+  assert (workdir / "export" / "hf" / "config.json").is_file()
