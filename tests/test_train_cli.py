@@ -16,6 +16,7 @@ sent once a file shows that the run has reached the state the test needs.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -684,3 +685,40 @@ def test_rerunning_a_finished_workdir_says_so_and_changes_nothing(server, tmp_pa
   (workdir / "export" / "hf" / "config.json").unlink()
   assert server.run(*args).rc == 0
   assert (workdir / "export" / "hf" / "config.json").is_file()
+
+
+def _records(path):
+  """(offset, length) of each TFRecord of an event file (length u64, its crc, data, data crc)."""
+  data, pos, out = path.read_bytes(), 0, []
+  while pos < len(data):
+    n = int.from_bytes(data[pos : pos + 8], "little")
+    out.append((pos, 16 + n))
+    pos += 16 + n
+  return out
+
+
+@pytest.mark.slow
+def test_a_torn_event_record_and_redone_steps_read_back_in_tensorboard(server, tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=2")
+  assert server.run(*args, "--config.num_train_steps=4").rc == 0
+  (first,) = workdir.glob("events.out.tfevents.*")
+  # Killed while writing step 5's row (half a record at the end of the file) and before step 4's
+  # save was committed: the resumed run redoes steps 3 and 4, into a new event file.
+  offset, length = _records(first)[-1]
+  with open(first, "ab") as fh:
+    fh.write(first.read_bytes()[offset : offset + length // 2])
+  torn = first.read_bytes()
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  resumed = server.run(*args, "--config.num_train_steps=6")
+  assert resumed.rc == 0, resumed.stderr
+  assert first.read_bytes() == torn  # never appended to again
+  assert len(list(workdir.glob("events.out.tfevents.*"))) == 2
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"scalars": 0})
+  acc.Reload()
+  got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+  want = [(r["step"], r["loss"]) for r in train_rows(workdir)]  # the redone rows replaced theirs
+  assert [s for s, _ in got] == list(range(1, 7))
+  np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
