@@ -433,7 +433,8 @@ def _already_trained(run: Run, step: int) -> dict[str, Any]:
   try:
     export = os.path.join(run.workdir, "export")
     wanted = [os.path.join(export, "params.safetensors"), os.path.join(export, "hf", "config.json")]
-    if not all(os.path.isfile(f) for f in wanted):
+    # Process 0's view decides (it writes the export): every process joins the export's gather.
+    if not distributed.gather_json(all(os.path.isfile(f) for f in wanted))["0"]:
       checkpoint.export(run.workdir, run.model_cfg, run.state.params)
     if distributed.is_main_process():
       print(
