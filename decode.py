@@ -5,8 +5,10 @@
 DIR is a HuggingFace model folder (config.json + model.safetensors, tokenizer spiece.model / a
 .model / ByT5 marker) or a t5jax training workdir (both through `t5jax.inference.load`).
 Inputs: one per line (text), or a named column of a TSV file with a header row or of JSONL
-objects. Outputs: the best sequence per line (text), or JSON objects with every returned sequence
-and its score (jsonl). Inputs are grouped into power-of-two length buckets and fixed-size batches
+objects; a file's extension says which, on stdin its first line does (a JSON object: JSONL; a
+tab-separated line with a field named as the input column: a TSV header; else text). Outputs:
+the best sequence per line (text), or JSON objects with every returned sequence and its score
+(jsonl). Inputs are grouped into power-of-two length buckets and fixed-size batches
 (the last one padded), so the decoder compiles once per bucket.
 
 Several devices: the parameters are placed on a `("data", "fsdp", "tensor")` mesh of this
@@ -38,10 +40,10 @@ from t5jax.errors import CheckpointError, ConfigError
 from t5jax.generate import GenerateConfig
 from t5jax.inference import bucket_length as bucket_length  # noqa: F401 (decode.bucket_length)
 from t5jax.inference import make_batches as make_batches  # noqa: F401 (decode.make_batches)
-from t5jax.train_config import MeshConfig
+from t5jax.train_config import INPUT_COLUMNS, MeshConfig
 
 PROG = "decode.py"
-DEFAULT_COLUMNS = ("inputs", "input", "text", "source")
+DEFAULT_COLUMNS = INPUT_COLUMNS  # the names a training TSV's header row may use too
 # GenerateConfig fields with a flag, and decode.py's own defaults for some of them.
 GENERATE_FLAGS = [f for f in dataclasses.fields(GenerateConfig) if f.metadata.get("flag", True)]
 FLAG_DEFAULTS = {"max_new_tokens": 64}
@@ -84,7 +86,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--tokenizer", help="'byt5', a SentencePiece .model, or a folder holding one")
   p.add_argument("--input_file", help="default: stdin")
   p.add_argument("--output_file", help="default: stdout")
-  p.add_argument("--input_format", choices=("auto", "text", "tsv", "jsonl"), default="auto")
+  p.add_argument(
+    "--input_format",
+    choices=("auto", "text", "tsv", "jsonl"),
+    default="auto",
+    help="auto: a file by its extension (.tsv, .jsonl/.json, else text); stdin by its first line "
+    "(a JSON object: jsonl; tab-separated with a field named as the input column, i.e. a "
+    "header: tsv; else text, one prompt per line)",
+  )
   p.add_argument("--input_column", help=f"TSV/JSONL field (default: first of {DEFAULT_COLUMNS})")
   p.add_argument("--output_format", choices=("text", "jsonl"), default="text")
   p.add_argument("--batch_size", type=int, default=16)
@@ -174,11 +183,29 @@ def _pick_column(columns: Sequence[str], wanted: str | None, where: str) -> str:
   raise CLIError(f"{where}: no input column among {list(columns)}; pass --input_column")
 
 
+def detect_format(lines: list[str], name: str, column: str | None) -> str:
+  """What --input_format auto means: a file's extension (.tsv; .jsonl or .json; else text); on
+  stdin, the first non-blank line: a JSON object -> jsonl; tab-separated fields one of which is
+  the input column's name (--input_column, else one of DEFAULT_COLUMNS) -> tsv; else text."""
+  if name != "<stdin>":
+    ext = os.path.splitext(name)[1].lower()
+    return {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(ext, "text")
+  first = next((line for line in lines if line.strip()), "")
+  try:
+    if isinstance(json.loads(first), dict):
+      return "jsonl"
+  except ValueError:
+    pass
+  names = (column,) if column is not None else DEFAULT_COLUMNS
+  if "\t" in first and any(field in names for field in first.split("\t")):
+    return "tsv"
+  return "text"
+
+
 def parse_inputs(lines: list[str], name: str, fmt: str, column: str | None) -> list[str]:
   """The input texts, in order, from text / TSV (header row) / JSONL lines."""
   if fmt == "auto":
-    ext = os.path.splitext(name)[1].lower()
-    fmt = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(ext, "text")
+    fmt = detect_format(lines, name, column)
   if fmt == "text":
     texts = lines
   elif fmt == "tsv":
@@ -390,14 +417,17 @@ def _drop_eos(ids: list[int], eos: int = 1) -> list[int]:
 def run(args: argparse.Namespace) -> int:
   gen_cfg = generate_config(args)
   lines, name = read_lines(args.input_file)
-  texts = parse_inputs(lines, name, args.input_format, args.input_column)
+  fmt = args.input_format
+  if fmt == "auto":  # decided once, by the input column (the prefix column is another)
+    fmt = detect_format(lines, name, args.input_column)
+  texts = parse_inputs(lines, name, fmt, args.input_column)
   ranking = bool(args.candidates or args.candidates_column)
   candidates = read_candidates(args, lines, name, len(texts)) if ranking else None
   prefixes = None
   if args.decoder_prefix_column:
     if ranking:
       raise CLIError("--decoder_prefix_column does not apply to rank classification")
-    prefixes = parse_inputs(lines, name, args.input_format, args.decoder_prefix_column)
+    prefixes = parse_inputs(lines, name, fmt, args.decoder_prefix_column)
   output = open_output(args.output_file, args.input_file)
   try:
     return _decode_and_write(args, gen_cfg, texts, output, candidates, prefixes)

@@ -12,15 +12,19 @@ A workdir holds:
 
 Saves are asynchronous; orbax writes each step to a temporary folder and renames it when
 complete, so a kill during a save leaves the previous checkpoint intact and the partial one is
-ignored on restore.
+ignored on restore. A save that fails (a full disk) is one `CheckpointError` naming the step, the
+folder and the newest committed checkpoint; what orbax's threads print about it is held back from
+the first save to the last wait (`t5jax.orbax_errors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -28,14 +32,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save
 
-from t5jax import distributed, hf, model
+from t5jax import distributed, hf, model, orbax_errors
 from t5jax.config import T5Config
 from t5jax.errors import CheckpointError
 from t5jax.workdir import atomic_copy, atomic_open
 
 
+def committed_steps(directory: str) -> list[int]:
+  """The committed steps in an orbax folder (a save in progress or failed has a tmp suffix)."""
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
 class CheckpointManager:
-  """Last-K (and optionally best-by-metric) checkpoints of train state plus data position."""
+  """Last-K (and optionally best-by-metric) checkpoints of train state plus data position.
+
+  A failed save raises `CheckpointError` from `save`, `save_best`, `wait` or `close` (whichever
+  first sees it: saves are asynchronous); the manager is then closed. From the first save to a
+  `wait` that finds every save done, what orbax's threads print is held back
+  (`orbax_errors.HoldOrbaxErrors`).
+  """
 
   def __init__(
     self,
@@ -47,10 +63,14 @@ class CheckpointManager:
     async_save: bool = True,
   ):
     workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(workdir, "checkpoints")
+    self._in_flight: dict[str, int] = {}  # manager ("last", "best") -> its save not waited for
+    self._failed = False
+    self._quiet = orbax_errors.HoldOrbaxErrors()
     # cleanup_tmp_directories: a run killed mid-save leaves a partial tmp folder; drop it on start.
     opts = dict(enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self._last = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
+      self.directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts),
     )
     self._best = None
@@ -79,12 +99,52 @@ class CheckpointManager:
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
     )
 
+  def _managers(self) -> dict[str, Any]:
+    return {"last": self._last} | ({"best": self._best} if self._best is not None else {})
+
+  @contextlib.contextmanager
+  def _saving(self, name: str, step: int | None) -> Iterator[None]:
+    """Turns a failure of the save of `step` by manager `name` into one `CheckpointError` (and
+    closes orbax)."""
+    where = str(self._managers()[name].directory)
+    if self._failed:
+      raise CheckpointError(f"{where}: a checkpoint save failed earlier; nothing more is saved")
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise ValueError or bare Exception
+      self._failed = True
+      self._quiet.drop, self._quiet.held = True, []  # summed up below
+      with contextlib.suppress(Exception):
+        self._close_orbax()
+      kept = committed_steps(where)
+      then = (
+        f"the older checkpoints are intact; free space and rerun the same command to resume "
+        f"from checkpoint {kept[-1]}"
+        if kept
+        else "no checkpoint was saved before; free space and rerun the same command"
+      )
+      reason = orbax_errors.save_failure_reason(e)
+      raise CheckpointError(f"cannot save checkpoint {step} in {where}: {reason}; {then}") from e
+
+  def _wait_for(self, name: str) -> None:
+    """Waits for manager `name`'s save in flight; its failure is that save's."""
+    with self._saving(name, self._in_flight.get(name)):
+      self._managers()[name].wait_until_finished()
+    self._in_flight.pop(name, None)
+
+  def _save(self, name: str, step: int, state, data_state, **kwargs) -> None:
+    self._wait_for(name)  # a failure of the previous save is reported as its own
+    self._quiet.install()
+    self._in_flight[name] = step
+    with self._saving(name, step):
+      self._managers()[name].save(step, args=self._args(state, data_state), **kwargs)
+
   def save(self, step: int, state, data_state: dict[str, Any] | None, *, force=False) -> None:
-    self._last.save(step, args=self._args(state, data_state), force=force)
+    self._save("last", step, state, data_state, force=force)
 
   def save_best(self, step: int, state, data_state, metrics: dict[str, float]) -> None:
     if self._best is not None and self.best_metric in metrics:
-      self._best.save(step, args=self._args(state, data_state), metrics=metrics, force=True)
+      self._save("best", step, state, data_state, metrics=metrics, force=True)
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores `(state, data_state)` into the shardings of `abstract_state` (ShapeDtypeStructs)."""
@@ -109,14 +169,22 @@ class CheckpointManager:
     return [] if self._best is None else list(self._best.all_steps())
 
   def wait(self) -> None:
-    self._last.wait_until_finished()
-    if self._best is not None:
-      self._best.wait_until_finished()
+    """Waits for the saves in flight; raises `CheckpointError` if one failed, else shows what
+    orbax printed meanwhile (nothing, normally)."""
+    for name in self._managers():
+      self._wait_for(name)
+    self._quiet.remove()
+
+  def _close_orbax(self) -> None:
+    for manager in self._managers().values():
+      manager.close()
 
   def close(self) -> None:
-    self._last.close()
-    if self._best is not None:
-      self._best.close()
+    """Waits for the saves in flight (raising `CheckpointError` if one failed) and closes."""
+    if self._failed:
+      return
+    self.wait()
+    self._close_orbax()
 
 
 def has_checkpoints(workdir: str) -> bool:

@@ -32,7 +32,7 @@ from t5jax.tasks import (  # noqa: F401  (number_to_words re-exported)
   number_to_words,
 )
 from t5jax.tokenizer import EOS_ID, Tokenizer, load_tokenizer, train_sentencepiece
-from t5jax.train_config import DataConfig
+from t5jax.train_config import INPUT_COLUMNS, TARGET_COLUMNS, DataConfig
 
 # Background preprocessing: a few threads and a short buffer (grain's default, 16 threads and 500
 # elements, makes the first batch and every restore slow on a small CPU host).
@@ -44,24 +44,48 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 
 def _open_lines(path: str) -> list[str]:
+  """The lines of a UTF-8 file (a CR before the newline and a byte order mark dropped); raises
+  DataError `file:line:` on invalid UTF-8, `file:` when there is no non-blank line."""
   if not path:
     raise DataError("no data file given")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such data file")
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  with open(path, "rb") as f:
+    raw_lines = f.read().split(b"\n")
+  lines = []
+  for n, raw in enumerate(raw_lines, 1):
+    try:
+      lines.append(raw.removesuffix(b"\r").decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}:{n}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+  lines[0] = lines[0].removeprefix("\ufeff")
   if not any(line.strip() for line in lines):
-    raise DataError(f"{path}: file is empty")
+    raise DataError(f"{path}: file is empty (no examples)")
   return lines
 
 
-def read_tsv(path: str) -> list[Example]:
-  """Reads `input<TAB>target` lines (blank lines skipped); raises DataError `file:line: reason`."""
-  out = []
+def is_tsv_header(fields: Sequence[str], input_name: str = "", target_name: str = "") -> bool:
+  """True when a TSV line's two fields name an input and a target column (`INPUT_COLUMNS`,
+  `TARGET_COLUMNS` or the given names): the file's header row, not an example."""
+  return (
+    len(fields) == 2
+    and fields[0].strip() in (*INPUT_COLUMNS, input_name)
+    and fields[1].strip() in (*TARGET_COLUMNS, target_name)
+  )
+
+
+def read_tsv(path: str, input_name: str = "input", target_name: str = "target") -> list[Example]:
+  """Reads `input<TAB>target` lines (blank lines skipped) after an optional header row naming the
+  columns (`is_tsv_header`); raises DataError `file:line: reason`, or `file: no examples`."""
+  out, header = [], None
   for n, line in enumerate(_open_lines(path), 1):
     if not line.strip():
       continue
     fields = line.split("\t")
+    if header is None:
+      header = is_tsv_header(fields, input_name, target_name)
+      if header:
+        continue
     if len(fields) != 2:
       raise DataError(
         f"{path}:{n}: expected 2 tab-separated fields (input, target), got {len(fields)}"
@@ -69,6 +93,8 @@ def read_tsv(path: str) -> list[Example]:
     if not fields[0].strip():
       raise DataError(f"{path}:{n}: empty input")
     out.append((fields[0], fields[1]))
+  if not out:
+    raise DataError(f"{path}: no examples (only a header row)")
   return out
 
 
@@ -503,7 +529,7 @@ def _read_pairs(data_cfg: DataConfig, path: str, split: str, seed: int) -> list[
     tasks = [t.strip() for t in data_cfg.builtin_tasks.split(",") if t.strip()]
     return builtin_task_examples(split, n, seed, tasks)
   if kind == "tsv":
-    return read_tsv(path)
+    return read_tsv(path, data_cfg.input_field, data_cfg.target_field)
   if kind == "jsonl":
     return read_jsonl(path, data_cfg.input_field, data_cfg.target_field)
   raise ValueError(f"no example pairs in data kind {kind!r}")  # span_corruption: a corpus

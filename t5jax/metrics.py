@@ -28,7 +28,13 @@ class MetricWriter:
     if enabled:
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_rows_after(path, resume_step)
-      self._tb = EventFileWriter(workdir)
+      self._tb = EventFileWriter(workdir)  # a new file per start: one never appended to again
+      # "Restarted here": TensorBoard drops the points past `resume_step` that earlier files hold
+      # (logged by a killed run after its last checkpoint, redone by this one).
+      start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+      self._tb.add_event(
+        event_pb2.Event(wall_time=time.time(), step=resume_step + 1, session_log=start)
+      )
       self._fh = open(path, "a")
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:

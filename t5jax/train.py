@@ -317,13 +317,59 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None, 
       raise TrainingError(f"{key} is {metrics[key]} at step {step}; stopping: {kept}")
 
 
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class _Progress:
+  """What the loop shows on stderr: a tqdm bar on a terminal; elsewhere (CI logs, `nohup`, a
+  pipe), where a bar draws nothing readable, one plain line per train log row, flushed."""
+
+  def __init__(self, total: int, step: int):
+    self.total, self.bar = total, None
+    if sys.stderr.isatty():
+      from tqdm import tqdm
+
+      self.bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+
+  def update(self) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+
+  def log(self, step: int, avg: dict[str, float]) -> None:
+    """The averaged train metrics of the row written at `step`."""
+    if self.bar is not None:
+      self.bar.set_postfix(
+        loss=f"{avg['loss']:.3f}", lr=f"{avg['learning_rate']:.2e}",
+        tok_s=f"{avg['tokens_per_sec']:.0f}",
+      )  # fmt: skip
+      return
+    rate = avg["steps_per_sec"]
+    eta = _duration((self.total - step) / rate) if rate > 0 else "?"
+    self.write(
+      f"train step {step}/{self.total}: loss {avg['loss']:.4f}, {rate:.2f} steps/s, ETA {eta}"
+    )
+
+  def write(self, line: str) -> None:
+    if self.bar is not None:
+      self.bar.write(line)
+    else:
+      print(line, file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
 class _TrainLog:
   """Train metrics read one step late (step n-1's while step n runs), checked finite, averaged
   over a `MetricsWindow` and written every `log_every` steps (and at the last)."""
 
-  def __init__(self, run: Run, writer: metrics_lib.MetricWriter, pbar):
+  def __init__(self, run: Run, writer: metrics_lib.MetricWriter, progress: _Progress | None):
     c = run.config
-    self.run, self.writer, self.pbar = run, writer, pbar
+    self.run, self.writer, self.progress = run, writer, progress
     tokens = c.batch_size * (c.data.max_input_length + c.data.max_target_length)
     self.window = metrics_lib.MetricsWindow(tokens_per_step=tokens)
     self.pending: tuple[int, Any] | None = None
@@ -346,14 +392,13 @@ class _TrainLog:
     if step % c.log_every == 0 or step == c.num_train_steps:
       self.last = avg = self.window.average()
       self.writer.write(step, "train", avg)
-      if self.pbar is not None:
-        self.pbar.set_postfix(
-          loss=f"{avg['loss']:.3f}", lr=f"{avg['learning_rate']:.2e}",
-          tok_s=f"{avg['tokens_per_sec']:.0f}",
-        )  # fmt: skip
+      if self.progress is not None:
+        self.progress.log(step, avg)
 
 
-def _evaluate(run: Run, step: int, writer: metrics_lib.MetricWriter, pbar) -> dict[str, float]:
+def _evaluate(
+  run: Run, step: int, writer: metrics_lib.MetricWriter, progress: _Progress | None
+) -> dict[str, float]:
   """Evaluates the current state, writes the row, keeps the best checkpoint."""
   c = run.config
   out = evaluate(
@@ -368,8 +413,8 @@ def _evaluate(run: Run, step: int, writer: metrics_lib.MetricWriter, pbar) -> di
     batch_size=c.eval_batch_size,
   )
   writer.write(step, "eval", out)
-  if pbar is not None:
-    pbar.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in out.items()))
+  if progress is not None:
+    progress.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in out.items()))
   if c.best_metric:
     data_state = distributed.gather_json(run.datasets.train.get_state())
     run.ckpt.save_best(step, run.state, data_state, out)
@@ -382,18 +427,40 @@ def _save(run: Run, step: int) -> None:
   run.last_saved = step
 
 
+def _already_trained(run: Run, step: int) -> dict[str, Any]:
+  """A workdir trained to `num_train_steps` already: says so and exits (no evaluation, no new
+  event file); the export is written only if the earlier run ended before writing it."""
+  try:
+    export = os.path.join(run.workdir, "export")
+    wanted = [os.path.join(export, "params.safetensors"), os.path.join(export, "hf", "config.json")]
+    # Process 0's view decides (it writes the export): every process joins the export's gather.
+    if not distributed.gather_json(all(os.path.isfile(f) for f in wanted))["0"]:
+      checkpoint.export(run.workdir, run.model_cfg, run.state.params)
+    if distributed.is_main_process():
+      print(
+        f"{run.workdir} is already trained to step {step} (--config.num_train_steps="
+        f"{run.config.num_train_steps}); nothing to do. To train further raise "
+        "--config.num_train_steps; to retrain use a new --workdir.",
+        file=sys.stderr,
+        flush=True,
+      )
+  finally:
+    run.ckpt.close()
+    if run.lock is not None:
+      run.lock.release()
+  return {"train": {}, "eval": {}, "step": step}
+
+
 def loop(run: Run) -> dict[str, Any]:
   """Trains `run` to `num_train_steps` (or a signal); returns the last train and eval metrics."""
   c, total = run.config, run.config.num_train_steps
   step = int(jax.device_get(run.state.step))
+  if step >= total:
+    return _already_trained(run, step)
   main = distributed.is_main_process()
   writer = metrics_lib.MetricWriter(run.workdir, main, resume_step=step)
-  pbar = None
-  if main and c.progress_bar:
-    from tqdm import tqdm
-
-    pbar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
-  log, last_eval = _TrainLog(run, writer, pbar), {}
+  progress = _Progress(total, step) if main and c.progress_bar else None
+  log, last_eval = _TrainLog(run, writer, progress), {}
   stop = _StopFlag()
   stop.install()
   try:
@@ -404,11 +471,11 @@ def loop(run: Run) -> dict[str, Any]:
         run.state, metrics = run.train_step(run.state, batch, run.dropout_rng)
         step += 1
         log.push(step, metrics)
-        if pbar is not None:
-          pbar.update(1)
+        if progress is not None:
+          progress.update()
         if run.datasets.eval is not None and (step % c.eval_every == 0 or step == total):
           log.flush()  # a non-finite loss stops here, before anything is evaluated or saved
-          last_eval = _evaluate(run, step, writer, pbar)
+          last_eval = _evaluate(run, step, writer, progress)
         # Read once, after the evaluation: a signal that arrives during it (or from here on) still
         # gets its save, now or after the next step.
         signalled = distributed.agreed_stop(stop.signal, step, c.log_every)
@@ -416,8 +483,8 @@ def loop(run: Run) -> dict[str, Any]:
           log.flush()
           _save(run, step)
         if signalled:
-          if pbar is not None:
-            pbar.write(f"signal {signalled}: saved step {step}; exiting")
+          if progress is not None:
+            progress.write(f"signal {signalled}: saved step {step}; exiting")
           break
       log.flush()
       run.ckpt.wait()
@@ -425,8 +492,8 @@ def loop(run: Run) -> dict[str, Any]:
         checkpoint.export(run.workdir, run.model_cfg, run.state.params)
   finally:
     stop.restore()
-    if pbar is not None:
-      pbar.close()
+    if progress is not None:
+      progress.close()
     run.ckpt.close()
     writer.close()
     if run.lock is not None:

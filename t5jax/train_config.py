@@ -25,6 +25,11 @@ from t5jax.errors import ConfigError
 from t5jax.tasks import BUILTIN_TASKS
 
 DATA_KINDS = ("builtin", "tsv", "jsonl", "span_corruption")
+# Names a TSV header row gives its columns: decode.py takes the first of INPUT_COLUMNS a header
+# (or JSONL object) has; a training TSV whose first line names an input and a target column (these
+# or input_field / target_field) has a header row, which is skipped.
+INPUT_COLUMNS = ("inputs", "input", "text", "source")
+TARGET_COLUMNS = ("targets", "target", "label", "output")
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "constant", "cosine", "linear")
 
@@ -43,15 +48,16 @@ class _Value:
 class DataConfig(_Value):
   """`config.data`: what `data.make_datasets` and `data.build_tokenizer` read."""
 
-  # "builtin" (generated demo tasks), "tsv" (input<TAB>target lines), "jsonl" (one object per line
-  # with input_field / target_field) or "span_corruption" (T5 pretraining on a plain-text corpus).
+  # "builtin" (generated demo tasks), "tsv" (input<TAB>target lines, after an optional header row
+  # naming the columns: see INPUT_COLUMNS), "jsonl" (one object per line with input_field /
+  # target_field) or "span_corruption" (T5 pretraining on a plain-text corpus).
   kind: str = "builtin"
   # tsv / jsonl / corpus file for training (corpus: one document per line, or .jsonl with
   # text_field).
   train_file: str = ""
   eval_file: str = ""  # same format, for evaluation; "" = no evaluation set (except for builtin).
-  input_field: str = "input"  # jsonl: field holding the input text.
-  target_field: str = "target"  # jsonl: field holding the target text.
+  input_field: str = "input"  # jsonl: field holding the input text (tsv: a header name too).
+  target_field: str = "target"  # jsonl: field holding the target text (tsv: a header name too).
   text_field: str = "text"  # span_corruption with a .jsonl corpus: field holding the document.
   # Tokenizer: "byt5", a SentencePiece .model or a folder with spiece.model; "" trains a
   # SentencePiece model of spm_vocab_size pieces on the training text (saved in the workdir).
@@ -218,6 +224,8 @@ class TrainConfig(_Value):
   best_metric: str = ""  # also keep the best checkpoint by this eval metric, e.g. "exact_match"
   best_mode: str = "max"  # "max" or "min" for best_metric
   async_checkpoints: bool = True  # save in the background while training continues
+  # Progress on stderr: a bar on a terminal, else (CI logs, nohup) a plain line every log_every
+  # steps (step/total, loss, steps/s, ETA) and each eval. False: nothing.
   progress_bar: bool = True
 
   def __post_init__(self):

@@ -6,9 +6,11 @@
 * `WorkdirLock(workdir)`: an exclusive POSIX record lock (`fcntl.lockf`) on `<workdir>/train.lock`,
   held for the process lifetime. The kernel (or, on NFS, the server's lock manager) releases it
   when the process dies, so a killed run leaves no stale lock; the file records who holds it
-  (pid, host, start time) for the refusal message. POSIX locks rather than `flock`: on Linux NFS
-  clients `flock` is emulated with them anyway, and they are what NFSv3 (NLM) and NFSv4 honour
-  across hosts. A filesystem without locks gets a warning and no protection.
+  (pid, host, start time) for the refusal message. The file is never deleted: a run that opened
+  it a moment before would otherwise lock a file no longer in the folder while a third run
+  creates and locks a new one, and both would go ahead. POSIX locks rather than `flock`: on Linux
+  NFS clients `flock` is emulated with them anyway, and they are what NFSv3 (NLM) and NFSv4
+  honour across hosts. A filesystem without locks gets a warning and no protection.
 
 Imports nothing of t5jax but `errors`.
 """
@@ -82,7 +84,6 @@ class WorkdirLock:
 
   def acquire(self) -> WorkdirLock:
     """Takes the lock, or raises `TrainingError` naming the process that holds it."""
-    existed = os.path.exists(self.path)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,8 +102,7 @@ class WorkdirLock:
         file=sys.stderr,
       )
       return self
-    if existed:
-      self._before = (os.pread(fd, 4096, 0), os.fstat(fd))
+    self._before = (os.pread(fd, 4096, 0), os.fstat(fd))  # empty if this run created it
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     os.ftruncate(fd, 0)
     os.pwrite(
@@ -112,8 +112,8 @@ class WorkdirLock:
     return self
 
   def release(self, *, undo: bool = False) -> None:
-    """Drops the lock; with `undo` (a start that failed), first puts the lock file back as it was
-    (content and modification time), or removes it if this run created it."""
+    """Drops the lock; with `undo` (a start that failed), first puts the lock file's content and
+    modification time back as they were (empty, if this run created it; never deleted)."""
     if self._fd is None:
       return
     if undo and self._before is not None:
@@ -121,7 +121,5 @@ class WorkdirLock:
       os.ftruncate(self._fd, 0)
       os.pwrite(self._fd, content, 0)
       os.utime(self._fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-    elif undo:
-      os.remove(self.path)  # still locked: no other run holds or waits on this file
     os.close(self._fd)  # closing the descriptor drops the lock
     self._fd = None

@@ -306,6 +306,29 @@ def test_malformed_tsv(tmp_path, content, message):
   assert str(e.value).startswith(str(path)) and message in str(e.value)
 
 
+def test_tsv_header_row_bom_and_invalid_utf8(tmp_path):
+  path = tmp_path / "t.tsv"
+  # A header row naming the columns is skipped (the names decode.py reads, or the config's).
+  for header, names in [("inputs\ttargets", ()), ("input\ttarget", ()), ("q\ta", ("q", "a"))]:
+    path.write_text(f"{header}\na b\tb a\nc\tc\n")
+    assert data.read_tsv(str(path), *names) == [("a b", "b a"), ("c", "c")]
+  # ...and only a first line that names both: else it is an example.
+  path.write_text("input\tb a\nc\tc\n")
+  assert data.read_tsv(str(path)) == [("input", "b a"), ("c", "c")]
+  path.write_bytes(b"\xef\xbb\xbfinputs\ttargets\r\nx\ty\r\n")  # BOM, CRLF
+  assert data.read_tsv(str(path)) == [("x", "y")]
+  path.write_text("inputs\ttargets\n\n")
+  with pytest.raises(data.DataError, match=f"^{path}: no examples \\(only a header row\\)$"):
+    data.read_tsv(str(path))
+  for name, content in [
+    ("bad.tsv", b"a\tb\nc\t\xff d\n"),
+    ("bad.jsonl", b'{}\n{"input": "\xc3("}\n'),
+  ]:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(data.DataError, match=f"^{tmp_path / name}:2: invalid UTF-8 .* at byte "):
+      (data.read_tsv if name.endswith("tsv") else data.read_jsonl)(str(tmp_path / name))
+
+
 @pytest.mark.parametrize(
   "line,message",
   [
@@ -329,7 +352,7 @@ def test_jsonl_fields_missing_and_empty_files(tmp_path):
   with pytest.raises(FileNotFoundError, match="no such data file"):
     data.read_tsv(str(tmp_path / "missing.tsv"))
   (tmp_path / "empty.tsv").write_text("\n  \n")
-  with pytest.raises(data.DataError, match="empty.tsv: file is empty"):
+  with pytest.raises(data.DataError, match=r"empty.tsv: file is empty \(no examples\)"):
     data.read_tsv(str(tmp_path / "empty.tsv"))
   with pytest.raises(data.DataError, match="no data file"):
     data.make_datasets(_cfg(kind="tsv"), TOK, batch_size=2, seed=0)

@@ -1,5 +1,6 @@
 """decode.py end to end on a tiny HuggingFace-layout checkpoint, including every bad input."""
 
+import io
 import json
 import os
 import subprocess
@@ -110,6 +111,31 @@ def test_sentencepiece_tokenizer_flag(checkpoint, tmp_path, capsys):
   code, stdout, err = run_cli(args, capsys)
   assert code == 0, err
   assert len(stdout.splitlines()) == 2
+
+
+def test_stdin_auto_detects_tsv_and_jsonl_and_keeps_text(checkpoint, tmp_path, capsys, monkeypatch):
+  """--input_format auto on stdin: a TSV header or a JSON object on the first line says so; any
+  other line, a tab in it or not, is a prompt."""
+  base = ["--checkpoint", checkpoint, "--max_new_tokens", "6", "--batch_size", "2", "--no_progress"]
+
+  def decode_stdin(data, *extra):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data.encode())))
+    code, out, err = run_cli(base + list(extra), capsys)
+    assert code == 0, err
+    return out
+
+  texts = TEXTS[:3]
+  text_file = write(tmp_path, "in.txt", "\n".join(texts) + "\n")
+  want = run_cli(base + ["--input_file", text_file], capsys)
+  assert want[0] == 0 and len(want[1].splitlines()) == 3, want
+  rows = "".join(f"{i}\t{t}\n" for i, t in enumerate(texts))
+  assert decode_stdin("id\tinputs\n" + rows) == want[1]
+  assert decode_stdin("id\tsrc\n" + rows, "--input_column", "src") == want[1]
+  assert decode_stdin("".join(json.dumps({"id": 1, "text": t}) + "\n" for t in texts)) == want[1]
+  # No header: the tab is part of the prompt (as --input_format text reads it).
+  tabbed = "id\tsrc\nhi\n"
+  assert decode_stdin(tabbed) == decode_stdin(tabbed, "--input_format", "text")
+  assert len(decode_stdin(tabbed).splitlines()) == 2
 
 
 @pytest.mark.slow

@@ -9,6 +9,9 @@ import errno
 import json
 import os
 import struct
+import subprocess
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -193,3 +196,58 @@ def test_absurd_sizes_in_config_json_are_refused_with_the_limit(tmp_path):
   np.testing.assert_array_equal(
     hf.load_hf(str(tmp_path), config=TINY)[1]["shared"], np.asarray(params["shared"])
   )
+
+
+def test_a_failed_save_is_named_by_the_os_reason():
+  from t5jax.orbax_errors import save_failure_reason
+
+  tensorstore = ValueError(
+    'OUT_OF_RANGE: Error writing local file "/w/checkpoints/4.orbax-checkpoint-tmp/_sharding": '
+    'Failed writing: "/w/x.__lock": Failed to write 10983 bytes to file 9: No space left on '
+    "device [os_error_code='28'] [source locations='tensorstore/util/file.cc:123']"
+  )
+  assert save_failure_reason(tensorstore) == "No space left on device"
+  python = OSError(122, "Disk quota exceeded")
+  assert save_failure_reason(ValueError(str(python))) == "Disk quota exceeded"
+  assert save_failure_reason(RuntimeError("odd\nmore")) == "RuntimeError: odd"
+
+
+# A second start, caught between opening train.lock and locking it.
+_OPEN_THEN_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+print("opened", flush=True)
+sys.stdin.readline()
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_failed_start_never_deletes_the_lock_file(tmp_path):
+  """Starts at the same instant: B opens train.lock while A holds it, A's start fails (undo), B
+  locks the file it opened. A third start must find that file locked; had A deleted it, the
+  third would create and lock a new one and run beside B."""
+  path = tmp_path / workdir.LOCK_NAME
+  a = workdir.WorkdirLock(str(tmp_path)).acquire()  # creates the file
+  b = subprocess.Popen(
+    [sys.executable, "-c", _OPEN_THEN_LOCK, str(path)],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  timer = threading.Timer(60, b.kill)  # a hung child fails the test instead of hanging it
+  timer.start()
+  try:
+    assert b.stdout.readline() == "opened\n"
+    a.release(undo=True)
+    b.stdin.write("go\n")
+    b.stdin.flush()
+    assert b.stdout.readline() == "locked\n"
+    with pytest.raises(TrainingError, match=f"{tmp_path} is in use by another train.py"):
+      workdir.WorkdirLock(str(tmp_path)).acquire()
+    assert path.read_bytes() == b""  # as A found it: A created it empty
+  finally:
+    b.kill()
+    b.wait()
+    timer.cancel()

@@ -16,6 +16,7 @@ sent once a file shows that the run has reached the state the test needs.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -279,10 +280,15 @@ def test_bad_input_is_one_line_error_and_changes_nothing(server, tmp_path):
   bad_tsv.write_text("a b\tb a\nc\tc\nno tab here\n")
   bad_jsonl.write_text('{"input": "a", "target": "b"}\n{"input": "a", \n')
   missing = tmp_path / "missing.tsv"
+  latin1, header_only = tmp_path / "latin1.tsv", tmp_path / "header.tsv"
+  latin1.write_bytes("a\tb\ncaf\u00e9\tb\n".encode("latin-1"))
+  header_only.write_text("inputs\ttargets\n")
   fresh = tmp_path / "fresh"
   cases = [
     ([f"--config.data.train_file={missing}"], [f"{missing}: no such data file"]),
-    ([f"--config.data.train_file={empty}"], [f"{empty}: file is empty"]),
+    ([f"--config.data.train_file={empty}"], [f"{empty}: file is empty (no examples)"]),
+    ([f"--config.data.train_file={latin1}"], [f"{latin1}:2: invalid UTF-8"]),
+    ([f"--config.data.train_file={header_only}"], [f"{header_only}: no examples"]),
     ([f"--config.data.train_file={bad_tsv}"], [f"{bad_tsv}:3: expected 2 tab-separated"]),
     (
       ["--config.data.kind=jsonl", f"--config.data.train_file={bad_jsonl}"],
@@ -597,3 +603,122 @@ def test_bad_workdirs_and_unreadable_inputs_are_one_line_and_write_nothing(serve
   (workdir / "model_config.json").write_text('{"d_model": 3')
   run = server.run(*tsv_args(tmp_path, workdir, "--config.num_train_steps=2"))
   assert_one_line_error(run, f"{workdir}/model_config.json: unreadable model config")
+
+
+# Run in the child before train.py: once checkpoint 2 is committed, no file may grow past 8 KB
+# (RLIMIT_FSIZE; with SIGXFSZ ignored a longer write fails with EFBIG, as a full disk fails with
+# ENOSPC), so the save of checkpoint 4 fails in orbax's background threads. The checkpoint files
+# are 30-200 KB, metrics.jsonl and stderr stay far below the limit.
+_FULL_DISK_FROM_CHECKPOINT_4 = textwrap.dedent(
+  """
+  import resource, signal
+  from t5jax import checkpoint as checkpoint_lib
+
+  save = checkpoint_lib.CheckpointManager.save
+
+  def save_on_a_full_disk(self, step, *args, **kwargs):
+    if step == 4:
+      self.wait()
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+      resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+    save(self, step, *args, **kwargs)
+
+  checkpoint_lib.CheckpointManager.save = save_on_a_full_disk
+  """
+)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(server, tmp_path):
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=2")
+  run = server.start(*args, "--config.num_train_steps=6", setup=_FULL_DISK_FROM_CHECKPOINT_4)
+  # Orbax's threads log each failed write with a traceback (~900 lines before): none of it shows.
+  assert_one_line_error(
+    run.wait(),
+    f"cannot save checkpoint 4 in {workdir}/checkpoints: File too large",
+    "the older checkpoints are intact",
+    "resume from checkpoint 2",
+  )
+  assert steps(workdir) == [2]
+  resumed = server.run(*args, "--config.num_train_steps=6")
+  assert resumed.rc == 0, resumed.stderr
+  assert_quiet(resumed.stderr)
+  assert steps(workdir) == [2, 4, 6]
+  assert [r["step"] for r in train_rows(workdir)] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_progress_off_a_terminal_is_one_plain_line_per_log_row(server, tmp_path):
+  """stderr is a file here, as in CI logs or under nohup: no bar, a flushed line per log row."""
+  args = tsv_args(tmp_path, tmp_path / "wd", "--config.num_train_steps=4")
+  run = server.run(*args, "--config.progress_bar=True", "--config.log_every=2")
+  assert run.rc == 0, run.stderr
+  assert_quiet(run.stderr)
+  lines = run.stderr.splitlines()
+  pattern = r"train step (\d)/4: loss \d+\.\d{4}, \d+\.\d\d steps/s, ETA (\d+s|\d+m\d\ds)"
+  assert [re.fullmatch(pattern, line).group(1) for line in lines] == ["2", "4"], lines
+  assert lines[-1].endswith("ETA 0s")
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_workdir_says_so_and_changes_nothing(server, tmp_path):
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.num_train_steps=2", "--config.progress_bar=True")
+  assert server.run(*args).rc == 0
+  before = snapshot(workdir)
+  again = server.run(*args)
+  assert again.rc == 0, again.stderr
+  assert again.stderr.splitlines() == [
+    f"{workdir} is already trained to step 2 (--config.num_train_steps=2); nothing to do. To "
+    "train further raise --config.num_train_steps; to retrain use a new --workdir."
+  ]
+  after = snapshot(workdir)
+  # No new event file or metrics row, the checkpoints and the export untouched; only the files
+  # every start rewrites (the lock's holder, the recorded configs) differ.
+  rewritten = {"train.lock", "train_config.json", "model_config.json"}
+  assert set(after) == set(before)
+  assert {f: v for f, v in after.items() if f not in rewritten} == {
+    f: v for f, v in before.items() if f not in rewritten
+  }
+  # An export the first run did not get to write (killed after its last save) is written.
+  (workdir / "export" / "hf" / "config.json").unlink()
+  assert server.run(*args).rc == 0
+  assert (workdir / "export" / "hf" / "config.json").is_file()
+
+
+def _records(path):
+  """(offset, length) of each TFRecord of an event file (length u64, its crc, data, data crc)."""
+  data, pos, out = path.read_bytes(), 0, []
+  while pos < len(data):
+    n = int.from_bytes(data[pos : pos + 8], "little")
+    out.append((pos, 16 + n))
+    pos += 16 + n
+  return out
+
+
+@pytest.mark.slow
+def test_a_torn_event_record_and_redone_steps_read_back_in_tensorboard(server, tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  workdir = tmp_path / "wd"
+  args = tsv_args(tmp_path, workdir, "--config.checkpoint_every=2")
+  assert server.run(*args, "--config.num_train_steps=4").rc == 0
+  (first,) = workdir.glob("events.out.tfevents.*")
+  # Killed while writing step 5's row (half a record at the end of the file) and before step 4's
+  # save was committed: the resumed run redoes steps 3 and 4, into a new event file.
+  offset, length = _records(first)[-1]
+  with open(first, "ab") as fh:
+    fh.write(first.read_bytes()[offset : offset + length // 2])
+  torn = first.read_bytes()
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  resumed = server.run(*args, "--config.num_train_steps=6")
+  assert resumed.rc == 0, resumed.stderr
+  assert first.read_bytes() == torn  # never appended to again
+  assert len(list(workdir.glob("events.out.tfevents.*"))) == 2
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"scalars": 0})
+  acc.Reload()
+  got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+  want = [(r["step"], r["loss"]) for r in train_rows(workdir)]  # the redone rows replaced theirs
+  assert [s for s, _ in got] == list(range(1, 7))
+  np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
