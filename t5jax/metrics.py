@@ -7,6 +7,7 @@ when it is installed, which cost several seconds at every start of train.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ class MetricWriter:
   """Appends `{"step", "split", **metrics}` rows to metrics.jsonl and scalars to TensorBoard."""
 
   def __init__(self, workdir: str, enabled: bool, resume_step: int = 0):
-    self.enabled = enabled
+    self.enabled, self._workdir, self._failed = enabled, workdir, False
     if enabled:
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_rows_after(path, resume_step)
@@ -41,21 +42,36 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": step, "split": split, **{k: float(v) for k, v in metrics.items()}}
-    self._fh.write(json.dumps(row) + "\n")
-    self._fh.flush()
     summary = summary_pb2.Summary(
       value=[
         summary_pb2.Summary.Value(tag=f"{split}/{k}", simple_value=float(v))
         for k, v in metrics.items()
       ]
     )
-    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-    self._tb.flush()
+    with self._one_line_errors():
+      self._fh.write(json.dumps(row) + "\n")
+      self._fh.flush()
+      self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+      self._tb.flush()
 
   def close(self) -> None:
-    if self.enabled:
-      self._fh.close()
-      self._tb.close()
+    if self.enabled and not self._failed:
+      with self._one_line_errors():
+        self._fh.close()
+        self._tb.close()
+
+  @contextlib.contextmanager
+  def _one_line_errors(self):
+    """A failed write (a full disk) is one TrainingError line; the checkpoints are not touched
+    (a torn metrics line is skipped at resume)."""
+    try:
+      yield
+    except OSError as e:
+      self._failed = True  # close() then leaves the files alone instead of raising again
+      raise TrainingError(
+        f"cannot write metrics in {self._workdir}: {e.strerror or e}; the checkpoints are "
+        "intact: free space and rerun the same command to resume"
+      ) from e
 
 
 def _drop_rows_after(path: str, step: int) -> None:

@@ -142,6 +142,40 @@ def test_a_torn_last_metrics_row_is_skipped_and_a_bad_middle_row_named(tmp_path,
   assert path.read_text() == rows[0] + "\n{garbage\n" + rows[1] + "\n"  # nothing dropped
 
 
+class _FullDisk:
+  """A file object whose writes fail as on a full disk."""
+
+  def write(self, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  flush = close = write
+
+
+def test_a_full_disk_while_logging_is_one_line_and_keeps_earlier_rows(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path), True)
+  writer.write(1, "train", {"loss": 2.0})
+  writer._fh.close()
+  writer._fh = _FullDisk()
+  with pytest.raises(TrainingError) as e:
+    writer.write(2, "train", {"loss": 1.0})
+  assert str(e.value) == (
+    f"cannot write metrics in {tmp_path}: No space left on device; the checkpoints are intact: "
+    "free space and rerun the same command to resume"
+  )
+  writer.close()  # a failed writer closes without raising again (the first error is the one)
+  assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+    1
+  ]
+  writer = metrics.MetricWriter(str(tmp_path), True)  # the event file fails the same way
+  writer._tb.close()
+  writer._tb = type(
+    "FullDiskEvents", (), {"add_event": _FullDisk.write, "flush": _FullDisk.write}
+  )()
+  with pytest.raises(TrainingError, match="No space left on device"):
+    writer.write(3, "train", {"loss": 1.0})
+  writer.close()
+
+
 def _write_safetensors(path, header, data=b""):
   raw = json.dumps(header).encode()
   with open(path, "wb") as fh:
