@@ -6,11 +6,13 @@ Then:     printf 'add: 17 + 25\nreverse: a b c d\n' | python decode.py --checkpo
 Data: `t5jax.data.builtin_task_examples` (add, reverse, sort, number to words; T5 prefixes; a
 held-out split disjoint by input). A 340-piece SentencePiece model is trained on it first (~2 s).
 Model: 128-wide T5.1.1 (gated GELU), 3 encoder / 2 decoder layers, 8 heads, ~1.1M parameters.
-Training: 2000 steps of 32 packed rows (~120 examples each), AdamW 4e-3, cosine; greedy exact
-match on the 200 held-out examples at steps 1000 and 2000 (metrics.jsonl, split "eval").
+Training: 2500 steps of 32 packed rows (~120 examples each) drawn from a pool of 100k generated
+examples, AdamW 4e-3, cosine; greedy exact match on the 200 held-out examples at steps 1000, 2000
+and 2500 (metrics.jsonl, split "eval").
 
-Runtime:  8 min 20 s wall on an otherwise idle 2-core CPU (jax 0.10.2), peak RSS 0.9 GB.
-Expected: eval exact_match 0.965 at step 2000 (0.875 at step 1000); the target is >= 0.95.
+Measured (jax 0.10.2, 2-core CPU, seeds 0/1/2 via --config.seed): exact match at step 2500 0.960 /
+0.965 / 0.955 (0.945 each at step 2000); on 1000 other held-out examples 0.974 / 0.960 / 0.954.
+Peak RSS 1.00-1.07 GB. The target is >= 0.95.
 """
 
 from configs.base import get_config as base_config
@@ -31,6 +33,9 @@ def get_config():
     dropout_rate=0.0,
   )
   c.data.kind = "builtin"
+  # A pool of 100k generated examples (the default 20k is seen 12 times over) generalises better
+  # to held-out inputs: on 1000 of them, 0.963 exact match against 0.938 (seed 1, 2000 steps).
+  c.data.builtin_train_size = 100_000
   # 340 pieces (256 of them bytes) keep every digit a piece of its own, so numbers are read and
   # written digit by digit; larger vocabularies merge frequent pairs ("63") and hurt add / words.
   c.data.spm_vocab_size = 340
@@ -42,11 +47,11 @@ def get_config():
   c.optimizer.learning_rate = 4e-3  # 3e-3 with 4 heads was much slower; 1e-2 diverged
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 100
-  c.optimizer.total_steps = 2000
+  c.optimizer.total_steps = 2500
   c.optimizer.end_learning_rate = 1e-5
   c.optimizer.grad_clip_norm = 1.0
   c.batch_size = 32  # packed rows: ~120 examples per step
-  c.num_train_steps = 2000
+  c.num_train_steps = 2500
   c.log_every = 100
   c.eval_every = 1000
   c.checkpoint_every = 500
