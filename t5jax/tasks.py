@@ -40,8 +40,13 @@ def number_to_words(n: int) -> str:
   return " ".join(words)
 
 
+def _operand(rng: np.random.Generator) -> int:
+  """0-99 with one- and two-digit numbers equally likely (uniform 0-99 is 90% two-digit)."""
+  return int(rng.integers(0, 10)) if rng.random() < 0.5 else int(rng.integers(10, 100))
+
+
 def _task_add(rng: np.random.Generator) -> Example:
-  a, b = (int(x) for x in rng.integers(0, 100, size=2))
+  a, b = _operand(rng), _operand(rng)
   return f"add: {a} + {b}", str(a + b)
 
 
