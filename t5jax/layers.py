@@ -179,6 +179,25 @@ class AttentionMask:
     return mask
 
 
+# Axis orders of keys and values as `attend` takes them and the decoding caches store them (b
+# batch, h heads, s key positions, k head width). XLA:CPU reads a batched dot's operands with the
+# batch axes (b, h) leading and, in a decoding step's one-query products, the contracted axis last
+# (keys contract k, values contract s); keys and values stored [b, s, h, k] were copied into those
+# orders at every step in every layer (14% of greedy decoding's time on CPU). The fused path,
+# `jax.nn.dot_product_attention`, takes [b, s, h, k].
+EINSUM_KV_AXES = ("bhsk", "bhks")
+FUSED_KV_AXES = ("bshk", "bshk")
+
+
+def kv_axes(impl: str) -> tuple[str, str]:
+  """The axis orders of keys and values for `T5Config.attention_impl` `impl` (see above)."""
+  return EINSUM_KV_AXES if impl == "einsum" else FUSED_KV_AXES
+
+
+def _to_axes(x: jax.Array, have: str, want: str) -> jax.Array:
+  return x if have == want else jnp.transpose(x, [have.index(c) for c in want])
+
+
 def _group_queries(x, n: int, b: int, t: int):
   """`[1|B|N, h, T|1, S]` mask or bias -> `[1|B, h, r*T|1, S]`, for queries folded to `[B, r*T]`."""
   r = n // b
@@ -215,8 +234,9 @@ def _use_cudnn(impl: str, q, s: int, has_bias: bool) -> bool:
   )
 
 
-def _attend_fused(q_BTHK, k_BSHK, v_BSHK, bias, mask, impl: str) -> jax.Array:
+def _attend_fused(q_BTHK, k, v, bias, mask, impl: str, axes: tuple[str, str]) -> jax.Array:
   """`attend` through `jax.nn.dot_product_attention` (scale 1: T5's scores are unscaled)."""
+  k_BSHK, v_BSHK = _to_axes(k, axes[0], "bshk"), _to_axes(v, axes[1], "bshk")
   n, t, h, kd = q_BTHK.shape
   b, s = k_BSHK.shape[:2]
   r = n // b
@@ -261,20 +281,23 @@ def _attend_fused(q_BTHK, k_BSHK, v_BSHK, bias, mask, impl: str) -> jax.Array:
 
 def attend(
   q_BTHK: jax.Array,
-  k_BSHK: jax.Array,
-  v_BSHK: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
   bias: jax.Array | None,
   mask: jax.Array | AttentionMask | None,
   *,
   dropout: nn.Module | None = None,
   deterministic: bool = True,
   impl: str = "einsum",
+  axes: tuple[str, str] = FUSED_KV_AXES,
 ) -> jax.Array:
   """Unscaled dot-product attention (T5 folds 1/sqrt(K) into the query init).
 
   Args:
-    q_BTHK, k_BSHK, v_BSHK: queries, keys, values. Queries may have `B * r` rows for `B` key rows:
-      each group of `r` consecutive query rows then attends to one key row (beams, samples).
+    q_BTHK, k, v: queries, keys, values; keys and values in the axis orders `axes` (the model
+      passes `kv_axes(impl)`; the default is `[B, S, H, K]` for both). Queries may have `B * r`
+      rows for `B` key rows: each group of `r` consecutive query rows then attends to one key row
+      (beams, samples).
     bias: float (float32 or the compute dtype), broadcastable to `[B*r, H, T, S]`, or None.
     mask: an `AttentionMask`, or bool broadcastable to `[B*r, H, T, S]` (True where attention is
       allowed), or None.
@@ -291,14 +314,14 @@ def attend(
   """
   dropping = dropout is not None and not deterministic and dropout.rate > 0
   if impl != "einsum" and not dropping:
-    return _attend_fused(q_BTHK, k_BSHK, v_BSHK, bias, mask, impl)
+    return _attend_fused(q_BTHK, k, v, bias, mask, impl, axes)
   n, t, h, kd = q_BTHK.shape
-  b, s = k_BSHK.shape[:2]
+  b, s = k.shape[0], k.shape[axes[0].index("s")]
   r = n // b
   if isinstance(mask, AttentionMask):
     mask = mask.dense(t, s)
   q = q_BTHK.reshape(b, r, t, h, kd)
-  scores = jnp.einsum("brthk,bshk->brhts", q, k_BSHK, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"brthk,{axes[0]}->brhts", q, k, preferred_element_type=jnp.float32)
 
   def group(x):  # leading dim 1, B or N -> broadcastable to [B, r, ...]
     if x.shape[0] == n and r > 1:
@@ -312,8 +335,8 @@ def attend(
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout is not None:
     probs = dropout(probs, deterministic=deterministic)
-  probs = probs.astype(v_BSHK.dtype)
-  out = jnp.einsum("brhts,bshk->brthk", probs, v_BSHK)
+  probs = probs.astype(v.dtype)
+  out = jnp.einsum(f"brhts,{axes[1]}->brthk", probs, v)
   return out.reshape(n, t, h, kd)
 
 
@@ -331,11 +354,16 @@ class Attention(nn.Module):
     self.out = param(self, "out", (h, k, d), ("heads", "kv", "embed"))
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def _proj(self, x_BTD, w_DHK):
-    return jnp.einsum("btd,dhk->bthk", x_BTD, w_DHK.astype(self.config.dtype))
+  def _proj(self, x_BTD, w_DHK, axes="bthk"):
+    # Into [B, T, H, K] and then to `axes`: written as one einsum, jnp puts the weights first and
+    # XLA:CPU then transposes the weights at every call.
+    y = jnp.einsum("btd,dhk->bthk", x_BTD, w_DHK.astype(self.config.dtype))
+    return _to_axes(y, "bthk", axes)
 
   def project_kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return self._proj(x_BSD, self.key), self._proj(x_BSD, self.value)
+    """Keys and values of `x_BSD`, in the axis orders `kv_axes(config.attention_impl)`."""
+    k_axes, v_axes = (a.replace("s", "t") for a in kv_axes(self.config.attention_impl))
+    return self._proj(x_BSD, self.key, k_axes), self._proj(x_BSD, self.value, v_axes)
 
   def project_q(self, x_BTD: jax.Array) -> jax.Array:
     return self._proj(x_BTD, self.query)
@@ -343,16 +371,19 @@ class Attention(nn.Module):
   def output(self, o_BTHK: jax.Array) -> jax.Array:
     return jnp.einsum("bthk,hkd->btd", o_BTHK, self.out.astype(self.config.dtype))
 
-  def __call__(self, x_q, k_BSHK, v_BSHK, bias, mask, deterministic: bool):
+  def __call__(self, x_q, k, v, bias, mask, deterministic: bool):
+    """Attention of `x_q`'s queries over keys and values from `project_kv`."""
+    impl = self.config.attention_impl
     o = attend(
       self.project_q(x_q),
-      k_BSHK,
-      v_BSHK,
+      k,
+      v,
       bias,
       mask,
       dropout=self.dropout,
       deterministic=deterministic,
-      impl=self.config.attention_impl,
+      impl=impl,
+      axes=kv_axes(impl),
     )
     return self.output(o)
 
