@@ -125,6 +125,18 @@ class RelativePositionBias(nn.Module):
 # --- norm, attention, feed-forward -----------------------------------------------------------
 
 
+def dense(x: jax.Array, w_IO: jax.Array, **kwargs) -> jax.Array:
+  """`x [..., I] @ w [I, O] -> [..., O]` as one 2-D matmul over the flattened leading axes.
+
+  Contracting `[B, T]` as two axes (an einsum "btd,df->btf"'s weight gradient), XLA:CPU
+  transposed the `[B, T, O]` cotangent into a copy before every weight-gradient product; flattened
+  to `[B*T, I]` the products read their operands as they are. `kwargs` go to `jnp.matmul`
+  (`preferred_element_type`).
+  """
+  y = jnp.matmul(x.reshape(-1, x.shape[-1]), w_IO, **kwargs)
+  return y.reshape(x.shape[:-1] + (w_IO.shape[-1],))
+
+
 class RMSNorm(nn.Module):
   """Scale-only RMS norm; statistics in float32."""
 
@@ -355,10 +367,11 @@ class Attention(nn.Module):
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def _proj(self, x_BTD, w_DHK, axes="bthk"):
-    # Into [B, T, H, K] and then to `axes`: written as one einsum, jnp puts the weights first and
-    # XLA:CPU then transposes the weights at every call.
-    y = jnp.einsum("btd,dhk->bthk", x_BTD, w_DHK.astype(self.config.dtype))
-    return _to_axes(y, "bthk", axes)
+    # Into [B, T, H, K] and then to `axes`: written as one einsum "btd,dhk->bhtk", jnp puts the
+    # weights first and XLA:CPU then transposes the weights at every call.
+    d, h, k = w_DHK.shape
+    y = dense(x_BTD, w_DHK.astype(self.config.dtype).reshape(d, h * k))
+    return _to_axes(y.reshape(y.shape[:-1] + (h, k)), "bthk", axes)
 
   def project_kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys and values of `x_BSD`, in the axis orders `kv_axes(config.attention_impl)`."""
@@ -369,7 +382,9 @@ class Attention(nn.Module):
     return self._proj(x_BTD, self.query)
 
   def output(self, o_BTHK: jax.Array) -> jax.Array:
-    return jnp.einsum("bthk,hkd->btd", o_BTHK, self.out.astype(self.config.dtype))
+    h, k, d = self.out.shape
+    o = o_BTHK.reshape(o_BTHK.shape[:-2] + (h * k,))
+    return dense(o, self.out.astype(self.config.dtype).reshape(h * k, d))
 
   def __call__(self, x_q, k, v, bias, mask, deterministic: bool):
     """Attention of `x_q`'s queries over keys and values from `project_kv`."""
@@ -408,7 +423,7 @@ class MLP(nn.Module):
 
     def dense_in(name):
       w = param(self, name, (d, f), ("embed", "mlp"))
-      return jnp.einsum("btd,df->btf", x_BTD, w.astype(dt))
+      return dense(x_BTD, w.astype(dt))
 
     if cfg.is_gated:
       h_BTF = act(dense_in("wi_0")) * dense_in("wi_1")
@@ -416,4 +431,4 @@ class MLP(nn.Module):
       h_BTF = act(dense_in("wi"))
     h_BTF = nn.Dropout(cfg.dropout_rate)(h_BTF, deterministic=deterministic)
     wo = param(self, "wo", (f, d), ("mlp", "embed"))
-    return jnp.einsum("btf,fd->btd", h_BTF, wo.astype(dt))
+    return dense(h_BTF, wo.astype(dt))

@@ -39,6 +39,7 @@ from t5jax.layers import (
   AttentionMask,
   RelativePositionBias,
   RMSNorm,
+  dense,
   init_std,
   kv_axes,
   param,
@@ -339,9 +340,7 @@ class T5(nn.Module):
       w_DV = self.shared.T
     else:
       w_DV = self.lm_head
-    logits_BTV = jnp.einsum(
-      "btd,dv->btv", y_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32
-    )
+    logits_BTV = dense(y_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
     return with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
 
   def encode(self, tokens_BS, segment_ids=None, positions=None, deterministic=True):

@@ -1,7 +1,13 @@
-"""The compiled decoding loop reads its caches and weights in place: XLA:CPU's optimized program
-transposes no cache- or weight-sized array inside the `while` body (the caches are stored in the
-axis orders the attention's dots read, `t5jax.layers.kv_axes`). Stored `[., S, H, K]`, every step
-copied every layer's cross-attention keys and values and the self-attention cache."""
+"""XLA:CPU's optimized programs move no large array between layouts where the model can avoid it.
+
+- The decoding loop reads its caches and weights in place: no cache- or weight-sized transpose
+  inside the `while` body (the caches are stored in the axis orders the attention's dots read,
+  `t5jax.layers.kv_axes`). Stored `[., S, H, K]`, every step copied every layer's cross-attention
+  keys and values and the self-attention cache.
+- The feed-forward block's backward pass reads its cotangents in place: no transpose at all
+  (`t5jax.layers.dense` flattens the tokens; contracting `[B, T]` as two axes, every weight
+  gradient transposed its `[B, T, F]` cotangent first).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 import t5jax
-from t5jax import model
+from t5jax import layers, model
 
 # Heads 3 x 8 over d_model 24, 2 examples of 10 tokens, 8 new tokens: a cross-attention leaf has
 # 2*3*10*8 = 480 elements, a self-attention leaf 2*3*8*8 = 384 (x3 with beams), a projection
@@ -39,6 +45,13 @@ def _computations(text: str) -> dict[str, list[str]]:
     elif cur is not None:
       cur.append(line)
   return comps
+
+
+def _size(dims: str) -> int:
+  size = 1
+  for d in filter(None, dims.split(",")):
+    size *= int(d)
+  return size
 
 
 def _closure(comps: dict[str, list[str]], name: str) -> list[str]:
@@ -69,12 +82,8 @@ def _loop_transposes(text: str) -> list[str]:
   for name in {c for loop in loops for c in loop}:
     for line in comps[name]:
       m = _INSTR.match(line)
-      if m and m.group(3) == "transpose":
-        size = 1
-        for d in filter(None, m.group(2).split(",")):
-          size *= int(d)
-        if size >= MIN_ELEMENTS:
-          found.append(line.strip()[:160])
+      if m and m.group(3) == "transpose" and _size(m.group(2)) >= MIN_ELEMENTS:
+        found.append(line.strip()[:160])
   return found
 
 
@@ -90,3 +99,19 @@ def test_decoding_loop_transposes_no_cache(method, scan):
   fn = jax.jit(lambda p, t: t5jax.generate(p, cfg, t, **kw).sequences)
   text = fn.lower(params, ENC).compile().as_text()
   assert _loop_transposes(text) == []
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's layouts")
+@pytest.mark.parametrize("gated", [False, True])
+def test_mlp_backward_transposes_nothing(gated):
+  cfg = CFG.replace(feed_forward_proj="gated-gelu" if gated else "relu")
+  mlp = layers.MLP(cfg)
+  x = jax.random.normal(jax.random.key(1), (2, 10, cfg.d_model))
+  params = mlp.init(jax.random.key(0), x, True)
+
+  def loss(p, x):
+    return jnp.sum(jnp.sin(mlp.apply(p, x, True)))
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+  transposes = [line.strip()[:160] for line in text.splitlines() if " transpose(" in line]
+  assert transposes == []
