@@ -118,8 +118,11 @@ class RelativePositionBias(nn.Module):
       max_distance=cfg.relative_attention_max_distance,
       xp=xp,
     )
-    bias = jnp.take(table_NbH.astype(jnp.float32), jnp.asarray(buckets), axis=0)  # [..., T, S, H]
-    return jnp.moveaxis(bias, -1, -3)
+    # Gathered from the [H, buckets] table the bias comes out heads first, [H, ..., T, S]: the
+    # moved axis is the leading 1 when positions are not given (gathered [..., T, S, H], the bias
+    # was transposed into every layer's scores).
+    bias = jnp.take(table_NbH.astype(jnp.float32).T, jnp.asarray(buckets), axis=1)
+    return jnp.moveaxis(bias, 0, -3)
 
 
 # --- norm, attention, feed-forward -----------------------------------------------------------
@@ -192,12 +195,12 @@ class AttentionMask:
 
 
 # Axis orders of keys and values as `attend` takes them and the decoding caches store them (b
-# batch, h heads, s key positions, k head width). XLA:CPU reads a batched dot's operands with the
-# batch axes (b, h) leading and, in a decoding step's one-query products, the contracted axis last
-# (keys contract k, values contract s); keys and values stored [b, s, h, k] were copied into those
-# orders at every step in every layer (14% of greedy decoding's time on CPU). The fused path,
-# `jax.nn.dot_product_attention`, takes [b, s, h, k].
-EINSUM_KV_AXES = ("bhsk", "bhks")
+# batch, h heads, s key positions, k head width). `attend` multiplies queries (first) by keys and
+# probabilities (first) by values; XLA:CPU reads a batched dot's second operand as [batch axes,
+# contracted, kept]: keys [b, h, k, s], values [b, h, s, k]. Stored [b, s, h, k], the decoding
+# caches were copied into such orders at every step in every layer (14% of greedy decoding's time
+# on CPU). The fused path, `jax.nn.dot_product_attention`, takes [b, s, h, k].
+EINSUM_KV_AXES = ("bhks", "bhsk")
 FUSED_KV_AXES = ("bshk", "bshk")
 
 
@@ -333,23 +336,29 @@ def attend(
   if isinstance(mask, AttentionMask):
     mask = mask.dense(t, s)
   q = q_BTHK.reshape(b, r, t, h, kd)
-  scores = jnp.einsum(f"brthk,{axes[0]}->brhts", q, k, preferred_element_type=jnp.float32)
+  # Queries first, so that the scores come out [B, H, r, T, S] with the keys last for the
+  # softmax (jnp.einsum put the keys first and the scores needed a transpose).
+  ka, va = axes
+  dims = (((4,), (ka.index("k"),)), ((0, 3), (0, ka.index("h"))))
+  k = k.astype(q.dtype)
+  scores = jax.lax.dot_general(q, k, dims, preferred_element_type=jnp.float32)
 
-  def group(x):  # leading dim 1, B or N -> broadcastable to [B, r, ...]
+  def group(x):  # [1|B|N, H|1, T|1, S] -> broadcastable to [B, H, r, T, S]
     if x.shape[0] == n and r > 1:
-      return x.reshape((b, r) + x.shape[1:])
-    return x[:, None]
+      return jnp.moveaxis(x.reshape((b, r) + x.shape[1:]), 1, 2)
+    return x[:, :, None]
 
   if bias is not None:
     scores = scores + group(bias)
   if mask is not None:
     scores = jnp.where(group(mask), scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
-  if dropout is not None:
-    probs = dropout(probs, deterministic=deterministic)
+  if dropout is not None:  # drawn over [B, r, H, T, S] as before (a reshape when r = 1)
+    probs = jnp.moveaxis(dropout(jnp.moveaxis(probs, 2, 1), deterministic=deterministic), 1, 2)
   probs = probs.astype(v.dtype)
-  out = jnp.einsum(f"brhts,{axes[1]}->brthk", probs, v)
-  return out.reshape(n, t, h, kd)
+  dims = (((4,), (va.index("s"),)), ((0, 1), (0, va.index("h"))))
+  out = jax.lax.dot_general(probs, v, dims)  # [B, H, r, T, K]
+  return jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(n, t, h, kd)
 
 
 class Attention(nn.Module):

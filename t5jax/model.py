@@ -15,8 +15,8 @@ calling them directly compiles once per shape; under an outer `jit` they inline.
   example (batch B, shared by its r rows), the self-attention cache (N rows, L positions) is
   preallocated and filled one position per step, and each step computes only its own row of the
   relative position bias. Keys and values are stored in the axis orders the attention reads
-  without a copy (`t5jax.layers.kv_axes`): with einsum attention keys `[., H, L, K]` and values
-  `[., H, K, L]`, with the fused kernel both `[., L, H, K]`.
+  without a copy (`t5jax.layers.kv_axes`): with einsum attention keys `[., H, K, L]` and values
+  `[., H, L, K]`, with the fused kernel both `[., L, H, K]`.
 
 Token 0 is padding: the encoder mask is derived from it. Packed rows pass segment ids (1..n, 0
 for padding) and positions that restart per segment; attention never crosses segments.
@@ -521,8 +521,8 @@ def init_cross_cache(
 
 def init_self_cache(config: T5Config, num_rows: int, max_len: int) -> Cache:
   """Zeroed self-attention cache: `{"layers_i": {"k", "v"}}` over N rows and L positions, in the
-  axis orders `t5jax.layers.kv_axes(config.attention_impl)` (einsum: keys `[N, H, L, K]`, values
-  `[N, H, K, L]`); with `config.scan_layers`, `{"layers": {"k", "v"}}` with the layers on axis 1
+  axis orders `t5jax.layers.kv_axes(config.attention_impl)` (einsum: keys `[N, H, K, L]`, values
+  `[N, H, L, K]`); with `config.scan_layers`, `{"layers": {"k", "v"}}` with the layers on axis 1
   (rows first, so that beam search reorders it like any cache leaf)."""
   n = config.num_decoder_layers
   sizes = dict(b=num_rows, h=config.num_heads, s=max_len, k=config.d_kv)

@@ -123,8 +123,9 @@ def test_attend_fused_equals_einsum_grouped_query_rows(mask_kind):
 
 
 @pytest.mark.parametrize("impl", ["einsum", "dot_product"])
-def test_attend_takes_keys_and_values_in_the_cache_axis_orders(impl):
-  # The model passes keys [B, H, S, K] and values [B, H, K, S] (`layers.kv_axes("einsum")`): the
+@pytest.mark.parametrize("axes", [layers.EINSUM_KV_AXES, ("bhsk", "bhks")])
+def test_attend_takes_keys_and_values_in_any_axis_order(impl, axes):
+  # The model passes keys [B, H, K, S] and values [B, H, S, K] (`layers.kv_axes("einsum")`): the
   # same attention as [B, S, H, K], grouped query rows included. S=7, H=3, K=8 all differ, so a
   # mislabelled axis cannot line up by accident.
   s = 7
@@ -132,9 +133,8 @@ def test_attend_takes_keys_and_values_in_the_cache_axis_orders(impl):
   bias = jax.random.normal(jax.random.key(6), (1, H, T, s))
   mask = _masks(B, T, s)["padding"]
   ref = layers.attend(q, k, v, bias, mask, impl=impl)
-  k_BHSK, v_BHKS = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 3, 1))
-  axes = layers.EINSUM_KV_AXES
-  out = layers.attend(q, k_BHSK, v_BHKS, bias, mask, impl=impl, axes=axes)
+  k, v = (jnp.transpose(x, ["bshk".index(c) for c in a]) for x, a in zip((k, v), axes, strict=True))
+  out = layers.attend(q, k, v, bias, mask, impl=impl, axes=axes)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
 
 

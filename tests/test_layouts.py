@@ -115,3 +115,32 @@ def test_mlp_backward_transposes_nothing(gated):
   text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
   transposes = [line.strip()[:160] for line in text.splitlines() if " transpose(" in line]
   assert transposes == []
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's layouts")
+def test_attention_scores_are_not_transposed():
+  # Queries first in both products: the [B, H, T, S] scores come out with the keys last for the
+  # softmax and feed the value product as they are (keys first, they were transposed).
+  b, t, h, k = 2, 10, 3, 8
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (b, t, h, k))
+  kv = [jax.random.normal(key, (b, t, h, k)) for key in ks[1:]]
+  kv = [
+    jnp.transpose(x, ["bshk".index(c) for c in a])
+    for x, a in zip(kv, layers.EINSUM_KV_AXES, strict=True)
+  ]
+  bias = jax.random.normal(jax.random.key(1), (1, h, t, t))
+  mask = layers.AttentionMask(key_valid=jnp.arange(t)[None] < jnp.asarray([[t], [6]]), causal=True)
+
+  def attend(q, k, v):
+    return layers.attend(q, k, v, bias, mask, axes=layers.EINSUM_KV_AXES)
+
+  text = jax.jit(attend).lower(q, *kv).compile().as_text()
+  big = [
+    line.strip()[:160]
+    for line in text.splitlines()
+    if (m := _INSTR.match(line))
+    and m.group(3) == "transpose"
+    and _size(m.group(2)) >= b * h * t * t
+  ]
+  assert big == []
