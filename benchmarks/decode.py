@@ -4,6 +4,7 @@
   python benchmarks/decode.py --load 1             # the same with a CPU-bound busy loop running
   python benchmarks/decode.py --preset t5-v1_1-base --batch 64 --input_len 512 \\
       --new_tokens 128 --dtype bfloat16            # accelerator setting
+  python benchmarks/decode.py --scan_layers 1      # layers under one scan (T5Config.scan_layers)
 
 Random weights (t5jax.init_params) written once with t5jax.save_hf and loaded by both sides
 (t5jax.load_hf; transformers from_pretrained), so both decode the same model. Every row
@@ -44,6 +45,7 @@ def parse_args(argv=None):
   p.add_argument("--num_beams", type=int, default=4)
   p.add_argument("--methods", default="greedy,beam", help="comma-separated: greedy, beam, sample")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--scan_layers", type=int, default=0, choices=(0, 1), help="T5Config.scan_layers")
   p.add_argument("--calls", type=int, default=3, help="timed calls per method per process")
   p.add_argument("--repeats", type=int, default=2, help="fresh processes per variant (best kept)")
   H.add_common_args(p, ("t5jax", "torch"))
@@ -75,7 +77,7 @@ def worker_t5jax(args) -> dict:
   import t5jax
   from t5jax.generate import generate
 
-  config, params = t5jax.load_hf(args._ckpt)
+  config, params = t5jax.load_hf(args._ckpt, scan_layers=bool(args.scan_layers))
   config = config.replace(dtype=args.dtype, dropout_rate=0.0)
   params = jax.device_put(params)
   tokens = make_tokens(config, args)
@@ -159,7 +161,8 @@ def main():
   n_tok = args.batch * args.new_tokens
   print(f"machine: {H.machine_state()}; busy-loop load processes: {args.load}")
   print(
-    f"model: {args.preset}{' (tiny)' if args.tiny else ''}, dtype {args.dtype}; batch {args.batch},"
+    f"model: {args.preset}{' (tiny)' if args.tiny else ''}, dtype {args.dtype}, scan_layers"
+    f" {args.scan_layers}; batch {args.batch},"
     f" input {args.input_len} tokens, {args.new_tokens} new tokens forced, beams {args.num_beams};"
     f" {args.calls} timed calls per method per process, {args.repeats} processes per variant",
     flush=True,
@@ -168,7 +171,7 @@ def main():
   passthrough = [
     f"--batch={args.batch}", f"--input_len={args.input_len}", f"--new_tokens={args.new_tokens}",
     f"--num_beams={args.num_beams}", f"--methods={args.methods}", f"--dtype={args.dtype}",
-    f"--calls={args.calls}", f"--seed={args.seed}",
+    f"--calls={args.calls}", f"--seed={args.seed}", f"--scan_layers={args.scan_layers}",
   ]  # fmt: skip
   with tempfile.TemporaryDirectory() as tmp:
     ckpt = os.path.join(tmp, "model")

@@ -242,9 +242,13 @@ def report_jax(args, wall, totals, counts, index, other):
     if _category(info, args.vocab).startswith("transpose"):
       dims = re.match(r"\w+\[([\d,]*)\]", info["shape"])
       size = 4 * math.prod(int(d) for d in dims.group(1).split(",") if d) if dims else 0
-      copies[info["where"]] += size
+      copies[info["where"]] += size * counts[n] / args.steps  # a loop body's run every step
       ncopies[info["where"]] += 1
-  print("layout copies by source (MiB written per step, instructions):")
+  print(
+    f"layout copies: {sum(ncopies.values())} instructions, {sum(copies.values()) / 2**20:.1f} MiB"
+    " written per step (output size x runs; an in-place update counts its whole buffer);"
+    " by source:"
+  )
   for w, v in copies.most_common(10):
     print(f"  {v / 2**20:8.1f} MiB {ncopies[w]:4d}x  {w[-100:]}")
   print("other host events (top 5, ms per step):")

@@ -4,6 +4,7 @@
   python benchmarks/train.py --load 1              # the same with a CPU-bound busy loop running
   python benchmarks/train.py --preset t5-v1_1-base --batch 64 --input_len 512 \\
       --target_len 128 --dtype bfloat16            # accelerator setting
+  python benchmarks/train.py --scan_layers 1 --remat full   # layer scan, full rematerialisation
 
 Both sides train the same model from the same weights: t5jax.init_params, written once with
 t5jax.save_hf and loaded by both (t5jax.load_hf; transformers from_pretrained). Do not let
@@ -48,6 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 
+from t5jax.config import REMAT_POLICIES  # noqa: E402
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -59,6 +62,8 @@ def parse_args(argv=None):
   p.add_argument("--optimizer", default="adafactor", choices=("adafactor", "adamw"))
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--dropout", type=float, default=0.0)
+  p.add_argument("--scan_layers", type=int, default=0, choices=(0, 1), help="T5Config.scan_layers")
+  p.add_argument("--remat", default="none", choices=REMAT_POLICIES, help="T5Config.remat")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--steps", type=int, default=6, help="timed steps per process")
   p.add_argument(
@@ -166,8 +171,8 @@ def worker_t5jax(args) -> dict:
   import t5jax
 
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  config, params = t5jax.load_hf(args._ckpt)
-  config = config.replace(dtype=args.dtype, dropout_rate=args.dropout)
+  config, params = t5jax.load_hf(args._ckpt, scan_layers=bool(args.scan_layers))
+  config = config.replace(dtype=args.dtype, dropout_rate=args.dropout, remat=args.remat)
   batch_np = make_batch(config, args)
   step, state, batch = build_step(config, params, batch_np, args.optimizer, args.lr)
   rng = jax.random.key(args.seed)
@@ -332,7 +337,8 @@ def main():
   print(f"machine: {H.machine_state()}; busy-loop load processes: {args.load}")
   print(
     f"model: {args.preset}{' (tiny)' if args.tiny else ''}, {n_params / 1e6:.1f}M parameters,"
-    f" dtype {args.dtype}, dropout {args.dropout}; optimizer {args.optimizer}, constant lr"
+    f" dtype {args.dtype}, dropout {args.dropout}, scan_layers {args.scan_layers}, remat"
+    f" {args.remat}; optimizer {args.optimizer}, constant lr"
     f" {args.lr}; batch {b} x ({s} + {t}) = {tokens} tokens/step; {args.warmup} warm-up +"
     f" {args.steps} timed steps per process, {args.repeats} fresh processes per variant",
     flush=True,
@@ -342,6 +348,7 @@ def main():
     f"--batch={b}", f"--input_len={s}", f"--target_len={t}", f"--dtype={args.dtype}",
     f"--optimizer={args.optimizer}", f"--lr={args.lr}", f"--dropout={args.dropout}",
     f"--warmup={args.warmup}", f"--steps={args.steps}", f"--seed={args.seed}",
+    f"--scan_layers={args.scan_layers}", f"--remat={args.remat}",
   ]  # fmt: skip
   with tempfile.TemporaryDirectory() as tmp:
     ckpt = os.path.join(tmp, "model")

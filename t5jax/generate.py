@@ -3,7 +3,7 @@
 `generate` compiles one function per (batch, input length, method settings): the encoder runs
 once, cross-attention keys/values are computed once per example (batch B) and shared by the r beams
 or samples of that example (the model's `decode_step` maps row `b*r + j` to example b), the
-self-attention cache `[B*r, L, H, K]` is preallocated, and the loop is a `lax.while_loop` that
+self-attention cache (B*r rows) is preallocated, and the loop is a `lax.while_loop` that
 stops as soon as every row is finished. Parameters are cast to `config.dtype` once before the loop
 (`compute_dtype_params`) and the caches are in that dtype, so no step converts a weight.
 

@@ -118,11 +118,26 @@ class RelativePositionBias(nn.Module):
       max_distance=cfg.relative_attention_max_distance,
       xp=xp,
     )
-    bias = jnp.take(table_NbH.astype(jnp.float32), jnp.asarray(buckets), axis=0)  # [..., T, S, H]
-    return jnp.moveaxis(bias, -1, -3)
+    # Gathered from the [H, buckets] table the bias comes out heads first, [H, ..., T, S]: the
+    # moved axis is the leading 1 when positions are not given (gathered [..., T, S, H], the bias
+    # was transposed into every layer's scores).
+    bias = jnp.take(table_NbH.astype(jnp.float32).T, jnp.asarray(buckets), axis=1)
+    return jnp.moveaxis(bias, 0, -3)
 
 
 # --- norm, attention, feed-forward -----------------------------------------------------------
+
+
+def dense(x: jax.Array, w_IO: jax.Array, **kwargs) -> jax.Array:
+  """`x [..., I] @ w [I, O] -> [..., O]` as one 2-D matmul over the flattened leading axes.
+
+  Contracting `[B, T]` as two axes (an einsum "btd,df->btf"'s weight gradient), XLA:CPU
+  transposed the `[B, T, O]` cotangent into a copy before every weight-gradient product; flattened
+  to `[B*T, I]` the products read their operands as they are. `kwargs` go to `jnp.matmul`
+  (`preferred_element_type`).
+  """
+  y = jnp.matmul(x.reshape(-1, x.shape[-1]), w_IO, **kwargs)
+  return y.reshape(x.shape[:-1] + (w_IO.shape[-1],))
 
 
 class RMSNorm(nn.Module):
@@ -179,6 +194,25 @@ class AttentionMask:
     return mask
 
 
+# Axis orders of keys and values as `attend` takes them and the decoding caches store them (b
+# batch, h heads, s key positions, k head width). `attend` multiplies queries (first) by keys and
+# probabilities (first) by values; XLA:CPU reads a batched dot's second operand as [batch axes,
+# contracted, kept]: keys [b, h, k, s], values [b, h, s, k]. Stored [b, s, h, k], the decoding
+# caches were copied into such orders at every step in every layer (14% of greedy decoding's time
+# on CPU). The fused path, `jax.nn.dot_product_attention`, takes [b, s, h, k].
+EINSUM_KV_AXES = ("bhks", "bhsk")
+FUSED_KV_AXES = ("bshk", "bshk")
+
+
+def kv_axes(impl: str) -> tuple[str, str]:
+  """The axis orders of keys and values for `T5Config.attention_impl` `impl` (see above)."""
+  return EINSUM_KV_AXES if impl == "einsum" else FUSED_KV_AXES
+
+
+def _to_axes(x: jax.Array, have: str, want: str) -> jax.Array:
+  return x if have == want else jnp.transpose(x, [have.index(c) for c in want])
+
+
 def _group_queries(x, n: int, b: int, t: int):
   """`[1|B|N, h, T|1, S]` mask or bias -> `[1|B, h, r*T|1, S]`, for queries folded to `[B, r*T]`."""
   r = n // b
@@ -215,8 +249,9 @@ def _use_cudnn(impl: str, q, s: int, has_bias: bool) -> bool:
   )
 
 
-def _attend_fused(q_BTHK, k_BSHK, v_BSHK, bias, mask, impl: str) -> jax.Array:
+def _attend_fused(q_BTHK, k, v, bias, mask, impl: str, axes: tuple[str, str]) -> jax.Array:
   """`attend` through `jax.nn.dot_product_attention` (scale 1: T5's scores are unscaled)."""
+  k_BSHK, v_BSHK = _to_axes(k, axes[0], "bshk"), _to_axes(v, axes[1], "bshk")
   n, t, h, kd = q_BTHK.shape
   b, s = k_BSHK.shape[:2]
   r = n // b
@@ -261,20 +296,23 @@ def _attend_fused(q_BTHK, k_BSHK, v_BSHK, bias, mask, impl: str) -> jax.Array:
 
 def attend(
   q_BTHK: jax.Array,
-  k_BSHK: jax.Array,
-  v_BSHK: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
   bias: jax.Array | None,
   mask: jax.Array | AttentionMask | None,
   *,
   dropout: nn.Module | None = None,
   deterministic: bool = True,
   impl: str = "einsum",
+  axes: tuple[str, str] = FUSED_KV_AXES,
 ) -> jax.Array:
   """Unscaled dot-product attention (T5 folds 1/sqrt(K) into the query init).
 
   Args:
-    q_BTHK, k_BSHK, v_BSHK: queries, keys, values. Queries may have `B * r` rows for `B` key rows:
-      each group of `r` consecutive query rows then attends to one key row (beams, samples).
+    q_BTHK, k, v: queries, keys, values; keys and values in the axis orders `axes` (the model
+      passes `kv_axes(impl)`; the default is `[B, S, H, K]` for both). Queries may have `B * r`
+      rows for `B` key rows: each group of `r` consecutive query rows then attends to one key row
+      (beams, samples).
     bias: float (float32 or the compute dtype), broadcastable to `[B*r, H, T, S]`, or None.
     mask: an `AttentionMask`, or bool broadcastable to `[B*r, H, T, S]` (True where attention is
       allowed), or None.
@@ -291,30 +329,36 @@ def attend(
   """
   dropping = dropout is not None and not deterministic and dropout.rate > 0
   if impl != "einsum" and not dropping:
-    return _attend_fused(q_BTHK, k_BSHK, v_BSHK, bias, mask, impl)
+    return _attend_fused(q_BTHK, k, v, bias, mask, impl, axes)
   n, t, h, kd = q_BTHK.shape
-  b, s = k_BSHK.shape[:2]
+  b, s = k.shape[0], k.shape[axes[0].index("s")]
   r = n // b
   if isinstance(mask, AttentionMask):
     mask = mask.dense(t, s)
   q = q_BTHK.reshape(b, r, t, h, kd)
-  scores = jnp.einsum("brthk,bshk->brhts", q, k_BSHK, preferred_element_type=jnp.float32)
+  # Queries first, so that the scores come out [B, H, r, T, S] with the keys last for the
+  # softmax (jnp.einsum put the keys first and the scores needed a transpose).
+  ka, va = axes
+  dims = (((4,), (ka.index("k"),)), ((0, 3), (0, ka.index("h"))))
+  k = k.astype(q.dtype)
+  scores = jax.lax.dot_general(q, k, dims, preferred_element_type=jnp.float32)
 
-  def group(x):  # leading dim 1, B or N -> broadcastable to [B, r, ...]
+  def group(x):  # [1|B|N, H|1, T|1, S] -> broadcastable to [B, H, r, T, S]
     if x.shape[0] == n and r > 1:
-      return x.reshape((b, r) + x.shape[1:])
-    return x[:, None]
+      return jnp.moveaxis(x.reshape((b, r) + x.shape[1:]), 1, 2)
+    return x[:, :, None]
 
   if bias is not None:
     scores = scores + group(bias)
   if mask is not None:
     scores = jnp.where(group(mask), scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
-  if dropout is not None:
-    probs = dropout(probs, deterministic=deterministic)
-  probs = probs.astype(v_BSHK.dtype)
-  out = jnp.einsum("brhts,bshk->brthk", probs, v_BSHK)
-  return out.reshape(n, t, h, kd)
+  if dropout is not None:  # drawn over [B, r, H, T, S] as before (a reshape when r = 1)
+    probs = jnp.moveaxis(dropout(jnp.moveaxis(probs, 2, 1), deterministic=deterministic), 1, 2)
+  probs = probs.astype(v.dtype)
+  dims = (((4,), (va.index("s"),)), ((0, 1), (0, va.index("h"))))
+  out = jax.lax.dot_general(probs, v, dims)  # [B, H, r, T, K]
+  return jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(n, t, h, kd)
 
 
 class Attention(nn.Module):
@@ -331,28 +375,39 @@ class Attention(nn.Module):
     self.out = param(self, "out", (h, k, d), ("heads", "kv", "embed"))
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def _proj(self, x_BTD, w_DHK):
-    return jnp.einsum("btd,dhk->bthk", x_BTD, w_DHK.astype(self.config.dtype))
+  def _proj(self, x_BTD, w_DHK, axes="bthk"):
+    # Into [B, T, H, K] and then to `axes`: written as one einsum "btd,dhk->bhtk", jnp puts the
+    # weights first and XLA:CPU then transposes the weights at every call.
+    d, h, k = w_DHK.shape
+    y = dense(x_BTD, w_DHK.astype(self.config.dtype).reshape(d, h * k))
+    return _to_axes(y.reshape(y.shape[:-1] + (h, k)), "bthk", axes)
 
   def project_kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return self._proj(x_BSD, self.key), self._proj(x_BSD, self.value)
+    """Keys and values of `x_BSD`, in the axis orders `kv_axes(config.attention_impl)`."""
+    k_axes, v_axes = (a.replace("s", "t") for a in kv_axes(self.config.attention_impl))
+    return self._proj(x_BSD, self.key, k_axes), self._proj(x_BSD, self.value, v_axes)
 
   def project_q(self, x_BTD: jax.Array) -> jax.Array:
     return self._proj(x_BTD, self.query)
 
   def output(self, o_BTHK: jax.Array) -> jax.Array:
-    return jnp.einsum("bthk,hkd->btd", o_BTHK, self.out.astype(self.config.dtype))
+    h, k, d = self.out.shape
+    o = o_BTHK.reshape(o_BTHK.shape[:-2] + (h * k,))
+    return dense(o, self.out.astype(self.config.dtype).reshape(h * k, d))
 
-  def __call__(self, x_q, k_BSHK, v_BSHK, bias, mask, deterministic: bool):
+  def __call__(self, x_q, k, v, bias, mask, deterministic: bool):
+    """Attention of `x_q`'s queries over keys and values from `project_kv`."""
+    impl = self.config.attention_impl
     o = attend(
       self.project_q(x_q),
-      k_BSHK,
-      v_BSHK,
+      k,
+      v,
       bias,
       mask,
       dropout=self.dropout,
       deterministic=deterministic,
-      impl=self.config.attention_impl,
+      impl=impl,
+      axes=kv_axes(impl),
     )
     return self.output(o)
 
@@ -377,7 +432,7 @@ class MLP(nn.Module):
 
     def dense_in(name):
       w = param(self, name, (d, f), ("embed", "mlp"))
-      return jnp.einsum("btd,df->btf", x_BTD, w.astype(dt))
+      return dense(x_BTD, w.astype(dt))
 
     if cfg.is_gated:
       h_BTF = act(dense_in("wi_0")) * dense_in("wi_1")
@@ -385,4 +440,4 @@ class MLP(nn.Module):
       h_BTF = act(dense_in("wi"))
     h_BTF = nn.Dropout(cfg.dropout_rate)(h_BTF, deterministic=deterministic)
     wo = param(self, "wo", (f, d), ("mlp", "embed"))
-    return jnp.einsum("btf,fd->btd", h_BTF, wo.astype(dt))
+    return dense(h_BTF, wo.astype(dt))

@@ -12,9 +12,11 @@ calling them directly compiles once per shape; under an outer `jit` they inline.
 - `forward(params, config, encoder_input_tokens, decoder_input_tokens)` — teacher-forced logits.
 - `encode`, `init_cross_cache`, `init_self_cache`, `decode_step` — incremental decoding with an
   explicit cache: the encoder runs once, cross-attention keys and values are computed once per
-  example (batch B, shared by its r rows), the self-attention cache `[N, L, H, K]` is
+  example (batch B, shared by its r rows), the self-attention cache (N rows, L positions) is
   preallocated and filled one position per step, and each step computes only its own row of the
-  relative position bias.
+  relative position bias. Keys and values are stored in the axis orders the attention reads
+  without a copy (`t5jax.layers.kv_axes`): with einsum attention keys `[., H, K, L]` and values
+  `[., H, L, K]`, with the fused kernel both `[., L, H, K]`.
 
 Token 0 is padding: the encoder mask is derived from it. Packed rows pass segment ids (1..n, 0
 for padding) and positions that restart per segment; attention never crosses segments.
@@ -37,7 +39,9 @@ from t5jax.layers import (
   AttentionMask,
   RelativePositionBias,
   RMSNorm,
+  dense,
   init_std,
+  kv_axes,
   param,
 )
 from t5jax.partitioning import STACKED, with_logical_constraint
@@ -116,9 +120,10 @@ class DecoderLayer(nn.Module):
 
   - "train": `carry = (y [B, T, D], None)`; cross-attention keys/values from `encoded`.
   - "step": `carry = (y [N, 1, D], cache)`, the token at `step`; `xs = (i, cross)` with `cross`
-    this layer's `{"k", "v"}` `[B, S, H, K]`. Unrolled, `i` is None and `cache` is this layer's
-    `{"k", "v"}` `[N, L, H, K]`; scanned, `cache` holds every layer, `[N, n_layers, L, H, K]`,
-    and only this layer's row `i` at position `step` is written.
+    this layer's `{"k", "v"}` over B rows and S positions. Unrolled, `i` is None and `cache` is
+    this layer's `{"k", "v"}` over N rows and L positions; scanned, `cache` holds every layer on
+    axis 1 and only this layer's slice `i` at position `step` is written. (Axis orders:
+    `t5jax.layers.kv_axes`.)
   - "cross": returns this layer's cross-attention `(k, v)` of `encoded` as the scan output.
   """
 
@@ -152,7 +157,8 @@ class DecoderLayer(nn.Module):
     h = self.pre_self_attention_layer_norm(x)
     k, v = self.self_attention.project_kv(h)
     if cache is not None:
-      k, v, cache = _update_cache(cache, k, v, step, layer_index)
+      axes = kv_axes(self.config.attention_impl)
+      k, v, cache = _update_cache(cache, k, v, step, layer_index, axes)
     h = self.self_attention(h, k, v, bias, self_mask, deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.pre_cross_attention_layer_norm(x)
@@ -162,28 +168,28 @@ class DecoderLayer(nn.Module):
     return (_hidden(x + self.dropout(h, deterministic=deterministic)), cache), None
 
 
-def _update_cache(cache, k_N1HK, v_N1HK, step, layer_index):
-  """Writes this step's keys/values; returns this layer's full keys/values and the new cache.
+def _update_cache(cache, k, v, step, layer_index, axes):
+  """Writes this step's keys/values (one position, in the axis orders `axes`); returns this
+  layer's full keys/values and the new cache.
 
-  Unrolled (`layer_index` None), `cache` is the layer's `[N, L, H, K]`. Scanned, it is every
-  layer's `[N, n_layers, L, H, K]` (rows first, so beam search reorders it like any cache
+  Unrolled (`layer_index` None), `cache` is the layer's `{"k", "v"}` over N rows and L positions.
+  Scanned, it holds every layer on axis 1 (rows first, so beam search reorders it like any cache
   leaf): the layer reads its slice and writes back only position `step` of it, so a step never
   copies the whole cache.
   """
-  if layer_index is None:
-    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_N1HK.astype(cache["k"].dtype), step, 1)
-    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_N1HK.astype(cache["v"].dtype), step, 1)
-    return k, v, {"k": k, "v": v}
   out, new = [], {}
-  for name, x_N1HK in (("k", k_N1HK), ("v", v_N1HK)):
-    full = cache[name]
-    x_N1HK = x_N1HK.astype(full.dtype)
+  for name, x, ax in (("k", k, axes[0]), ("v", v, axes[1])):
+    full, pos = cache[name], ax.index("s")
+    x = x.astype(full.dtype)
+    if layer_index is None:
+      new[name] = jax.lax.dynamic_update_slice_in_dim(full, x, step, pos)
+      out.append(new[name])
+      continue
     mine = jax.lax.dynamic_index_in_dim(full, layer_index, axis=1, keepdims=False)
-    out.append(jax.lax.dynamic_update_slice_in_dim(mine, x_N1HK, step, axis=1))
-    zero = jnp.zeros((), jnp.int32)
-    new[name] = jax.lax.dynamic_update_slice(
-      full, x_N1HK[:, None], (zero, layer_index, step, zero, zero)
-    )
+    out.append(jax.lax.dynamic_update_slice_in_dim(mine, x, step, axis=pos))
+    starts = [jnp.zeros((), jnp.int32)] * full.ndim
+    starts[1], starts[pos + 1] = layer_index, step
+    new[name] = jax.lax.dynamic_update_slice(full, x[:, None], starts)
   return out[0], out[1], new
 
 
@@ -273,8 +279,8 @@ class Decoder(nn.Module):
     return carry, outs
 
   def cross_kv(self, encoded_BSD) -> Cache:
-    """Cross-attention keys/values of every layer: `{"layers_i": {"k", "v"}}` `[B, S, H, K]`, or
-    scanned `{"layers": {"k", "v"}}` `[n_layers, B, S, H, K]`."""
+    """Cross-attention keys/values of every layer: `{"layers_i": {"k", "v"}}`, or scanned
+    `{"layers": {"k", "v"}}` with a leading `n_layers` axis (axis orders: `kv_axes`)."""
     _, kv = self._run((None, None), None, None, None, None, None, encoded_BSD, None, "cross", True)
     if self.config.scan_layers:
       return {STACKED: {"k": kv[0], "v": kv[1]}}
@@ -291,11 +297,9 @@ class Decoder(nn.Module):
 
   def step(self, y_N1D, cache, cross, step):
     cfg = self.config
-    if cfg.scan_layers:
-      max_len = cache[STACKED]["k"].shape[2]
-    else:
-      names = [f"layers_{i}" for i in range(cfg.num_decoder_layers)]
-      max_len = cache["layers_0"]["k"].shape[1]
+    names = [f"layers_{i}" for i in range(cfg.num_decoder_layers)]
+    k = cache[STACKED if cfg.scan_layers else names[0]]["k"]
+    max_len = k.shape[kv_axes(cfg.attention_impl)[0].index("s") + cfg.scan_layers]
     # Only this step's row of the bias: keys 0..L-1 against query position `step`.
     rel = (jnp.arange(max_len, dtype=jnp.int32) - step)[None, None, :]  # [1, 1, L]
     bias = self._bias(rel)
@@ -336,9 +340,7 @@ class T5(nn.Module):
       w_DV = self.shared.T
     else:
       w_DV = self.lm_head
-    logits_BTV = jnp.einsum(
-      "btd,dv->btv", y_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32
-    )
+    logits_BTV = dense(y_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
     return with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
 
   def encode(self, tokens_BS, segment_ids=None, positions=None, deterministic=True):
@@ -512,20 +514,27 @@ def encode(
 def init_cross_cache(
   params: Params, config: T5Config, encoded: jax.Array, encoder_input_tokens: jax.Array
 ) -> Cache:
-  """Cross-attention keys/values `[B, S, H, K]` of every decoder layer and the encoder mask."""
+  """Cross-attention keys/values of every decoder layer (B rows, S positions, in the axis orders
+  `t5jax.layers.kv_axes(config.attention_impl)`) and the encoder mask."""
   return _apply(params, config, T5.cross_cache, encoded, encoder_input_tokens)
 
 
 def init_self_cache(config: T5Config, num_rows: int, max_len: int) -> Cache:
-  """Zeroed self-attention cache: `{"layers_i": {"k", "v"}}`, each `[N, L, H, K]`; with
-  `config.scan_layers`, `{"layers": {"k", "v"}}`, each `[N, n_layers, L, H, K]` (rows first, so
-  that beam search reorders it like any cache leaf)."""
+  """Zeroed self-attention cache: `{"layers_i": {"k", "v"}}` over N rows and L positions, in the
+  axis orders `t5jax.layers.kv_axes(config.attention_impl)` (einsum: keys `[N, H, K, L]`, values
+  `[N, H, L, K]`); with `config.scan_layers`, `{"layers": {"k", "v"}}` with the layers on axis 1
+  (rows first, so that beam search reorders it like any cache leaf)."""
   n = config.num_decoder_layers
+  sizes = dict(b=num_rows, h=config.num_heads, s=max_len, k=config.d_kv)
+  cache = {}
+  for name, axes in zip(("k", "v"), kv_axes(config.attention_impl), strict=True):
+    shape = [sizes[a] for a in axes]
+    if config.scan_layers:
+      shape.insert(1, n)
+    cache[name] = jnp.zeros(shape, config.dtype)
   if config.scan_layers:
-    z = jnp.zeros((num_rows, n, max_len, config.num_heads, config.d_kv), config.dtype)
-    return {STACKED: {"k": z, "v": z}}
-  z = jnp.zeros((num_rows, max_len, config.num_heads, config.d_kv), config.dtype)
-  return {f"layers_{i}": {"k": z, "v": z} for i in range(n)}
+    return {STACKED: cache}
+  return {f"layers_{i}": dict(cache) for i in range(n)}
 
 
 @partial(jax.jit, static_argnums=1)

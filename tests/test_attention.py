@@ -122,6 +122,22 @@ def test_attend_fused_equals_einsum_grouped_query_rows(mask_kind):
   _check(q, k, v, bias, mask, TOL)
 
 
+@pytest.mark.parametrize("impl", ["einsum", "dot_product"])
+@pytest.mark.parametrize("axes", [layers.EINSUM_KV_AXES, ("bhsk", "bhks")])
+def test_attend_takes_keys_and_values_in_any_axis_order(impl, axes):
+  # The model passes keys [B, H, K, S] and values [B, H, S, K] (`layers.kv_axes("einsum")`): the
+  # same attention as [B, S, H, K], grouped query rows included. S=7, H=3, K=8 all differ, so a
+  # mislabelled axis cannot line up by accident.
+  s = 7
+  q, k, v = _qkv(2 * B, T, s, B, seed=5)
+  bias = jax.random.normal(jax.random.key(6), (1, H, T, s))
+  mask = _masks(B, T, s)["padding"]
+  ref = layers.attend(q, k, v, bias, mask, impl=impl)
+  k, v = (jnp.transpose(x, ["bshk".index(c) for c in a]) for x, a in zip((k, v), axes, strict=True))
+  out = layers.attend(q, k, v, bias, mask, impl=impl, axes=axes)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
+
+
 def test_attend_fused_bf16():
   q, k, v = _qkv(B, T, S, B, jnp.bfloat16)
   bias = jax.random.normal(jax.random.key(3), (1, H, T, S)).astype(jnp.bfloat16)

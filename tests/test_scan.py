@@ -262,11 +262,14 @@ def test_scanned_decoding_equals_unrolled(name):
   enc, dec, _ = _batch(cfg.vocab_size, seed=4)
   # The scanned self cache stacks the layers after the rows, so beams reorder it as any leaf.
   cache = t5jax.init_self_cache(scanned, 6, 9)
-  assert cache["layers"]["k"].shape == (6, cfg.num_decoder_layers, 9, cfg.num_heads, cfg.d_kv)
+  n, h, k = cfg.num_decoder_layers, cfg.num_heads, cfg.d_kv
+  assert cache["layers"]["k"].shape == (6, n, h, k, 9)  # keys [N, H, K, L] per layer
+  assert cache["layers"]["v"].shape == (6, n, h, 9, k)  # values [N, H, L, K]
   # Cached decoding (rows sharing one example's cross cache, as beams do) = teacher forcing.
   encoded = t5jax.encode(stacked, scanned, enc)
   cross = t5jax.init_cross_cache(stacked, scanned, encoded, enc)
-  assert cross["layers"]["k"].shape == (cfg.num_decoder_layers, 2, 11, cfg.num_heads, cfg.d_kv)
+  assert cross["layers"]["k"].shape == (n, 2, h, k, 11)
+  assert cross["layers"]["v"].shape == (n, 2, h, 11, k)
   rows = jnp.repeat(dec, 3, axis=0)
   steps = []
   for s in range(dec.shape[1]):
