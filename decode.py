@@ -203,9 +203,8 @@ def detect_format(lines: list[str], name: str, column: str | None) -> str:
 
 
 def parse_inputs(lines: list[str], name: str, fmt: str, column: str | None) -> list[str]:
-  """The input texts, in order, from text / TSV (header row) / JSONL lines."""
-  if fmt == "auto":
-    fmt = detect_format(lines, name, column)
+  """The input texts, in order, from text / TSV (header row) / JSONL lines (`fmt` as
+  `detect_format` resolves "auto")."""
   if fmt == "text":
     texts = lines
   elif fmt == "tsv":
