@@ -20,6 +20,15 @@ first call minus the best warm call), then --calls timed calls, the fastest kept
 batch * new_tokens / time (returned tokens, beams not counted). `--load N` keeps N
 `python -c 'while 1: pass'` processes running during every measurement. `--no_hf` skips
 transformers.
+
+`--matmul 1` (the default) also times the decode's dense matmuls alone, in XLA and in torch (at
+each of `--threads`), each in a fresh process: per method, the encoder's projections and MLPs over
+`batch * input_len` rows and the cross-attention keys/values, then `new_tokens` steps of every
+decoder layer's projections and MLP plus the output layer over the decoding rows (batch, or
+batch * beams), each matrix a distinct array as in the model, so every step streams all the
+decoder's weights from memory. Attention products, norms, softmax and search are left out. The
+best transformers time over XLA's matmul-only time is the highest t5jax/transformers ratio
+reachable if everything but t5jax's matmuls took no time: the ceiling the decode target is held to.
 """
 
 from __future__ import annotations
@@ -48,7 +57,8 @@ def parse_args(argv=None):
   p.add_argument("--scan_layers", type=int, default=0, choices=(0, 1), help="T5Config.scan_layers")
   p.add_argument("--calls", type=int, default=3, help="timed calls per method per process")
   p.add_argument("--repeats", type=int, default=2, help="fresh processes per variant (best kept)")
-  H.add_common_args(p, ("t5jax", "torch"))
+  p.add_argument("--matmul", type=int, default=1, choices=(0, 1), help="time the matmuls alone")
+  H.add_common_args(p, ("t5jax", "torch", "mm_xla", "mm_torch"))
   return p.parse_args(argv)
 
 
@@ -135,11 +145,125 @@ def worker_torch(args) -> dict:
   )
 
 
+def decode_rows(method: str, args) -> int:
+  return args.batch * (args.num_beams if method == "beam" else 1)
+
+
+def matmul_weights(config, rng, dtype):
+  """Random matrices shaped as the model's, one array per use: ("enc" | "cross" | "dec", layer
+  list of {name: [K, N]}), and the output layer."""
+  d, a, f, v = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.vocab_size
+  mlp = {"wi_0": (d, f), "wi_1": (d, f)} if config.is_gated else {"wi": (d, f)}
+  mlp["wo"] = (f, d)
+  attn = {"q": (d, a), "k": (d, a), "v": (d, a), "o": (a, d)}
+  shapes = {
+    "enc": [dict(attn, **mlp) for _ in range(config.num_layers)],
+    "cross": [{"k": (d, a), "v": (d, a)} for _ in range(config.num_decoder_layers)],
+    "dec": [dict(attn, cq=(d, a), co=(a, d), **mlp) for _ in range(config.num_decoder_layers)],
+  }
+
+  def draw(shape):
+    return dtype(rng.standard_normal(shape, dtype="float32") * shape[0] ** -0.5)
+
+  ws = {k: [{n: draw(sh) for n, sh in layer.items()} for layer in ls] for k, ls in shapes.items()}
+  return ws, draw((d, v))
+
+
+def matmul_passes(x, y, ws, lm_head, steps, mm, rowmax, loop):
+  """The decode's matmuls with their data dependencies: the encoder over `x` [B*S, D] and the
+  cross keys/values, then `steps` decoder steps over `y` [N, D] (`loop(step_fn, y, steps)`), with
+  additions standing in for everything else. `mm` multiplies, `rowmax` is a max over the last
+  axis (keeping it), so that each step reads every logit."""
+
+  def attn_mlp(h, w, extra=None):
+    h = h + mm(mm(h, w["q"]) + mm(h, w["k"]) + mm(h, w["v"]), w["o"])
+    if extra:
+      h = h + mm(mm(h, w["cq"]), w["co"])
+    inner = mm(h, w["wi_0"]) * mm(h, w["wi_1"]) if "wi_0" in w else mm(h, w["wi"])
+    return h + mm(inner, w["wo"])
+
+  for w in ws["enc"]:
+    x = attn_mlp(x, w)
+  cross = sum(mm(x, w["k"]) + mm(x, w["v"]) for w in ws["cross"])
+
+  def step(y):
+    for w in ws["dec"]:
+      y = attn_mlp(y, w, extra=True)
+    logits = mm(y, lm_head)
+    return y + rowmax(logits) * 1e-9  # the next step depends on the logits
+
+  return loop(step, y, steps), cross
+
+
+def worker_mm(args) -> dict:
+  """Seconds of `matmul_passes` per method, best of --calls (after one warm-up call)."""
+  import numpy as np
+
+  import t5jax
+
+  config = t5jax.load_hf(args._ckpt)[0]
+  rng = np.random.default_rng(args.seed)
+  res = {}
+  if args._worker == "mm_xla":
+    import jax
+    import jax.numpy as jnp
+
+    dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    ws, lm = matmul_weights(config, rng, lambda a: jnp.asarray(a, dt))
+
+    def loop(step, y, n):
+      return jax.lax.fori_loop(0, n, lambda i, y: step(y), y)
+
+    for method in args.methods.split(","):
+      n = decode_rows(method, args)
+      x = jnp.ones((args.batch * args.input_len, config.d_model), dt)
+      y = jnp.ones((n, config.d_model), dt)
+      f = jax.jit(
+        lambda x, y, ws, lm: matmul_passes(
+          x, y, ws, lm, args.new_tokens, jnp.dot, lambda a: a.max(-1, keepdims=True), loop
+        )
+      )
+
+      def run(f=f, x=x, y=y):
+        return jax.block_until_ready(f(x, y, ws, lm))
+
+      run()
+      res[method] = _best(run, args.calls)[0]
+    version = f"jax {jax.__version__}"
+  else:
+    import torch
+
+    torch.set_num_threads(args._nthreads)
+    dt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    ws, lm = matmul_weights(config, rng, lambda a: torch.from_numpy(a).to(dt))
+
+    def loop(step, y, n):
+      for _ in range(n):
+        y = step(y)
+      return y
+
+    for method in args.methods.split(","):
+      n = decode_rows(method, args)
+      x = torch.ones((args.batch * args.input_len, config.d_model), dtype=dt)
+      y = torch.ones((n, config.d_model), dtype=dt)
+
+      def run(x=x, y=y):
+        with torch.inference_mode():
+          return matmul_passes(
+            x, y, ws, lm, args.new_tokens, torch.matmul, lambda a: a.amax(-1, keepdim=True), loop
+          )
+
+      run()
+      res[method] = _best(run, args.calls)[0]
+    version = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+  return dict(methods=res, versions=version)
+
+
 def main():
   args = parse_args()
   if args._worker:
-    fn = worker_t5jax if args._worker == "t5jax" else worker_torch
-    H.write_result(args._out, fn(args))
+    fns = dict(t5jax=worker_t5jax, torch=worker_torch, mm_xla=worker_mm, mm_torch=worker_mm)
+    H.write_result(args._out, fns[args._worker](args))
     return
 
   import jax
@@ -179,10 +303,15 @@ def main():
     jobs = [(f"t5jax xla={v}", "t5jax", H.xla_variant_env(v)) for v in variants]
     if not args.no_hf:
       jobs += [(f"torch {n} thr", "torch", H.thread_env(n)) for n in threads]
+    if args.matmul:
+      jobs += [("matmuls xla", "mm_xla", H.xla_variant_env("default"))]
+      if not args.no_hf:
+        jobs += [(f"matmuls torch {n} thr", "mm_torch", H.thread_env(n)) for n in threads]
     results = H.run_jobs(
       script, passthrough, jobs, ckpt, args,
-      lambda r: ", ".join(f"{m} {r['methods'][m]['time']:.3f} s" for m in methods),
+      lambda r: ", ".join(f"{m} {_seconds(r['methods'][m]):.3f} s" for m in methods),
     )  # fmt: skip
+  mm = {n: results.pop(n) for n in list(results) if n.startswith("matmuls")}
 
   print()
   print(f"{'method':8} {'impl':18} {'compile s':>9} {'time s':>8} {'tokens/s':>10}  versions")
@@ -218,7 +347,34 @@ def main():
       f" {ref}{extra}, load {args.load}{same}",
       flush=True,
     )
+  if mm:
+    _print_matmul_floor(mm, results, methods, args)
   print(f"machine after: {H.machine_state()}")
+
+
+def _seconds(r) -> float:
+  return r["time"] if isinstance(r, dict) else r
+
+
+def _print_matmul_floor(mm, results, methods, args):
+  """The matmul-only times and the ceiling they put on the t5jax/transformers ratio."""
+  print()
+  print("dense matmuls of one generate call alone (seconds, best of each):")
+  names = [n for n, rs in mm.items() if rs]
+  print(f"{'method':8} " + " ".join(f"{n:>20}" for n in names) + "  ceiling")
+  for method in methods:
+    best = {n: min(r["methods"][method] for r in mm[n]) for n in names}
+    ref = [
+      min(r["methods"][method]["time"] for r in rs)
+      for n, rs in results.items()
+      if n.startswith("torch") and rs
+    ]
+    ceiling = ""
+    if ref and "matmuls xla" in best:
+      ceiling = (
+        f"  {min(ref) / best['matmuls xla']:.2f}x (best transformers generate / XLA matmuls alone)"
+      )
+    print(f"{method:8} " + " ".join(f"{best[n]:20.3f}" for n in names) + ceiling)
 
 
 if __name__ == "__main__":
