@@ -5,7 +5,8 @@
 * `make_schedule(cfg)`: an `optax.Schedule` mapping the update count (0 for the first update) to
   the learning rate; the train loop logs `schedule(step)`.
 * `make_optimizer(cfg)`: `[clip by global norm] -> Adafactor | AdamW`, driven by that schedule.
-* `adafactor(...)`: optax's Adafactor chain with a one-pass parameter scaling (`scale_by_param_rms`).
+* `adafactor(...)`: optax's Adafactor chain, with a one-pass parameter scaling
+  (`scale_by_param_rms`).
 
 Optimizer state is float32 (parameters are float32). Gradient accumulation over microbatches is the
 train step's job, not the optimizer's.

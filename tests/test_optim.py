@@ -178,7 +178,9 @@ def test_adafactor_equals_optax(kw):
     g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
     u_ours, s_ours = jax.jit(ours.update)(g, s_ours, params)
     u_ref, s_ref = jax.jit(ref.update)(g, s_ref, params)
-    for a, b in zip(jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_ref, s_ref))):
+    for a, b in zip(
+      jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_ref, s_ref)), strict=True
+    ):
       np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-12)
     params = optax.apply_updates(params, u_ours)
 
