@@ -348,7 +348,7 @@ def main():
       flush=True,
     )
   if mm:
-    _print_matmul_floor(mm, results, methods, args)
+    _print_matmul_floor(mm, results, methods)
   print(f"machine after: {H.machine_state()}")
 
 
@@ -356,7 +356,7 @@ def _seconds(r) -> float:
   return r["time"] if isinstance(r, dict) else r
 
 
-def _print_matmul_floor(mm, results, methods, args):
+def _print_matmul_floor(mm, results, methods):
   """The matmul-only times and the ceiling they put on the t5jax/transformers ratio."""
   print()
   print("dense matmuls of one generate call alone (seconds, best of each):")

@@ -179,7 +179,8 @@ def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformati
 def scale_by_param_rms(min_scale: float = 1e-3) -> optax.GradientTransformation:
   """Multiplies each update by `max(rms(param), min_scale)`: Adafactor's parameter scaling.
 
-  The same values as `optax.scale_by_param_block_rms`, computed in one pass over each parameter.
+  The same values as `optax.scale_by_param_block_rms` (float32 parameters; others get their RMS
+  in float32), computed in one pass over each parameter.
   optax's RMS is written to be differentiable at zero (a `where` over the whole parameter, then a
   second mean), which XLA materialises: two more passes over all the weights in every step (5% of
   a CPU train step at t5-v1_1-small). Nothing differentiates through an optimizer update.
