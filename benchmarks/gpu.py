@@ -19,13 +19,17 @@
 3. **Decoding**: greedy, beam-4 and sampling new tokens/s at batch 64, 512 input tokens, 128 new
    tokens forced (`ignore_eos`), bf16, next to transformers' generate() (bf16 weights).
 
-Each phase stops cleanly when its time budget is spent (`--budget_s`), printing what was skipped.
+Each phase stops cleanly when its time budget is spent (`--budget_s`), printing what was skipped;
+`$OUT/gpu.json` is rewritten after every result, so a run cut short keeps what it measured, and a
+run still going `--budget_s` + 150 s after its start dumps its threads' stacks and exits. Any
+failure of one entry (a kernel refusal, out of memory) is recorded and the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import importlib.util
 import json
 import os
@@ -34,9 +38,14 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# JAX would take 75% of the GPU at its first operation, leaving transformers (same process) too
+# little; and the device has no network, so the Hub must not be asked.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -153,7 +162,8 @@ def check_attention(results):
 
   ok_all = True
   for name, extra in (("padded", {}), ("packed", packed)):
-    ref_l, ref_g = loss_and_grads(base, extra)  # float32 einsum: the truth
+    with jax.default_matmul_precision("highest"):  # not TF32: the float32 einsum is the truth
+      ref_l, ref_g = loss_and_grads(base, extra)
     out = {}
     for impl in ("einsum", fused_impl):
       try:
@@ -245,16 +255,37 @@ def train_grid(args, results, bench_train, peak, deadline):
     results["train"].append(
       {"entry": entry, "compile_s": compile_s, "step_s": step_s, "tflops": tflops}
     )
-  if not args.no_hf and time.perf_counter() < deadline:
+    save(results)
+  if args.no_hf:
+    return
+  label = f"{'transformers eager':36}"
+  if time.perf_counter() > deadline:
+    print(f"{label} skipped: time budget spent")
+    return
+  try:
     config, _ = _model_config(args)
     params = jax.device_get(model.init_params(config, jax.random.key(0)))
-    theirs = bench_train.run_transformers(config, params, bench_train.make_batch(config, ns), ns)
-    step_s = statistics.mean(theirs["times"])
-    tflops = flops.train_step_flops(config, b, s, t) / step_s / 1e12
-    mfu = f"{tflops / peak * 100:5.1f}%" if peak else "  n/a"
-    label = f"{'transformers eager (' + theirs['device'] + ')':36}"
-    print(f"{label} {'-':>9} {step_s:8.4f} {tflops:8.1f} {mfu:>6}", flush=True)
-    results["train"].append({"entry": "transformers eager", "step_s": step_s, "tflops": tflops})
+    with tempfile.TemporaryDirectory() as d:
+      t5jax.save_hf(config, params, d)
+      worker = argparse.Namespace(**vars(ns), _ckpt=d, _nthreads=os.cpu_count() or 1)
+      theirs = bench_train.worker_torch(worker)  # bf16 autocast, same Adafactor settings
+  except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, go on to decoding
+    why = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    print(f"{label} {why}")
+    results["train"].append({"entry": "transformers eager", "failed": why})
+    return
+  step_s = statistics.mean(theirs["times"])
+  tflops = flops.train_step_flops(config, b, s, t) / step_s / 1e12
+  mfu = f"{tflops / peak * 100:5.1f}%" if peak else "  n/a"
+  print(f"{label} {'-':>9} {step_s:8.4f} {tflops:8.1f} {mfu:>6}", flush=True)
+  results["train"].append(
+    {
+      "entry": "transformers eager",
+      "step_s": step_s,
+      "tflops": tflops,
+      "versions": theirs["versions"],
+    }
+  )
 
 
 # --- 3. decoding -----------------------------------------------------------------------------
@@ -293,19 +324,31 @@ def decode(args, results, deadline):
     def run(kw=kw):
       return jax.block_until_ready(t5jax.generate(params, config, tokens, **kw).sequences)
 
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeats):
+    name = f"t5jax ({args.decode_attention})"
+    row = {"method": method}
+    try:
       t0 = time.perf_counter()
       run()
-      times.append(time.perf_counter() - t0)
-    ours = statistics.median(times)
-    name = f"t5jax ({args.decode_attention})"
-    print(f"{method:8} {name:26} {first - ours:9.1f} {ours:8.3f} {n_tok / ours:12.0f}", flush=True)
-    row = {"method": method, "t5jax_s": ours, "t5jax_tokens_per_s": n_tok / ours}
-    if hf is not None:
+      first = time.perf_counter() - t0
+      times = []
+      for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+      ours = statistics.median(times)
+      print(
+        f"{method:8} {name:26} {first - ours:9.1f} {ours:8.3f} {n_tok / ours:12.0f}", flush=True
+      )
+      row |= {"t5jax_s": ours, "t5jax_tokens_per_s": n_tok / ours}
+    except Exception as e:  # noqa: BLE001 - a kernel refusal or out of memory: record, go on
+      ours = None
+      row["t5jax_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      print(f"{method:8} {name:26} failed: {row['t5jax_failed']}", flush=True)
+    results["decode"].append(row)
+    save(results)
+    if hf is not None and time.perf_counter() > deadline:
+      print(f"{method:8} transformers skipped: time budget spent")
+    elif hf is not None:
       hf_kw = dict(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
         num_beams=4 if method == "beam" else 1, do_sample=method == "sample",
@@ -319,20 +362,26 @@ def decode(args, results, deadline):
         if device == "cuda":
           torch.cuda.synchronize()
 
-      run_hf()
-      times = []
-      for _ in range(args.repeats):
-        t0 = time.perf_counter()
+      try:
         run_hf()
-        times.append(time.perf_counter() - t0)
-      theirs = statistics.median(times)
-      print(
-        f"{method:8} {'transformers (bf16 eager)':26} {'-':>9} {theirs:8.3f} "
-        f"{n_tok / theirs:12.0f}   t5jax {theirs / ours:.2f}x",
-        flush=True,
-      )
-      row |= {"transformers_s": theirs, "transformers_tokens_per_s": n_tok / theirs}
-    results["decode"].append(row)
+        times = []
+        for _ in range(args.repeats):
+          t0 = time.perf_counter()
+          run_hf()
+          times.append(time.perf_counter() - t0)
+      except Exception as e:  # noqa: BLE001
+        row["transformers_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        print(f"{method:8} transformers failed: {row['transformers_failed']}", flush=True)
+      else:
+        theirs = statistics.median(times)
+        ratio = f"   t5jax {theirs / ours:.2f}x" if ours else ""
+        print(
+          f"{method:8} {'transformers (bf16 eager)':26} {'-':>9} {theirs:8.3f} "
+          f"{n_tok / theirs:12.0f}{ratio}",
+          flush=True,
+        )
+        row |= {"transformers_s": theirs, "transformers_tokens_per_s": n_tok / theirs}
+      save(results)
 
 
 def main(argv=None):
@@ -358,18 +407,41 @@ def main(argv=None):
     "train": [],
     "decode": [],
   }
-  check_attention(results)
-  train_grid(args, results, _bench_train_module(), peak, start + args.budget_s * 0.6)
-  decode(args, results, deadline)
-  results["wall_s"] = time.perf_counter() - start
-  print(f"\nwall time {results['wall_s']:.0f} s")
-  out = os.environ.get("OUT")
-  if out:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "gpu.json"), "w") as fh:
-      json.dump(results, fh, indent=1, default=str)
-    print(f"results: {os.path.join(out, 'gpu.json')}")
+  # A hang (a compile that never ends) still leaves gpu.json and says where it was.
+  faulthandler.dump_traceback_later(args.budget_s + 150, exit=True)
+  try:
+    for phase in (
+      lambda: check_attention(results),
+      lambda: train_grid(args, results, _bench_train_module(), peak, start + args.budget_s * 0.6),
+      lambda: decode(args, results, deadline),
+    ):
+      try:
+        phase()
+      except Exception as e:  # noqa: BLE001 - one phase failing must not lose the others
+        results.setdefault("errors", []).append(f"{type(e).__name__}: {str(e)[:300]}")
+        print(f"phase failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+      save(results)
+  finally:
+    faulthandler.cancel_dump_traceback_later()
+    results["wall_s"] = time.perf_counter() - start
+    print(f"\nwall time {results['wall_s']:.0f} s")
+    path = save(results)
+    if path:
+      print(f"results: {path}")
   return results
+
+
+def save(results) -> str | None:
+  """Writes `results` to `$OUT/gpu.json` (atomically) when OUT is set; returns the path."""
+  out = os.environ.get("OUT")
+  if not out:
+    return None
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "gpu.json")
+  with open(path + ".tmp", "w") as fh:
+    json.dump(results, fh, indent=1, default=str)
+  os.replace(path + ".tmp", path)
+  return path
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-import ml_collections
+try:
+  import ml_collections
+except ImportError:  # a bare accelerator image (benchmarks/gpu.py): only configs/*.py need it
+  ml_collections = None
 
 from t5jax import losses
 from t5jax.errors import ConfigError
@@ -252,6 +255,10 @@ class TrainConfig(_Value):
 # --- from and to ml_collections --------------------------------------------------------------
 
 
+def _is_config_dict(value: Any) -> bool:
+  return ml_collections is not None and isinstance(value, ml_collections.ConfigDict)
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
   if dataclasses.is_dataclass(hint):
     return _build(hint, value, where)
@@ -260,12 +267,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
       raise ConfigError(f"{where}={value!r} must be an integer")
     return hint(value)
   if hint == dict[str, Any]:
-    return dict(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
+    return dict(value.to_dict() if _is_config_dict(value) else value)
   return value
 
 
 def _build(cls: type, values: Mapping[str, Any], where: str):
-  if isinstance(values, ml_collections.ConfigDict):
+  if _is_config_dict(values):
     values = {k: values[k] for k in values.keys()}
   hints = typing.get_type_hints(cls)
   unknown = sorted(set(values) - set(hints))
