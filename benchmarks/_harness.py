@@ -9,6 +9,7 @@ command.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -43,6 +44,17 @@ def add_common_args(p, workers: tuple[str, ...]) -> None:
   p.add_argument("--_ckpt", help=argparse.SUPPRESS)
   p.add_argument("--_out", help=argparse.SUPPRESS)
   p.add_argument("--_nthreads", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def require_reference(script: str, no_hf: bool) -> None:
+  """Exits with one line when the reference cannot run: torch and transformers are test extras,
+  which `make demo`'s environment does not have."""
+  missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+  if missing and not no_hf:
+    sys.exit(
+      f"{script}: error: {' and '.join(missing)} not installed (the reference): run `make"
+      " setup-test` (or pip install -e '.[test]') first, or pass --no_hf to time t5jax alone"
+    )
 
 
 def machine_state() -> str:

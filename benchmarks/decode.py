@@ -265,6 +265,7 @@ def main():
     fns = dict(t5jax=worker_t5jax, torch=worker_torch, mm_xla=worker_mm, mm_torch=worker_mm)
     H.write_result(args._out, fns[args._worker](args))
     return
+  H.require_reference("benchmarks/decode.py", args.no_hf)
 
   import jax
   import numpy as np

@@ -315,6 +315,7 @@ def main():
       fn = worker_t5jax if args._worker == "t5jax" else worker_torch
       H.write_result(args._out, fn(args))
     return
+  H.require_reference("benchmarks/train.py", args.no_hf)
 
   import jax
 
