@@ -29,10 +29,11 @@ time is the median of its timed steps; tokens/s = batch * (input_len + target_le
 model TFLOP/s = t5jax.flops.train_step_flops / step time.
 
 `--matmul` (on by default on CPU) also times the step's dense matmuls alone (every projection and
-the output layer, forward and both backward products, at their shapes in this step) in XLA and in
-torch, in fresh processes at the same settings, so a floor shows when the matmul library itself is
-the difference. `--load N` keeps N `python -c 'while 1: pass'` processes running during every
-measurement.
+the output layer, forward and both backward products, at their shapes and in the operand layouts
+each side's step uses) and the optimizer update alone (same parameters, random gradients) in XLA
+and in torch, in fresh processes at the same settings, and prints the ceiling they set: the best
+transformers step over XLA's matmul (+ optimizer) time. `--load N` keeps N
+`python -c 'while 1: pass'` processes running during every measurement.
 """
 
 from __future__ import annotations
@@ -133,10 +134,16 @@ def make_batch(config, args):
   }
 
 
-def matmul_shapes(config, b: int, s: int, t: int) -> list[tuple[int, int, int, int]]:
-  """(M, K, N, count) of every dense matmul in one train step: forward x @ W and the two
-  backward products (dX = dY W^T: M,N,K; dW = X^T dY: K,M,N). Attention score/value products
-  (batched, small at these lengths) are left out, as are the loss and optimizer."""
+FORMS = ("fwd", "dx", "dw")
+
+
+def matmul_shapes(config, b: int, s: int, t: int) -> list[tuple[str, int, int, int, int]]:
+  """(form, M, K, N, count) of every dense matmul in one train step, for a layer `x [M, K] @ W`
+  with `N` outputs: "fwd" the forward product, "dx" = dY Wᵀ and "dw" = Xᵀ dY the two backward
+  products. Each side times a form as its step runs it (`mm_product`): the operands keep the
+  layouts they have in the step, so a library that is slower on transposed operands shows it.
+  Attention score/value products (batched, small at these lengths), the loss and the optimizer
+  are left out."""
   d, a, f, v = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.vocab_size
   m_mlp = 2 if config.feed_forward_proj.startswith("gated") else 1
   fwd: dict[tuple[int, int, int], int] = {}
@@ -155,11 +162,42 @@ def matmul_shapes(config, b: int, s: int, t: int) -> list[tuple[int, int, int, i
   add(b * t, d, f, m_mlp * ld)
   add(b * t, f, d, ld)
   add(b * t, d, v, 1)  # output layer
-  out: dict[tuple[int, int, int], int] = {}
-  for (m, k, n), c in fwd.items():
-    for shape in ((m, k, n), (m, n, k), (k, m, n)):
-      out[shape] = out.get(shape, 0) + c
-  return [(m, k, n, c) for (m, k, n), c in out.items()]
+  return [(form, m, k, n, c) for (m, k, n), c in fwd.items() for form in FORMS]
+
+
+def mm_key(form: str, m: int, k: int, n: int) -> str:
+  return f"{form} {m}x{k}x{n}"
+
+
+def mm_operands(side: str, form: str, m: int, k: int, n: int, rng):
+  """Random float32 operands of one form as `side` ("xla" or "torch") holds them in its step:
+  t5jax keeps weights `[K, N]` (x @ W), torch's Linear `[N, K]` (x @ Wᵀ)."""
+  import numpy as np
+
+  x = rng.standard_normal((m, k), np.float32)
+  g = rng.standard_normal((m, n), np.float32)
+  w = rng.standard_normal((k, n), np.float32)
+  if side == "torch":
+    w = np.ascontiguousarray(w.T)
+  return {"fwd": (x, w), "dx": (g, w), "dw": (x, g) if side == "xla" else (g, x)}[form]
+
+
+def mm_product(side: str, form: str):
+  """The product of `form` on `side`'s operands (`mm_operands`), written as autodiff (XLA) or
+  autograd (torch) runs it: XLA fwd x @ W, dx dot(dY, W) over N, dw dot(X, dY) over M -> [K, N];
+  torch fwd x @ Wᵀ, dx dY @ W, dw dYᵀ @ X -> [N, K]."""
+  if side == "xla":
+    import jax
+
+    dims = {"fwd": ((1,), (0,)), "dx": ((1,), (1,)), "dw": ((0,), (0,))}[form]
+    return jax.jit(lambda p, q: jax.lax.dot_general(p, q, (dims, ((), ()))))
+  import torch
+
+  return {
+    "fwd": lambda p, q: torch.mm(p, q.t()),
+    "dx": torch.mm,
+    "dw": lambda p, q: torch.mm(p.t(), q),
+  }[form]
 
 
 # --- workers (each in its own process) -------------------------------------------------------
@@ -196,11 +234,24 @@ def worker_t5jax(args) -> dict:
   )
 
 
-def worker_torch(args) -> dict:
+def torch_optimizer(args, parameters):
+  """The reference's optimizer: transformers' Adafactor, or torch's AdamW (see the docstring)."""
   import torch
   import transformers
 
   from t5jax.train_config import OptimizerConfig
+
+  if args.optimizer == "adafactor":
+    return transformers.optimization.Adafactor(
+      parameters, lr=args.lr, scale_parameter=True, relative_step=False, warmup_init=False
+    )
+  a = OptimizerConfig().adamw
+  return torch.optim.AdamW(parameters, lr=args.lr, betas=(a.b1, a.b2), eps=a.eps, weight_decay=0.0)
+
+
+def worker_torch(args) -> dict:
+  import torch
+  import transformers
 
   torch.set_num_threads(args._nthreads)
   model = transformers.T5ForConditionalGeneration.from_pretrained(
@@ -215,15 +266,7 @@ def worker_torch(args) -> dict:
       m.p = args.dropout
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model.to(device).train()
-  if args.optimizer == "adafactor":
-    opt = transformers.optimization.Adafactor(
-      model.parameters(), lr=args.lr, scale_parameter=True, relative_step=False, warmup_init=False
-    )
-  else:
-    a = OptimizerConfig().adamw
-    opt = torch.optim.AdamW(
-      model.parameters(), lr=args.lr, betas=(a.b1, a.b2), eps=a.eps, weight_decay=0.0
-    )
+  opt = torch_optimizer(args, model.parameters())
   batch_np = make_batch(config, args)
   ids = torch.tensor(batch_np["encoder_input_tokens"], dtype=torch.long, device=device)
   labels = torch.tensor(batch_np["decoder_target_tokens"], dtype=torch.long, device=device)
@@ -273,11 +316,11 @@ def worker_mm(args, config_shapes) -> dict:
     import jax.numpy as jnp
 
     dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    mm = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
-    for m, k, n, _ in config_shapes:
-      x = jnp.asarray(rng.standard_normal((m, k), np.float32), dt)
-      w = jnp.asarray(rng.standard_normal((k, n), np.float32), dt)
-      res[f"{m}x{k}x{n}"] = _best_time(lambda x=x, w=w: mm(x, w).block_until_ready())
+    for form, m, k, n, _ in config_shapes:
+      mm = mm_product("xla", form)
+      p, q = (jnp.asarray(a, dt) for a in mm_operands("xla", form, m, k, n, rng))
+      res[mm_key(form, m, k, n)] = _best_time(lambda p=p, q=q, mm=mm: mm(p, q).block_until_ready())
+    res["optimizer"] = _optimizer_time_xla(args)
     version = f"jax {jax.__version__}"
   else:
     import torch
@@ -285,12 +328,66 @@ def worker_mm(args, config_shapes) -> dict:
     torch.set_num_threads(args._nthreads)
     dt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.no_grad():
-      for m, k, n, _ in config_shapes:
-        x = torch.from_numpy(rng.standard_normal((m, k), np.float32)).to(dt)
-        w = torch.from_numpy(rng.standard_normal((k, n), np.float32)).to(dt)
-        res[f"{m}x{k}x{n}"] = _best_time(lambda x=x, w=w: torch.mm(x, w))
+      for form, m, k, n, _ in config_shapes:
+        mm = mm_product("torch", form)
+        p, q = (torch.from_numpy(a).to(dt) for a in mm_operands("torch", form, m, k, n, rng))
+        res[mm_key(form, m, k, n)] = _best_time(lambda p=p, q=q, mm=mm: mm(p, q))
+    res["optimizer"] = _optimizer_time_torch(args)
     version = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
   return dict(times=res, versions=version)
+
+
+def _optimizer_time_xla(args) -> float:
+  """Seconds of one optimizer update plus `apply_updates` alone, as the train step runs it
+  (t5jax.optim.make_optimizer, parameters and state donated), on the model's parameters with
+  random gradients; best of `_best_time`."""
+  import jax
+  import numpy as np
+  import optax
+
+  import t5jax
+  from t5jax import optim
+  from t5jax.train_config import OptimizerConfig
+
+  params = t5jax.load_hf(args._ckpt)[1]
+  cfg = OptimizerConfig(
+    name=args.optimizer, learning_rate=args.lr, schedule="constant", warmup_steps=0
+  )
+  tx = optim.make_optimizer(cfg, optim.make_schedule(cfg))
+  rng = np.random.default_rng(1)
+  grads = jax.tree.map(
+    lambda p: (rng.standard_normal(p.shape, np.float32) * 1e-3).astype(p.dtype), params
+  )
+
+  @jax.jit
+  def update(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  update = jax.jit(update.__wrapped__, donate_argnums=(0, 1))
+  state = [jax.device_put(params), tx.init(params)]
+
+  def run():
+    state[0], state[1] = update(state[0], state[1], grads)
+    jax.block_until_ready(state[0])
+
+  return _best_time(run)
+
+
+def _optimizer_time_torch(args) -> float:
+  """Seconds of the reference optimizer's `step()` alone on the same model's parameters with
+  random gradients; best of `_best_time`."""
+  import torch
+  import transformers
+
+  model = transformers.T5ForConditionalGeneration.from_pretrained(
+    args._ckpt, dtype=torch.float32, attn_implementation="eager"
+  )
+  gen = torch.Generator().manual_seed(1)
+  for p in model.parameters():
+    p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+  opt = torch_optimizer(args, model.parameters())
+  return _best_time(opt.step)
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -413,15 +510,29 @@ def main():
     print()
     shapes = matmul_shapes(config, b, s, t)
     names = list(mm)
-    print("dense matmuls of one step alone (M x K x N, count; ms each, best of 5):")
-    print(f"{'shape':22} {'count':>5} " + " ".join(f"{n:>14}" for n in names))
+    print(
+      "dense matmuls of one step alone (layer x [M, K] @ W -> N; fwd, dx = dY Wᵀ, dw = Xᵀ dY,"
+      " each in its step's operand layouts; ms each, best of 5):"
+    )
+    print(f"{'product':26} {'count':>5} " + " ".join(f"{n:>14}" for n in names))
     totals = dict.fromkeys(names, 0.0)
-    for m, k, n, c in sorted(shapes, key=lambda x: -x[0] * x[1] * x[2] * x[3]):
-      key = f"{m}x{k}x{n}"
+    by_form = {nm: dict.fromkeys(FORMS, 0.0) for nm in names}
+    for form, m, k, n, c in sorted(shapes, key=lambda x: (-x[1] * x[2] * x[3] * x[4], x[0])):
+      key = mm_key(form, m, k, n)
       for nm in names:
         totals[nm] += c * mm[nm]["times"][key]
-      print(f"{key:22} {c:5d} " + " ".join(f"{mm[nm]['times'][key] * 1e3:14.2f}" for nm in names))
-    print(f"{'total s per step':28} " + " ".join(f"{totals[nm]:14.3f}" for nm in names))
+        by_form[nm][form] += c * mm[nm]["times"][key]
+      print(f"{key:26} {c:5d} " + " ".join(f"{mm[nm]['times'][key] * 1e3:14.2f}" for nm in names))
+    for form in FORMS:
+      print(
+        f"{'  all ' + form + ', s per step':32} "
+        + " ".join(f"{by_form[nm][form]:14.3f}" for nm in names)
+      )
+    print(f"{'total s per step':32} " + " ".join(f"{totals[nm]:14.3f}" for nm in names))
+    opt_s = {nm: mm[nm]["times"].get("optimizer", float("nan")) for nm in names}
+    print(f"{'optimizer update alone, s':32} " + " ".join(f"{opt_s[nm]:14.3f}" for nm in names))
+    floor = {nm: totals[nm] + opt_s[nm] for nm in names}
+    print(f"{'matmuls + optimizer, s':32} " + " ".join(f"{floor[nm]:14.3f}" for nm in names))
     xla_best = min((v for k, v in totals.items() if k.startswith("XLA")), default=float("nan"))
     torch_tot = [v for k, v in totals.items() if k.startswith("torch")]
     if torch_tot:
@@ -431,6 +542,14 @@ def main():
       if ref_name:
         share += f", torch {min(torch_tot) / best[ref_name]['step'] * 100:.0f}%"
       print(share)
+    if ref_name:
+      xla_floor = min((v for k, v in floor.items() if k.startswith("XLA")), default=float("nan"))
+      ref_s = best[ref_name]["step"]
+      print(
+        f"ceiling (best transformers step / XLA's time alone): {ref_s / xla_best:.2f}x over the"
+        f" matmuls, {ref_s / xla_floor:.2f}x over matmuls + optimizer: the ratio t5jax would reach"
+        " if nothing else in its step took time"
+      )
   print(f"machine after: {H.machine_state()}")
 
 
