@@ -13,9 +13,9 @@
 2. **Train step** at t5-v1_1-base, batch 64, 512/128 tokens, bf16 compute (float32 parameters,
    Adafactor), for a small grid of (attention_impl, scan_layers, remat, loss block_size); model
    TFLOP/s (t5jax.flops: 3 x forward matmul FLOPs) and MFU against the device's dense bf16 peak
-   (989 TFLOP/s for H100/H200 SXM; `--peak_tflops` otherwise), next to transformers' eager
-   PyTorch step (bf16 autocast, same optimizer) measured in the same run. A grid entry whose
-   T5Config field does not exist in this checkout is skipped with a note.
+   (989 TFLOP/s for H100/H200 SXM, 835 NVL, 756 H100 PCIe; `--peak_tflops` otherwise), next to
+   transformers' eager PyTorch step (bf16 autocast, same optimizer) measured in the same run. A
+   grid entry whose T5Config field does not exist in this checkout is skipped with a note.
 3. **Decoding**: greedy, beam-4 and sampling new tokens/s at batch 64, 512 input tokens, 128 new
    tokens forced (`ignore_eos`), bf16, next to transformers' generate() (bf16 weights).
 
@@ -54,7 +54,22 @@ import t5jax  # noqa: E402
 from t5jax import flops, model, optim, sharding, trainer  # noqa: E402
 from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 peaks (vendor datasheets, without sparsity), the most specific name first: the PCIe
+# and NVL boards run lower clocks and power than the SXM parts.
+PEAK_BF16_TFLOPS = (
+  ("H100 PCIe", 756.0),
+  ("H100 NVL", 835.0),
+  ("H200 NVL", 835.0),
+  ("H100", 989.0),
+  ("H200", 989.0),
+  ("A100", 312.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float:
+  """The dense bf16 peak of a device by its `device_kind` name; 0 when unknown."""
+  return next((v for k, v in PEAK_BF16_TFLOPS if k.lower() in device_kind.lower()), 0.0)
+
 
 # attention_impl, scan_layers, remat, loss block_size (0 = whole logits)
 DEFAULT_GRID = (
@@ -389,9 +404,7 @@ def main(argv=None):
   start = time.perf_counter()
   deadline = start + args.budget_s
   dev = jax.devices()[0]
-  peak = args.peak_tflops or next(
-    (v for k, v in PEAK_BF16_TFLOPS.items() if k in dev.device_kind), 0.0
-  )
+  peak = args.peak_tflops or peak_tflops(dev.device_kind)
   print(
     f"device: {dev.device_kind} ({jax.default_backend()}) x{jax.device_count()}, jax "
     f"{jax.__version__}; peak bf16 {peak or 'unknown'} TFLOP/s; {args.preset}"

@@ -37,3 +37,21 @@ def test_gpu_script_smoke_without_device_only_packages(tmp_path):
   methods = {r["method"]: r for r in res["decode"]}
   assert set(methods) == {"greedy", "beam", "sample"}
   assert all("t5jax_s" in r and "transformers_s" in r for r in methods.values()), methods
+
+
+def test_peak_by_device_name():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+    "gpu_bench", os.path.join(ROOT, "benchmarks", "gpu.py")
+  )
+  gpu = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gpu)
+  # jax's device_kind names; the NVL and PCIe boards must not get the SXM peak.
+  assert gpu.peak_tflops("NVIDIA H200") == 989.0
+  assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+  assert gpu.peak_tflops("NVIDIA H200 NVL") == 835.0
+  assert gpu.peak_tflops("NVIDIA H100 NVL") == 835.0
+  assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert gpu.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+  assert gpu.peak_tflops("cpu") == 0.0
