@@ -355,16 +355,17 @@ def _optimizer_time_xla(args) -> float:
   )
   tx = optim.make_optimizer(cfg, optim.make_schedule(cfg))
   rng = np.random.default_rng(1)
-  grads = jax.tree.map(
-    lambda p: (rng.standard_normal(p.shape, np.float32) * 1e-3).astype(p.dtype), params
+  grads = jax.device_put(
+    jax.tree.map(
+      lambda p: (rng.standard_normal(p.shape, np.float32) * 1e-3).astype(p.dtype), params
+    )
   )
 
-  @jax.jit
   def update(params, opt_state, grads):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  update = jax.jit(update.__wrapped__, donate_argnums=(0, 1))
+  update = jax.jit(update, donate_argnums=(0, 1))
   state = [jax.device_put(params), tx.init(params)]
 
   def run():
