@@ -205,10 +205,13 @@ def readable(workdir: str, step: int) -> bool:
   mismatch, not damage."""
   mgr = _reader(os.path.join(os.path.abspath(workdir), "checkpoints"))
   try:
-    _restore_state_at(mgr, step)
-    return True
-  except Exception:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
-    return False
+    with orbax_errors.dropping_failed_reads() as reads:
+      try:
+        _restore_state_at(mgr, step)
+        return True
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
+        reads.failure(e)
+        return False
   finally:
     mgr.close()
 
@@ -265,20 +268,25 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
     if not steps:
       raise FileNotFoundError(f"{directory}: no checkpoint")
     skipped = []
-    for s in steps:
-      try:
-        params = _restore_state_at(mgr, s)["params"]
-      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
-        skipped.append(f"{s} ({short_error(e)})")
-        continue
-      if skipped:
-        print(
-          f"warning: {directory}: skipped unreadable checkpoint {', '.join(skipped)}; "
-          f"using checkpoint {s}",
-          file=sys.stderr,
-        )
-      return s, params
-    raise CheckpointError(f"{directory}: no readable checkpoint: {'; '.join(skipped)}")
+    with orbax_errors.dropping_failed_reads() as reads:
+      for s in steps:
+        try:
+          params = _restore_state_at(mgr, s)["params"]
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
+          skipped.append(f"{s} ({short_error(reads.failure(e))})")
+          continue
+        break
+      else:
+        s = None
+    if s is None:
+      raise CheckpointError(f"{directory}: no readable checkpoint: {'; '.join(skipped)}")
+    if skipped:
+      print(
+        f"warning: {directory}: skipped unreadable checkpoint {', '.join(skipped)}; "
+        f"using checkpoint {s}",
+        file=sys.stderr,
+      )
+    return s, params
   finally:
     mgr.close()
 

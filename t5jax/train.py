@@ -22,7 +22,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from t5jax import checkpoint, data, distributed, hf, optim, sharding, train_config, trainer
+from t5jax import (
+  checkpoint,
+  data,
+  distributed,
+  hf,
+  optim,
+  orbax_errors,
+  sharding,
+  train_config,
+  trainer,
+)
 from t5jax import metrics as metrics_lib
 from t5jax import workdir as workdir_lib
 from t5jax.config import T5Config, get_config
@@ -182,18 +192,23 @@ def _restore_newest_readable(ckpt, abstract, datasets, workdir: str):
   state (another optimizer) is not damage: that error is raised at once."""
   steps = sorted(ckpt.all_steps(), reverse=True)
   skipped = []
-  for step in steps:
-    try:
-      state = _restore(ckpt, step, abstract, datasets, workdir, close_on_error=False)
-    except TrainingError as e:  # not into this config's state: a mismatch, or damage?
-      if checkpoint.readable(workdir, step):
-        ckpt.close()
-        raise
-      skipped.append((step, e.__cause__ or e))
-      continue
-    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
-      skipped.append((step, e))
-      continue
+  with orbax_errors.dropping_failed_reads() as reads:
+    for step in steps:
+      try:
+        state = _restore(ckpt, step, abstract, datasets, workdir, close_on_error=False)
+      except TrainingError as e:  # not into this config's state: a mismatch, or damage?
+        if checkpoint.readable(workdir, step):
+          ckpt.close()
+          raise
+        skipped.append((step, reads.failure(e.__cause__ or e)))
+        continue
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
+        skipped.append((step, reads.failure(e)))
+        continue
+      break
+    else:
+      step = None
+  if step is not None:
     if skipped:
       names = ", ".join(str(s) for s, _ in skipped)
       reason = checkpoint.short_error(skipped[0][1])
