@@ -14,16 +14,17 @@ encoder/decoder_segment_ids and _positions [B,S]/[B,T] when packed. Shapes are f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import grain
 import numpy as np
 
+from t5jax import sources, streams
 from t5jax.errors import DataError as DataError  # its home is t5jax.errors
 from t5jax.tasks import (  # noqa: F401  (number_to_words re-exported)
   BUILTIN_TASKS,
@@ -32,7 +33,7 @@ from t5jax.tasks import (  # noqa: F401  (number_to_words re-exported)
   number_to_words,
 )
 from t5jax.tokenizer import EOS_ID, Tokenizer, load_tokenizer, train_sentencepiece
-from t5jax.train_config import INPUT_COLUMNS, TARGET_COLUMNS, DataConfig
+from t5jax.train_config import INPUT_COLUMNS, TARGET_COLUMNS, DataConfig, TaskConfig
 
 # Background preprocessing: a few threads and a short buffer (grain's default, 16 threads and 500
 # elements, makes the first batch and every restore slow on a small CPU host).
@@ -438,105 +439,98 @@ class EvalData:
 
 
 class Datasets(NamedTuple):
-  train: BatchIterator
-  eval: EvalData | None
+  """This host's training iterator and evaluation sets.
 
-
-class _ShuffledEpochs(Sequence):
-  """Endless record stream: flat index e * n + i is record perm_e[i] of epoch e.
-
-  grain's `MapDataset.shuffle` computes every index with a per-element Feistel permutation that
-  cost ~2.5 ms per element on our 2-core CPU box (measured), which starves a small training step;
-  a numpy permutation per epoch (seeded by (seed, epoch)) is microseconds per element and keeps
-  random access, so grain's iterator state (the next flat index) still pins the position exactly.
+  Attributes:
+    train: the infinite training iterator.
+    eval: the evaluation set of a single-task run (None without one, and for mixtures).
+    tasks: a mixture's evaluation sets by task name (those with an eval_file); empty otherwise.
   """
 
-  def __init__(self, records: Sequence[Any], seed: int, shuffle: bool, num_epochs: int = 1 << 32):
-    self._records = records
-    self._seed = seed
-    self._shuffle = shuffle
-    self._num_epochs = num_epochs
-    self._perms: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()
+  train: BatchIterator
+  eval: EvalData | None
+  tasks: dict[str, EvalData] = {}
 
-  def __len__(self) -> int:
-    return len(self._records) * self._num_epochs
-
-  def _perm(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      if epoch not in self._perms:
-        if len(self._perms) >= 2:  # prefetch threads straddle at most one epoch boundary
-          del self._perms[min(self._perms)]
-        rng = np.random.default_rng([self._seed, epoch])
-        self._perms[epoch] = rng.permutation(len(self._records))
-      return self._perms[epoch]
-
-  def __getitem__(self, index: int) -> Any:
-    epoch, i = divmod(int(index), len(self._records))
-    return self._records[int(self._perm(epoch)[i]) if self._shuffle else i]
+  def eval_sets(self) -> dict[str, EvalData]:
+    """Every evaluation set by metrics split name: "eval", or "eval/<task>" per mixture task."""
+    if self.eval is not None:
+      return {"eval": self.eval}
+    return {f"eval/{name}": ev for name, ev in self.tasks.items()}
 
 
-def _batch_stream(
-  records: Sequence[Any],
-  preprocess: Callable[[Any, np.random.Generator], dict[str, np.ndarray]],
-  *,
-  batch_size: int,
-  input_length: int,
-  target_length: int,
-  pack: bool,
-  shuffle: bool,
-  seed: int,
-  process_index: int,
-  process_count: int,
-) -> BatchIterator:
-  """records -> host shard -> shuffle per epoch, repeat -> preprocess -> pack/pad -> batch."""
-  shard = list(records)[process_index::process_count]
-  if not shard:
-    raise DataError(f"host {process_index} of {process_count} has no training records")
-  ds = grain.MapDataset.source(_ShuffledEpochs(shard, seed, shuffle))
-  ds = ds.random_map(preprocess, seed=seed + 1)
-  it = ds.to_iter_dataset(_READ_OPTIONS)
-  if pack:
-    it = grain.experimental.FirstFitPackIterDataset(
-      it,
-      length_struct={"inputs": input_length, "targets": target_length},
-      num_packing_bins=batch_size,
-      shuffle_bins=False,
-    )
-    it = it.batch(batch_size, drop_remainder=True).map(_packed_features)
+# ------------------------------------------------------------------------------------------------
+# Tasks: one per run, or a mixture's.
+
+
+class _Task(NamedTuple):
+  name: str
+  cfg: TaskConfig
+  kind: str  # "builtin", "pairs" or "text"
+  fmt: str  # a sources format or "auto"
+  manifest: dict[str, Any] | None  # a prepared folder's
+
+
+def _tasks(data_cfg: DataConfig) -> list[_Task]:
+  """The run's tasks: `data_cfg.tasks` by name, or the one task of the top-level fields."""
+  if data_cfg.tasks:
+    items = sorted(data_cfg.tasks.items())
   else:
-    it = it.batch(
-      batch_size,
-      drop_remainder=True,
-      batch_fn=lambda exs: pad_batch(exs, input_length, target_length),
-    )
-  return BatchIterator(it)
+    fields = {f.name for f in dataclasses.fields(TaskConfig)} - {"rate", "num_examples"}
+    items = [("", TaskConfig(**{k: getattr(data_cfg, k) for k in fields}))]
+  out = []
+  for name, t in items:
+    kind = {"tsv": "pairs", "jsonl": "pairs", "span_corruption": "text"}.get(t.kind, t.kind)
+    fmt = t.kind if t.kind in ("tsv", "jsonl") else t.format
+    manifest = sources.prepared_manifest(t.train_file) if t.train_file else None
+    if manifest is not None and manifest["kind"] != kind:
+      raise DataError(
+        f"{t.train_file}: prepared as {manifest['kind']} records, but the task reads {kind}"
+      )
+    out.append(_Task(name, t, kind, fmt, manifest))
+  return out
+
+
+def _fields(t: TaskConfig) -> sources.Fields:
+  return sources.Fields(t.input_field, t.target_field, t.text_field)
+
+
+def _what(task: _Task, field: str) -> str:
+  return f"--config.data.{'tasks.' + task.name + '.' if task.name else ''}{field}"
+
+
+def _builtin_pairs(task: _Task, data_cfg: DataConfig, split: str, seed: int) -> list[Example]:
+  n = data_cfg.builtin_train_size if split == "train" else data_cfg.builtin_eval_size
+  names = [t.strip() for t in task.cfg.builtin_tasks.split(",") if t.strip()]
+  return builtin_task_examples(split, n, seed, names)
 
 
 def _training_texts(data_cfg: DataConfig, seed: int) -> list[str]:
-  """The raw text a tokenizer is trained on: inputs and targets, or corpus documents."""
-  kind = data_cfg.kind
-  if kind == "span_corruption":
-    return read_corpus(data_cfg.train_file, data_cfg.text_field)
-  pairs = _read_pairs(data_cfg, data_cfg.train_file, "train", seed)
-  return [t for pair in pairs for t in pair if t]
-
-
-def _read_pairs(data_cfg: DataConfig, path: str, split: str, seed: int) -> list[Example]:
-  kind = data_cfg.kind
-  if kind == "builtin":
-    n = data_cfg.builtin_train_size if split == "train" else data_cfg.builtin_eval_size
-    tasks = [t.strip() for t in data_cfg.builtin_tasks.split(",") if t.strip()]
-    return builtin_task_examples(split, n, seed, tasks)
-  if kind == "tsv":
-    return read_tsv(path, data_cfg.input_field, data_cfg.target_field)
-  if kind == "jsonl":
-    return read_jsonl(path, data_cfg.input_field, data_cfg.target_field)
-  raise ValueError(f"no example pairs in data kind {kind!r}")  # span_corruption: a corpus
+  """The raw text a tokenizer is trained on: inputs and targets, or documents (a bounded read)."""
+  tasks = _tasks(data_cfg)
+  budget = max(data_cfg.spm_training_records // len(tasks), 1)
+  texts: list[str] = []
+  for task in tasks:
+    if task.manifest is not None:
+      raise DataError(f"{task.cfg.train_file}: prepared shards need their own tokenizer")
+    if task.kind == "builtin":
+      records = _builtin_pairs(task, data_cfg, "train", seed)
+    else:
+      records = sources.read_all(
+        task.cfg.train_file,
+        task.kind,
+        _fields(task.cfg),
+        task.fmt,
+        limit=budget,
+        what=_what(task, "train_file"),
+      )
+    for r in records:
+      texts += [r] if isinstance(r, str) else [task.cfg.prefix + r[0], r[1]]
+  return [t for t in texts if t]
 
 
 def build_tokenizer(data_cfg: DataConfig, workdir: str | None = None, seed: int = 0) -> Tokenizer:
-  """Loads `data_cfg.tokenizer`, or trains one on the training text and saves it in workdir.
+  """Loads `data_cfg.tokenizer`, or a prepared folder's, or trains one on the training text and
+  saves it in workdir.
 
   A tokenizer already saved in `<workdir>/tokenizer` is reused, so a resumed run keeps its ids.
   """
@@ -547,12 +541,236 @@ def build_tokenizer(data_cfg: DataConfig, workdir: str | None = None, seed: int 
     out_dir = os.path.join(workdir, "tokenizer") if workdir else None
     if out_dir and os.path.isdir(out_dir) and os.listdir(out_dir):
       return load_tokenizer(out_dir)
+    prepared = [t.manifest for t in _tasks(data_cfg) if t.manifest is not None]
+    if prepared:
+      return load_tokenizer(os.path.join(prepared[0]["dir"], "tokenizer"))
     texts, size = _training_texts(data_cfg, seed), data_cfg.spm_vocab_size
     return train_sentencepiece(texts, size, out_dir, extra_ids=data_cfg.extra_ids)
   except DataError:
     raise
   except ValueError as e:  # a SentencePiece model or training text that cannot make a tokenizer
     raise DataError(str(e)) from e
+
+
+def _check_prepared(task: _Task, tokenizer: Tokenizer) -> None:
+  m = task.manifest
+  if m is not None and m["tokenizer_sha256"] != tokenizer.fingerprint():
+    raise DataError(
+      f"{task.cfg.train_file}: prepared with another tokenizer than this run's "
+      f"({m['tokenizer']}); prepare again or set --config.data.tokenizer={m['dir']}/tokenizer"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Training streams.
+
+
+class _EncodePair:
+  """(input, target) text -> {"inputs", "targets"} ids (prefix added, truncated; picklable)."""
+
+  def __init__(self, tokenizer: Tokenizer, prefix: str, input_length: int, target_length: int):
+    self.tokenizer, self.prefix = tokenizer, prefix
+    self.input_length, self.target_length = input_length, target_length
+
+  def __call__(self, pair, rng=None) -> dict[str, np.ndarray]:
+    del rng
+    return {
+      "inputs": truncate(self.tokenizer.encode(self.prefix + pair[0]), self.input_length),
+      "targets": truncate(self.tokenizer.encode(pair[1]), self.target_length),
+    }
+
+
+class _DecodePrepared:
+  """A prepared record `(file, index, bytes)` -> ids (pairs: truncated {"inputs", "targets"})."""
+
+  def __init__(self, kind: str, input_length: int, target_length: int):
+    self.kind, self.input_length, self.target_length = kind, input_length, target_length
+
+  def __call__(self, record):
+    path, index, raw = record
+    arrays = sources.decode_tokens(raw, f"{path}: record {index}")
+    if self.kind == "text":
+      return arrays[0]
+    return {
+      "inputs": truncate(arrays[0], self.input_length),
+      "targets": truncate(arrays[1], self.target_length),
+    }
+
+
+class _ParseRaw:
+  """A raw ArrayRecord record `(file, index, bytes)` -> a pair or a document."""
+
+  def __init__(self, kind: str, fields: sources.Fields):
+    self.kind, self.fields = kind, fields
+
+  def __call__(self, record):
+    path, index, raw = record
+    return sources.parse_arrayrecord(raw, self.kind, self.fields, f"{path}: record {index}")
+
+
+class _Tokenize:
+  """A document -> its ids without eos (picklable for grain's workers)."""
+
+  def __init__(self, tokenizer: Tokenizer | None):
+    self.tokenizer = tokenizer
+
+  def __call__(self, doc) -> np.ndarray:
+    if self.tokenizer is None:  # already ids (prepared shards)
+      return doc
+    return np.asarray(self.tokenizer.encode(doc)[:-1], np.int32)
+
+
+class _Corrupt:
+  def __init__(self, tokenizer: Tokenizer, data_cfg: DataConfig):
+    self.sentinel_id = tokenizer.sentinel_id
+    self.noise_density = data_cfg.noise_density
+    self.mean_noise_span_length = data_cfg.mean_noise_span_length
+
+  def __call__(self, chunk: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    inputs, targets = span_corrupt(
+      chunk,
+      rng,
+      self.sentinel_id,
+      noise_density=self.noise_density,
+      mean_noise_span_length=self.mean_noise_span_length,
+    )
+    return {"inputs": inputs, "targets": targets}
+
+
+def _raw_chunk_length(data_cfg: DataConfig, tokenizer: Tokenizer) -> int:
+  """The raw chunk length of span corruption at these lengths; checks the sentinels suffice."""
+  raw = span_corruption_raw_length(
+    data_cfg.max_input_length,
+    data_cfg.max_target_length,
+    data_cfg.noise_density,
+    data_cfg.mean_noise_span_length,
+  )
+  num_noise = min(max(int(round(raw * data_cfg.noise_density)), 1), raw - 1)
+  num_spans = _corrupted_lengths(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length)[1]
+  num_spans -= num_noise + 1
+  if num_spans > getattr(tokenizer, "extra_ids", 0):
+    raise DataError(f"span corruption needs {num_spans} sentinels; the tokenizer has fewer")
+  return raw
+
+
+def _task_stream(
+  task: _Task, data_cfg: DataConfig, tokenizer: Tokenizer, seed: int, host: int, hosts: int
+) -> grain.IterDataset:
+  """One task's training examples {"inputs", "targets"} on this host, endless."""
+  s_len, t_len = data_cfg.max_input_length, data_cfg.max_target_length
+  shuffle = data_cfg.shuffle
+  encode = _EncodePair(tokenizer, task.cfg.prefix, s_len, t_len)
+  if task.kind == "builtin":
+    shard = _builtin_pairs(task, data_cfg, "train", seed)[host::hosts]
+    ds = grain.MapDataset.source(streams.ShuffledEpochs(shard, seed, shuffle))
+    return ds.random_map(encode, seed=seed + 1).to_iter_dataset(_READ_OPTIONS)
+  what = _what(task, "train_file")
+  if task.manifest is not None:
+    _check_prepared(task, tokenizer)
+    files = task.manifest["paths"]
+    ds = streams.random_access_records(
+      files, seed=seed, shuffle=shuffle, shard_index=host, shard_count=hosts
+    )
+    ds = ds.map(_DecodePrepared(task.kind, s_len, t_len)).to_iter_dataset(_READ_OPTIONS)
+    tokenize = _Tokenize(None)
+  else:
+    files = sources.resolve_files(task.cfg.train_file, what)
+    fields = _fields(task.cfg)
+    if all(sources.detect_format(f, task.fmt) == "arrayrecord" for f in files):
+      ds = streams.random_access_records(
+        files, seed=seed, shuffle=shuffle, shard_index=host, shard_count=hosts
+      )
+      ds = ds.map(_ParseRaw(task.kind, fields)).to_iter_dataset(_READ_OPTIONS)
+    else:
+      ds = streams.RecordStream(
+        files,
+        task.kind,
+        fields,
+        task.fmt,
+        seed=seed,
+        shuffle=shuffle,
+        window=data_cfg.shuffle_buffer,
+        shard_index=host,
+        shard_count=hosts,
+      )
+    if task.kind == "pairs":
+      return ds.map(encode)
+    tokenize = _Tokenize(tokenizer)
+  if task.kind == "pairs":
+    return ds
+  raw = _raw_chunk_length(data_cfg, tokenizer)
+  return streams.ChunkTokens(ds, tokenize, raw, _Corrupt(tokenizer, data_cfg), seed + 1)
+
+
+def _rates(tasks: list[_Task], data_cfg: DataConfig) -> list[float]:
+  """Each task's sampling weight: its rate, or min(examples, mixture_cap)."""
+  out = []
+  for task in tasks:
+    if task.cfg.rate > 0:
+      out.append(task.cfg.rate)
+      continue
+    if task.cfg.num_examples:
+      n = task.cfg.num_examples
+    elif task.kind == "builtin":
+      n = data_cfg.builtin_train_size
+    else:
+      n = sources.count_records(task.cfg.train_file, task.fmt)
+    out.append(float(min(n, data_cfg.mixture_cap) if data_cfg.mixture_cap else n))
+  if not any(out):
+    raise DataError("every task of the mixture has no training records")
+  return out
+
+
+def _batches(
+  examples: grain.IterDataset, data_cfg: DataConfig, batch_size: int
+) -> grain.IterDataset:
+  """Examples -> packed or padded batches of model features."""
+  s_len, t_len = data_cfg.max_input_length, data_cfg.max_target_length
+  if data_cfg.pack:
+    it = grain.experimental.FirstFitPackIterDataset(
+      examples,
+      length_struct={"inputs": s_len, "targets": t_len},
+      num_packing_bins=batch_size,
+      shuffle_bins=False,
+    )
+    return it.batch(batch_size, drop_remainder=True).map(_packed_features)
+  return examples.batch(batch_size, drop_remainder=True, batch_fn=_PadBatch(s_len, t_len))
+
+
+class _PadBatch:
+  def __init__(self, input_length: int, target_length: int):
+    self.input_length, self.target_length = input_length, target_length
+
+  def __call__(self, examples):
+    return pad_batch(examples, self.input_length, self.target_length)
+
+
+def train_stream(
+  data_cfg: DataConfig,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> BatchIterator:
+  """This host's endless training batches: each task's stream (its own shards or records) ->
+  tokenize / corrupt -> mix by rate -> pack or pad -> batch, in `data_cfg.num_workers` worker
+  processes (grain's `mp_prefetch`) when > 0."""
+  tasks = _tasks(data_cfg)
+  parts = [_task_stream(t, data_cfg, tokenizer, seed, process_index, process_count) for t in tasks]
+  if len(parts) == 1:
+    examples = parts[0]
+  else:
+    examples = grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
+  batches = _batches(examples, data_cfg, batch_size)
+  if data_cfg.num_workers:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+  return BatchIterator(batches)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation sets.
 
 
 def _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process_count) -> EvalData:
@@ -572,48 +790,82 @@ def _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process
   )
 
 
-def _span_corruption_datasets(
-  data_cfg: DataConfig, tokenizer: Tokenizer, common: dict[str, Any], process_index, process_count
-) -> Datasets:
-  """`make_datasets` for kind="span_corruption": corpus chunks, corrupted per element."""
-  s_len, t_len, batch_size = common["input_length"], common["target_length"], common["batch_size"]
-  raw = span_corruption_raw_length(
-    s_len, t_len, data_cfg.noise_density, data_cfg.mean_noise_span_length
-  )
-  # Targets hold one sentinel per span: length = noise + spans + eos.
-  num_noise = min(max(int(round(raw * data_cfg.noise_density)), 1), raw - 1)
-  num_spans = _corrupted_lengths(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length)[1]
-  num_spans -= num_noise + 1
-  if num_spans > getattr(tokenizer, "extra_ids", 0):
-    raise DataError(f"span corruption needs {num_spans} sentinels; the tokenizer has fewer")
-  corrupt = dict(
-    sentinel_id=tokenizer.sentinel_id,
-    noise_density=data_cfg.noise_density,
-    mean_noise_span_length=data_cfg.mean_noise_span_length,
-  )
-
-  def preprocess(chunk, rng):
-    inputs, targets = span_corrupt(chunk, rng, **corrupt)
-    return {"inputs": inputs, "targets": targets}
-
-  chunks = corpus_chunks(read_corpus(data_cfg.train_file, data_cfg.text_field), tokenizer, raw)
-  if not chunks:
-    raise DataError(f"{data_cfg.train_file}: corpus has fewer than 2 tokens")
-  train = _batch_stream(chunks, preprocess, **common)
-  if not data_cfg.eval_file:
-    return Datasets(train, None)
-  eval_chunks = corpus_chunks(read_corpus(data_cfg.eval_file, data_cfg.text_field), tokenizer, raw)
-  tokenized = [preprocess(c, np.random.default_rng([0, k])) for k, c in enumerate(eval_chunks)]
-  examples = [
-    (
-      tokenizer.decode(t["inputs"], keep_sentinels=True),
-      tokenizer.decode(t["targets"], keep_sentinels=True),
+def _eval_documents(task: _Task, tokenizer: Tokenizer, raw: int, limit: int):
+  """Token chunks of a task's evaluation documents, read until `limit` chunks (0 = all)."""
+  manifest = sources.prepared_manifest(task.cfg.eval_file)
+  if manifest is not None:
+    docs = (
+      sources.decode_tokens(r, p)[0]
+      for p in manifest["paths"]
+      for _, _, r in streams.ConcatRecords([p])
     )
-    for t in tokenized
-  ]
-  return Datasets(
-    train, _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process_count)
-  )
+  else:
+    files = sources.resolve_files(task.cfg.eval_file, _what(task, "eval_file"))
+    docs = (
+      np.asarray(tokenizer.encode(doc)[:-1], np.int32)
+      for f in files
+      for _, doc in sources.iter_records(f, "text", _fields(task.cfg), task.fmt)
+    )
+  chunks, buf = [], np.zeros(0, np.int32)
+  for ids in docs:
+    buf = np.concatenate([buf, ids])
+    while len(buf) >= raw:
+      chunks.append(buf[:raw])
+      buf = buf[raw:]
+      if limit and len(chunks) >= limit:
+        return chunks
+  if len(buf) >= 2:
+    chunks.append(buf)
+  return chunks
+
+
+def _task_eval(
+  task: _Task, data_cfg: DataConfig, tokenizer: Tokenizer, batch_size, host, hosts
+) -> EvalData | None:
+  limit = data_cfg.max_eval_examples
+  s_len, t_len = data_cfg.max_input_length, data_cfg.max_target_length
+  if task.kind == "builtin":
+    # The evaluation set does not depend on the training seed, so runs stay comparable.
+    examples = _builtin_pairs(task, data_cfg, "validation", 0)
+  elif not task.cfg.eval_file:
+    return None
+  elif task.kind == "pairs":
+    encode = _EncodePair(tokenizer, task.cfg.prefix, s_len, t_len)
+    manifest = sources.prepared_manifest(task.cfg.eval_file)
+    if manifest is not None:
+      records = streams.ConcatRecords(manifest["paths"])
+      n = min(len(records), limit) if limit else len(records)
+      decode = _DecodePrepared("pairs", s_len, t_len)
+      tokenized = [decode(records[k]) for k in range(n)]
+      examples = [
+        (tokenizer.decode(t["inputs"]), tokenizer.decode(t["targets"])) for t in tokenized
+      ]
+      return _eval_data(tokenized, examples, batch_size, data_cfg, host, hosts)
+    examples = sources.read_all(
+      task.cfg.eval_file,
+      "pairs",
+      _fields(task.cfg),
+      task.fmt,
+      limit=limit,
+      what=_what(task, "eval_file"),
+    )
+    examples = [(task.cfg.prefix + i, t) for i, t in examples]
+  else:
+    raw = _raw_chunk_length(data_cfg, tokenizer)
+    corrupt = _Corrupt(tokenizer, data_cfg)
+    chunks = _eval_documents(task, tokenizer, raw, limit)
+    tokenized = [corrupt(c, np.random.default_rng([0, k])) for k, c in enumerate(chunks)]
+    examples = [
+      (
+        tokenizer.decode(t["inputs"], keep_sentinels=True),
+        tokenizer.decode(t["targets"], keep_sentinels=True),
+      )
+      for t in tokenized
+    ]
+    return _eval_data(tokenized, examples, batch_size, data_cfg, host, hosts)
+  encode = _EncodePair(tokenizer, "", s_len, t_len)
+  tokenized = [encode(p) for p in examples]
+  return _eval_data(tokenized, examples, batch_size, data_cfg, host, hosts)
 
 
 def make_datasets(
@@ -625,48 +877,33 @@ def make_datasets(
   process_index: int = 0,
   process_count: int = 1,
 ) -> Datasets:
-  """Builds this host's training iterator and evaluation set from its `DataConfig`.
+  """Builds this host's training iterator and evaluation sets from its `DataConfig`.
 
   Args:
     data_cfg: the data settings.
     tokenizer: from `build_tokenizer` / `load_tokenizer`.
     batch_size: rows per batch on this host.
     seed: shuffle / corruption seed; the same seed gives the same batches.
-    process_index, process_count: this host and the number of hosts; each host reads a disjoint
-      1/process_count of the records.
+    process_index, process_count: this host and the number of hosts; each host reads its own
+      shards (whole files, or a disjoint 1/process_count of the records when there are fewer
+      files than hosts).
 
   Returns:
-    Datasets(train=BatchIterator (infinite), eval=EvalData or None).
+    Datasets(train=BatchIterator (infinite), eval=EvalData or None, tasks={name: EvalData}).
   """
-  s_len, t_len = data_cfg.max_input_length, data_cfg.max_target_length
-  common = dict(
+  train = train_stream(
+    data_cfg,
+    tokenizer,
     batch_size=batch_size,
-    input_length=s_len,
-    target_length=t_len,
-    pack=data_cfg.pack,
-    shuffle=data_cfg.shuffle,
     seed=seed,
     process_index=process_index,
     process_count=process_count,
   )
-  if data_cfg.kind == "span_corruption":
-    return _span_corruption_datasets(data_cfg, tokenizer, common, process_index, process_count)
-
-  def encode_pair(pair, rng=None):
-    del rng
-    return {
-      "inputs": truncate(tokenizer.encode(pair[0]), s_len),
-      "targets": truncate(tokenizer.encode(pair[1]), t_len),
-    }
-
-  train = _batch_stream(
-    _read_pairs(data_cfg, data_cfg.train_file, "train", seed), encode_pair, **common
-  )
-  if data_cfg.kind != "builtin" and not data_cfg.eval_file:
-    return Datasets(train, None)
-  # The evaluation set does not depend on the training seed, so runs stay comparable.
-  examples = _read_pairs(data_cfg, data_cfg.eval_file, "validation", 0)
-  tokenized = [encode_pair(p) for p in examples]
-  return Datasets(
-    train, _eval_data(tokenized, examples, batch_size, data_cfg, process_index, process_count)
-  )
+  evals = {
+    t.name: _task_eval(t, data_cfg, tokenizer, batch_size, process_index, process_count)
+    for t in _tasks(data_cfg)
+  }
+  evals = {k: v for k, v in evals.items() if v is not None}
+  if not data_cfg.tasks:
+    return Datasets(train, evals.get(""))
+  return Datasets(train, None, evals)

@@ -16,6 +16,7 @@ sentinels as `<extra_id_i>` instead, for looking at span-corruption examples).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -149,6 +150,16 @@ class SentencePieceTokenizer(_SentinelMixin):
     self.base_size = self._sp.get_piece_size()
     self.extra_ids = int(extra_ids)
 
+  def fingerprint(self) -> str:
+    """A digest of the ids this tokenizer gives (its model and extra ids)."""
+    return hashlib.sha256(self._proto + f"|{self.extra_ids}".encode()).hexdigest()
+
+  def __getstate__(self):  # grain's worker processes receive the model bytes, not the processor
+    return {"proto": self._proto, "extra_ids": self.extra_ids}
+
+  def __setstate__(self, state):
+    self.__init__(state["proto"], extra_ids=state["extra_ids"])
+
   @classmethod
   def from_file(cls, path: str, *, extra_ids: int = 100) -> SentencePieceTokenizer:
     with open(path, "rb") as f:
@@ -196,6 +207,9 @@ class ByteTokenizer(_SentinelMixin):
   def __init__(self, *, extra_ids: int = 125):
     self.base_size = 256 + self.offset
     self.extra_ids = int(extra_ids)
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(f"byt5|{self.extra_ids}".encode()).hexdigest()
 
   def _encode_plain(self, text: str) -> list[int]:
     return [b + self.offset for b in text.encode("utf-8")]

@@ -414,19 +414,29 @@ class _TrainLog:
 def _evaluate(
   run: Run, step: int, writer: metrics_lib.MetricWriter, progress: _Progress | None
 ) -> dict[str, float]:
-  """Evaluates the current state, writes the row, keeps the best checkpoint."""
+  """Evaluates the current state on each evaluation set (a mixture's tasks one by one, then their
+  mean as split "eval"), writes the rows, keeps the best checkpoint."""
   c = run.config
-  out = evaluate(
-    run.state.params,
-    run.datasets.eval,
-    run.eval_step,
-    run.mesh,
-    model_cfg=run.model_cfg,
-    tokenizer=run.tokenizer,
-    generate_config=GenerateConfig(max_new_tokens=c.data.max_target_length),
-    num_generate=c.eval_generate_examples,
-    batch_size=c.eval_batch_size,
-  )
+  results = {}
+  for split, eval_data in run.datasets.eval_sets().items():
+    results[split] = evaluate(
+      run.state.params,
+      eval_data,
+      run.eval_step,
+      run.mesh,
+      model_cfg=run.model_cfg,
+      tokenizer=run.tokenizer,
+      generate_config=GenerateConfig(max_new_tokens=c.data.max_target_length),
+      num_generate=c.eval_generate_examples,
+      batch_size=c.eval_batch_size,
+    )
+    if split != "eval":
+      writer.write(step, split, results[split])
+  if "eval" in results:
+    out = results["eval"]
+  else:  # a mixture: the mean over its tasks of each metric they all report
+    keys = set.intersection(*(set(r) for r in results.values()))
+    out = {k: float(np.mean([r[k] for r in results.values()])) for k in sorted(keys)}
   writer.write(step, "eval", out)
   if progress is not None:
     progress.write(f"step {step}: eval " + " ".join(f"{k}={v:.4g}" for k, v in out.items()))
@@ -488,7 +498,7 @@ def loop(run: Run) -> dict[str, Any]:
         log.push(step, metrics)
         if progress is not None:
           progress.update()
-        if run.datasets.eval is not None and (step % c.eval_every == 0 or step == total):
+        if run.datasets.eval_sets() and (step % c.eval_every == 0 or step == total):
           log.flush()  # a non-finite loss stops here, before anything is evaluated or saved
           last_eval = _evaluate(run, step, writer, progress)
         # Read once, after the evaluation: a signal that arrives during it (or from here on) still

@@ -25,14 +25,15 @@ except ImportError:  # a bare accelerator image (benchmarks/gpu.py): only config
 
 from t5jax import losses
 from t5jax.errors import ConfigError
-from t5jax.tasks import BUILTIN_TASKS
 
-DATA_KINDS = ("builtin", "tsv", "jsonl", "span_corruption")
 # Names a TSV header row gives its columns: decode.py takes the first of INPUT_COLUMNS a header
 # (or JSONL object) has; a training TSV whose first line names an input and a target column (these
-# or input_field / target_field) has a header row, which is skipped.
-INPUT_COLUMNS = ("inputs", "input", "text", "source")
-TARGET_COLUMNS = ("targets", "target", "label", "output")
+# or input_field / target_field) has a header row, which is skipped. Their home is t5jax.sources.
+from t5jax.sources import INPUT_COLUMNS, TARGET_COLUMNS  # noqa: F401
+from t5jax.tasks import BUILTIN_TASKS
+
+DATA_KINDS = ("builtin", "tsv", "jsonl", "pairs", "span_corruption")
+DATA_FORMATS = ("auto", "tsv", "jsonl", "text", "parquet", "arrayrecord")
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "constant", "cosine", "linear")
 
@@ -47,31 +48,80 @@ class _Value:
     return dataclasses.asdict(self)
 
 
+def _check_source(where: str, kind: str, fmt: str, rate: float = 0.0) -> None:
+  if kind not in DATA_KINDS:
+    raise ConfigError(
+      f"--config.{where}kind={kind!r}: use builtin, tsv, jsonl, pairs or span_corruption"
+    )
+  if fmt not in DATA_FORMATS:
+    raise ConfigError(f"--config.{where}format={fmt!r}: use one of {', '.join(DATA_FORMATS)}")
+  if rate < 0:
+    raise ConfigError(f"--config.{where}rate={rate} must be >= 0 (0 = examples-proportional)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig(_Value):
+  """One task of a mixture (`config.data.tasks.<name>`): its sources, format, preprocessor and
+  rate. Lengths, packing, the tokenizer and span-corruption settings are the mixture's
+  (`config.data`)."""
+
+  kind: str = "pairs"  # as DataConfig.kind (builtin, tsv, jsonl, pairs or span_corruption).
+  train_file: str = ""  # a file, comma-separated list, glob or directory of shards.
+  eval_file: str = ""  # same, for this task's evaluation rows ("" = not evaluated).
+  format: str = "auto"  # as DataConfig.format.
+  input_field: str = "input"
+  target_field: str = "target"
+  text_field: str = "text"
+  prefix: str = ""  # prepended to every input (T5's task prefix, e.g. "summarize: ").
+  # Sampling rate: relative weight of this task; 0 = examples-proportional,
+  # min(num_examples, config.data.mixture_cap).
+  rate: float = 0.0
+  num_examples: int = 0  # for examples-proportional rates: 0 = count the training records.
+  builtin_tasks: str = ",".join(BUILTIN_TASKS)  # kind="builtin": which generated tasks.
+
+  def __post_init__(self):
+    _check_source("data.tasks.<name>.", self.kind, self.format, self.rate)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Value):
   """`config.data`: what `data.make_datasets` and `data.build_tokenizer` read."""
 
   # "builtin" (generated demo tasks), "tsv" (input<TAB>target lines, after an optional header row
   # naming the columns: see INPUT_COLUMNS), "jsonl" (one object per line with input_field /
-  # target_field) or "span_corruption" (T5 pretraining on a plain-text corpus).
+  # target_field), "pairs" (input/target pairs in any format: by extension or `format`) or
+  # "span_corruption" (T5 pretraining on documents: text lines, or text_field of JSONL, Parquet or
+  # ArrayRecord records).
   kind: str = "builtin"
-  # tsv / jsonl / corpus file for training (corpus: one document per line, or .jsonl with
-  # text_field).
+  # Training data: a file, a comma-separated list, a glob ("c4/*.json.gz") or a directory of
+  # shards, each optionally .gz / .zst compressed, or a `python -m t5jax.prepare` output folder.
   train_file: str = ""
-  eval_file: str = ""  # same format, for evaluation; "" = no evaluation set (except for builtin).
-  input_field: str = "input"  # jsonl: field holding the input text (tsv: a header name too).
-  target_field: str = "target"  # jsonl: field holding the target text (tsv: a header name too).
-  text_field: str = "text"  # span_corruption with a .jsonl corpus: field holding the document.
+  eval_file: str = ""  # same forms, for evaluation; "" = no evaluation set (except for builtin).
+  # File format: "auto" (by extension: .tsv, .jsonl/.json, .parquet, .arrayrecord, else text) or
+  # one of tsv, jsonl, text, parquet, arrayrecord. kind="tsv"/"jsonl" imply their format.
+  format: str = "auto"
+  input_field: str = "input"  # jsonl/parquet/arrayrecord: the input field (tsv: a header name).
+  target_field: str = "target"  # jsonl/parquet/arrayrecord: the target field (tsv: a header name).
+  text_field: str = "text"  # span_corruption over jsonl/parquet/arrayrecord: the document field.
+  prefix: str = ""  # prepended to every input of a pairs task, e.g. "summarize: ".
   # Tokenizer: "byt5", a SentencePiece .model or a folder with spiece.model; "" trains a
-  # SentencePiece model of spm_vocab_size pieces on the training text (saved in the workdir).
+  # SentencePiece model of spm_vocab_size pieces on the training text (saved in the workdir; read
+  # from at most spm_training_records records), or takes a prepared folder's tokenizer.
   tokenizer: str = ""
   spm_vocab_size: int = 512  # used only when training the tokenizer; includes 256 byte pieces.
+  spm_training_records: int = 200_000  # records read to train the tokenizer.
   extra_ids: int = 100  # sentinels of a SentencePiece tokenizer (ByT5 always has 125).
   max_input_length: int = 32  # S: encoder length; longer inputs are truncated (eos kept last).
   max_target_length: int = 16  # T: decoder length; longer targets are truncated (eos kept last).
   pack: bool = False  # pack several examples per row (segment ids / positions) for training.
   shuffle: bool = True  # shuffle training examples (seeded; a new order each epoch).
-  max_eval_examples: int = 0  # cap on evaluation examples; 0 = all.
+  # Streamed files (text, TSV, JSONL, Parquet): records are shuffled within windows of this many
+  # (a bounded shuffle buffer). ArrayRecord and prepared shards are shuffled globally.
+  shuffle_buffer: int = 10_000
+  # grain worker processes tokenizing, corrupting, packing and batching; 0 = in this process
+  # (with background threads). Changing it changes the data order of a resumed run.
+  num_workers: int = 0
+  max_eval_examples: int = 0  # cap on evaluation examples (per task); 0 = all.
   # Builtin demo tasks (kind="builtin"): comma-separated subset of BUILTIN_TASKS.
   builtin_tasks: str = ",".join(BUILTIN_TASKS)
   builtin_train_size: int = 20000  # generated training examples (a fixed pool, repeated).
@@ -79,15 +129,26 @@ class DataConfig(_Value):
   # Span corruption (kind="span_corruption"), T5 defaults.
   noise_density: float = 0.15  # fraction of tokens masked.
   mean_noise_span_length: float = 3.0  # mean length of a masked span.
+  # A mixture: named tasks, each with its sources and rate (see TaskConfig); when given, kind,
+  # train_file, eval_file, format, the fields and prefix above are unused. Evaluation reports
+  # each task (metrics split "eval/<name>") and their mean ("eval").
+  tasks: dict[str, TaskConfig] = dataclasses.field(default_factory=dict)
+  mixture_cap: int = 0  # examples-proportional rates count at most this many examples; 0 = no cap.
 
   def __post_init__(self):
-    if self.kind not in DATA_KINDS:
-      raise ConfigError(
-        f"unknown data kind {self.kind!r}: use builtin, tsv, jsonl or span_corruption"
-      )
+    _check_source("data.", self.kind, self.format)
     for name in (t.strip() for t in self.builtin_tasks.split(",")):
       if name and name not in BUILTIN_TASKS:
         raise ConfigError(f"unknown builtin task {name!r}; choose from {sorted(BUILTIN_TASKS)}")
+    if self.shuffle_buffer < 1:
+      raise ConfigError(f"--config.data.shuffle_buffer={self.shuffle_buffer} must be >= 1")
+    if self.num_workers < 0:
+      raise ConfigError(f"--config.data.num_workers={self.num_workers} must be >= 0")
+    for name, task in self.tasks.items():
+      if not isinstance(task, TaskConfig):
+        raise ConfigError(f"--config.data.tasks.{name} must be a task section")
+      if task.kind != "builtin" and not task.train_file:
+        raise ConfigError(f"--config.data.tasks.{name}.train_file is required")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +329,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return hint(value)
   if hint == dict[str, Any]:
     return dict(value.to_dict() if _is_config_dict(value) else value)
+  if hint == dict[str, TaskConfig]:
+    return {str(k): _build(TaskConfig, v, f"{where}.{k}") for k, v in dict(value).items()}
   return value
 
 

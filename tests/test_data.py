@@ -394,7 +394,7 @@ def test_make_datasets_builtin_with_trained_tokenizer(tmp_path):
   cfg = DataConfig(builtin_train_size=500, builtin_eval_size=20, pack=True)
   tok = data.build_tokenizer(cfg, str(tmp_path), seed=0)
   assert data.build_tokenizer(cfg, str(tmp_path)).vocab_size == tok.vocab_size  # reloaded
-  train, evaluation = data.make_datasets(cfg, tok, batch_size=8, seed=0)
+  train, evaluation, _ = data.make_datasets(cfg, tok, batch_size=8, seed=0)
   batch = next(train)
   _check_packed(batch)
   assert batch["encoder_input_tokens"].shape == (8, cfg.max_input_length)
@@ -415,7 +415,7 @@ def test_jsonl_kind_and_span_corruption_with_sentencepiece(tmp_path):
     kind="jsonl", train_file=str(path), eval_file=str(path), input_field="q", target_field="a"
   )
   tok = data.build_tokenizer(cfg)
-  train, evaluation = data.make_datasets(cfg, tok, batch_size=2, seed=0)
+  train, evaluation, _ = data.make_datasets(cfg, tok, batch_size=2, seed=0)
   assert tok.decode(next(train)["encoder_input_tokens"][0]).startswith("question")
   assert evaluation.examples[3] == ("question 3", "answer 3")
   # Span corruption with SentencePiece: sentinels are the top ids, <extra_id_0> first.
@@ -423,7 +423,7 @@ def test_jsonl_kind_and_span_corruption_with_sentencepiece(tmp_path):
   corpus.write_text("\n".join(f"sentence number {i} about foxes and dogs" for i in range(50)))
   spm_tok = train_sentencepiece(corpus.read_text().splitlines(), 300, None, extra_ids=20)
   cfg = _cfg(kind="span_corruption", train_file=str(corpus), eval_file=str(corpus), pack=True)
-  _, evaluation = data.make_datasets(cfg, spm_tok, batch_size=2, seed=0)
+  _, evaluation, _ = data.make_datasets(cfg, spm_tok, batch_size=2, seed=0)
   targets = evaluation.tokenized[0]["targets"]
   assert targets[0] == spm_tok.sentinel_id(0) == spm_tok.vocab_size - 1
   cfg = cfg.replace(max_input_length=512, max_target_length=114)

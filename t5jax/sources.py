@@ -1,0 +1,439 @@
+"""Reading corpora lazily: file specs, formats, compression, and one-line errors naming the record.
+
+A *spec* names the files of one split: a file, a comma-separated list, a glob (`shards/*.jsonl.gz`)
+or a directory (every regular, non-hidden file in it, sorted). Formats, by extension after an
+optional `.gz` / `.zst`:
+
+  `.tsv`                       input<TAB>target lines (an optional header row naming the columns)
+  `.jsonl` / `.json`           one JSON object per line
+  `.txt` (or anything else)    one document per non-blank line
+  `.parquet`                   rows with named string columns (read a row group at a time)
+  `.arrayrecord` / `.array_record`  records of UTF-8 JSON objects (random access)
+
+Every reader yields `(index, value)` with `index` the record's position in its file (the line
+number minus one for line formats, the row for Parquet and ArrayRecord), so a stream can stop and
+resume at any record and errors say `file:line:`. `value` is an `(input, target)` pair for
+`kind="pairs"` or a document string for `kind="text"`. Nothing is read before it is needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from t5jax.errors import DataError
+
+FORMATS = ("tsv", "jsonl", "text", "parquet", "arrayrecord")
+_EXTENSIONS = {
+  ".tsv": "tsv",
+  ".jsonl": "jsonl",
+  ".json": "jsonl",
+  ".txt": "text",
+  ".text": "text",
+  ".parquet": "parquet",
+  ".arrayrecord": "arrayrecord",
+  ".array_record": "arrayrecord",
+}
+_COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+# Names a TSV header row gives its columns (see `is_tsv_header`).
+INPUT_COLUMNS = ("inputs", "input", "text", "source")
+TARGET_COLUMNS = ("targets", "target", "label", "output")
+
+
+class Fields(NamedTuple):
+  """Which fields hold the text: `input`/`target` for pairs, `text` for documents."""
+
+  input: str = "input"
+  target: str = "target"
+  text: str = "text"
+
+
+DEFAULT_FIELDS = Fields()
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+
+
+def _has_magic(path: str) -> bool:
+  return any(c in path for c in "*?[")
+
+
+def resolve_files(spec: str | Sequence[str], what: str = "data") -> list[str]:
+  """The files a spec names, in a stable order (each glob and directory sorted).
+
+  Args:
+    spec: a path, a comma-separated list of paths, a glob or a directory (or a sequence of them).
+    what: the flag or field the spec came from, for the error message.
+
+  Raises:
+    DataError naming `what` and the part that matched nothing.
+  """
+  parts = [spec] if isinstance(spec, str) else list(spec)
+  parts = [p.strip() for part in parts for p in part.split(",") if p.strip()]
+  if not parts:
+    raise DataError(f"{what}: no data file given")
+  files: list[str] = []
+  for part in parts:
+    if _has_magic(part):
+      found = sorted(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
+      if not found:
+        raise DataError(f"{what}: {part}: the pattern matches no file")
+      files += found
+    elif os.path.isdir(part):
+      found = sorted(
+        os.path.join(part, n)
+        for n in os.listdir(part)
+        if not n.startswith((".", "_")) and os.path.isfile(os.path.join(part, n))
+      )
+      if not found:
+        raise DataError(f"{what}: {part}: the directory holds no data file")
+      files += found
+    elif os.path.isfile(part):
+      files.append(part)
+    else:
+      raise DataError(f"{what}: {part}: no such data file")
+  return files
+
+
+def split_extension(path: str) -> tuple[str, str]:
+  """(format, compression) of a file name: compression "", "gzip" or "zstd"."""
+  stem, ext = os.path.splitext(path.lower())
+  compression = _COMPRESSIONS.get(ext, "")
+  if compression:
+    stem, ext = os.path.splitext(stem)
+  return _EXTENSIONS.get(ext, "text"), compression
+
+
+def detect_format(path: str, fmt: str = "auto") -> str:
+  """The format of `path`: `fmt` unless it is "auto", else from the extension."""
+  if fmt != "auto":
+    if fmt not in FORMATS:
+      raise DataError(f"{path}: unknown format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+    return fmt
+  return split_extension(path)[0]
+
+
+def is_random_access(path: str, fmt: str = "auto") -> bool:
+  return detect_format(path, fmt) == "arrayrecord"
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+  compression = split_extension(path)[1]
+  if compression == "gzip":
+    return gzip.open(path, "rb")
+  if compression == "zstd":
+    import zstandard
+
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+  return open(path, "rb")
+
+
+def _decode(raw: bytes, path: str, line: int) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def iter_lines(path: str, start: int = 0) -> Iterator[tuple[int, str]]:
+  """`(line index, text)` of every line from line `start` on (newline, CR and BOM dropped).
+
+  Compressed files are decompressed from their start; lines before `start` are skipped without
+  decoding. Raises DataError `file:line:` on invalid UTF-8 and `file:` on corrupt compression.
+  """
+  n = 0
+  try:
+    with _open_binary(path) as f:
+      for n, raw in enumerate(f):
+        if n < start:
+          continue
+        raw = raw.rstrip(b"\n").removesuffix(b"\r")
+        if n == 0:
+          raw = raw.removeprefix(b"\xef\xbb\xbf")
+        yield n, _decode(raw, path, n + 1)
+  except DataError:
+    raise
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataError(f"{path}: corrupt or truncated file after line {n + 1} ({e})") from None
+  except Exception as e:  # zstandard.ZstdError has no common base with the above
+    if type(e).__module__.startswith("zstandard"):
+      raise DataError(f"{path}: corrupt zstd data after line {n + 1} ({e})") from None
+    raise
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing one record.
+
+
+def is_tsv_header(fields: Sequence[str], input_name: str = "", target_name: str = "") -> bool:
+  """True when a TSV line's two fields name an input and a target column (`INPUT_COLUMNS`,
+  `TARGET_COLUMNS` or the given names): the file's header row, not an example."""
+  return (
+    len(fields) == 2
+    and fields[0].strip() in (*INPUT_COLUMNS, input_name)
+    and fields[1].strip() in (*TARGET_COLUMNS, target_name)
+  )
+
+
+def _tsv_pair(line: str, where: str) -> tuple[str, str]:
+  fields = line.split("\t")
+  if len(fields) != 2:
+    raise DataError(f"{where}: expected 2 tab-separated fields (input, target), got {len(fields)}")
+  if not fields[0].strip():
+    raise DataError(f"{where}: empty input")
+  return fields[0], fields[1]
+
+
+def _field(obj: dict, name: str, where: str) -> str:
+  if name not in obj:
+    raise DataError(f"{where}: missing field {name!r} (has {sorted(obj)})")
+  value = obj[name]
+  if not isinstance(value, str):
+    raise DataError(f"{where}: field {name!r} is {type(value).__name__}, not a string")
+  return value
+
+
+def _json_object(text: str, where: str) -> dict:
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{where}: invalid JSON: {e.msg}") from None
+  if not isinstance(obj, dict):
+    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  return obj
+
+
+def _from_object(obj: dict, kind: str, fields: Fields, where: str) -> Any:
+  if kind == "text":
+    return _field(obj, fields.text, where)
+  return _field(obj, fields.input, where), _field(obj, fields.target, where)
+
+
+# ------------------------------------------------------------------------------------------------
+# Readers: (index, value) from a record index on.
+
+
+def _read_line_format(
+  path: str, fmt: str, kind: str, fields: Fields, start: int
+) -> Iterator[tuple[int, Any]]:
+  for n, line in iter_lines(path, start):
+    if not line.strip():
+      continue
+    where = f"{path}:{n + 1}"
+    if fmt == "tsv":
+      if kind == "text":
+        raise DataError(f"{path}: a TSV file holds input/target pairs, not documents")
+      pair = line.split("\t")
+      if n == 0 and is_tsv_header(pair, fields.input, fields.target):
+        continue
+      yield n, _tsv_pair(line, where)
+    elif fmt == "jsonl":
+      yield n, _from_object(_json_object(line, where), kind, fields, where)
+    else:  # text
+      if kind != "text":
+        raise DataError(f"{path}: plain text holds documents, not input/target pairs")
+      yield n, line
+
+
+def _read_parquet(path: str, kind: str, fields: Fields, start: int) -> Iterator[tuple[int, Any]]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  try:
+    pf = pq.ParquetFile(path)
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+  columns = [fields.text] if kind == "text" else [fields.input, fields.target]
+  names = pf.schema_arrow.names
+  for c in columns:
+    if c not in names:
+      raise DataError(f"{path}: no column {c!r} (has {names})")
+  row = 0
+  for g in range(pf.num_row_groups):
+    n = pf.metadata.row_group(g).num_rows
+    if row + n <= start:
+      row += n
+      continue
+    try:
+      table = pf.read_row_group(g, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+      raise DataError(f"{path}: row group {g}: unreadable ({e})") from None
+    cols = [table.column(c).to_pylist() for c in columns]
+    for k in range(max(start - row, 0), n):
+      values = [col[k] for col in cols]
+      for c, v in zip(columns, values, strict=True):
+        if not isinstance(v, str):
+          kind_of = type(v).__name__
+          raise DataError(f"{path}: row {row + k}: column {c!r} is {kind_of}, not a string")
+      yield row + k, values[0] if kind == "text" else (values[0], values[1])
+    row += n
+
+
+class ArrayRecordFile:
+  """Random access to the records of one ArrayRecord file (bytes), with errors naming it."""
+
+  def __init__(self, path: str):
+    from array_record.python import array_record_module
+
+    self.path = path
+    try:
+      self._reader = array_record_module.ArrayRecordReader(path)
+      self._num = self._reader.num_records()
+    except Exception as e:  # the C++ reader raises RuntimeError / ValueError / OSError
+      raise DataError(f"{path}: not a readable ArrayRecord file ({e})") from None
+
+  def __len__(self) -> int:
+    return self._num
+
+  def __getitem__(self, index: int) -> bytes:
+    try:
+      return self._reader.read([int(index)])[0]
+    except Exception as e:
+      raise DataError(f"{self.path}: record {index}: unreadable ({e})") from None
+
+  def read_range(self, begin: int, end: int) -> list[bytes]:
+    try:
+      return self._reader.read(int(begin), int(end))
+    except Exception as e:
+      raise DataError(f"{self.path}: records {begin}-{end}: unreadable ({e})") from None
+
+  def __getstate__(self):
+    return {"path": self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state["path"])
+
+
+def parse_arrayrecord(raw: bytes, kind: str, fields: Fields, where: str) -> Any:
+  """A raw ArrayRecord record (a UTF-8 JSON object) as a pair or a document."""
+  return _from_object(_json_object(_decode(raw, where, 0), where), kind, fields, where)
+
+
+def _read_arrayrecord(path: str, kind: str, fields: Fields, start: int):
+  f = ArrayRecordFile(path)
+  for begin in range(start, len(f), 1024):
+    for k, raw in enumerate(f.read_range(begin, min(begin + 1024, len(f)))):
+      yield begin + k, parse_arrayrecord(raw, kind, fields, f"{path}: record {begin + k}")
+
+
+def iter_records(
+  path: str, kind: str, fields: Fields = DEFAULT_FIELDS, fmt: str = "auto", start: int = 0
+) -> Iterator[tuple[int, Any]]:
+  """`(index, value)` of the records of one file from record `start` on, read lazily.
+
+  Args:
+    path: the file.
+    kind: "pairs" ((input, target) values) or "text" (document strings).
+    fields: the field / column names (JSONL, Parquet, ArrayRecord; a TSV header may use them).
+    fmt: a format of `FORMATS`, or "auto" (from the extension).
+    start: first record index (a line index for line formats).
+  """
+  fmt = detect_format(path, fmt)
+  if fmt == "parquet":
+    return _read_parquet(path, kind, fields, start)
+  if fmt == "arrayrecord":
+    return _read_arrayrecord(path, kind, fields, start)
+  return _read_line_format(path, fmt, kind, fields, start)
+
+
+def read_all(
+  spec: str | Sequence[str],
+  kind: str,
+  fields: Fields = DEFAULT_FIELDS,
+  fmt: str = "auto",
+  *,
+  limit: int = 0,
+  what: str = "data",
+) -> list[Any]:
+  """Every record of a spec (evaluation sets, tokenizer training): at most `limit` if > 0.
+
+  Raises DataError for a file without records, naming it.
+  """
+  out: list[Any] = []
+  for path in resolve_files(spec, what):
+    count = 0
+    for _, value in iter_records(path, kind, fields, fmt):
+      out.append(value)
+      count += 1
+      if limit and len(out) >= limit:
+        return out
+    if not count:
+      raise DataError(f"{path}: no records (an empty shard)")
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Prepared shards (`python -m t5jax.prepare`): token ids in ArrayRecord files, a manifest beside.
+
+MANIFEST = "t5jax_prepared.json"
+PREPARED_VERSION = 1
+
+
+def encode_tokens(*arrays: np.ndarray) -> bytes:
+  """One record of token arrays: uint32 count, uint32 lengths, then the int32 ids."""
+  lengths = np.array([len(a) for a in arrays], "<u4")
+  body = [np.asarray(a, "<i4").tobytes() for a in arrays]
+  return b"".join([np.array([len(arrays)], "<u4").tobytes(), lengths.tobytes(), *body])
+
+
+def decode_tokens(raw: bytes, where: str = "") -> list[np.ndarray]:
+  """The token arrays of an `encode_tokens` record."""
+  try:
+    count = int(np.frombuffer(raw, "<u4", 1)[0])
+    lengths = np.frombuffer(raw, "<u4", count, 4).astype(np.int64)
+    ids = np.frombuffer(raw, "<i4", int(lengths.sum()), 4 + 4 * count)
+  except ValueError:
+    raise DataError(f"{where}: not a prepared token record") from None
+  return np.split(ids.astype(np.int32), np.cumsum(lengths)[:-1])
+
+
+def prepared_manifest(spec: str | Sequence[str]) -> dict[str, Any] | None:
+  """The manifest of a prepared folder named by `spec` (one directory), or None."""
+  if not isinstance(spec, str) or "," in spec or not os.path.isdir(spec):
+    return None
+  path = os.path.join(spec, MANIFEST)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    try:
+      manifest = json.load(f)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: invalid JSON: {e.msg}") from None
+  if manifest.get("version") != PREPARED_VERSION:
+    raise DataError(f"{path}: prepared with format version {manifest.get('version')}, not 1")
+  manifest["dir"] = spec
+  manifest["paths"] = [os.path.join(spec, s["file"]) for s in manifest["shards"]]
+  for p in manifest["paths"]:
+    if not os.path.isfile(p):
+      raise DataError(f"{path}: shard {p} is missing")
+  return manifest
+
+
+def count_records(spec: str | Sequence[str], fmt: str = "auto") -> int:
+  """Records in a spec without parsing them: manifests, ArrayRecord and Parquet metadata, or the
+  non-blank lines of line formats (a decompressing scan)."""
+  manifest = prepared_manifest(spec)
+  if manifest is not None:
+    return sum(int(s["records"]) for s in manifest["shards"])
+  total = 0
+  for path in resolve_files(spec):
+    f = detect_format(path, fmt)
+    if f == "arrayrecord":
+      total += len(ArrayRecordFile(path))
+    elif f == "parquet":
+      import pyarrow.parquet as pq
+
+      total += pq.ParquetFile(path).metadata.num_rows
+    else:
+      with _open_binary(path) as fh:
+        total += sum(1 for line in fh if line.strip())
+  return total
