@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import grain
 import numpy as np
+from absl import flags
 
 from t5jax import sources, streams
 from t5jax.errors import DataError as DataError  # its home is t5jax.errors
@@ -714,7 +715,7 @@ def _rates(tasks: list[_Task], data_cfg: DataConfig) -> list[float]:
     elif task.kind == "builtin":
       n = data_cfg.builtin_train_size
     else:
-      n = sources.count_records(task.cfg.train_file, task.fmt)
+      n = sources.count_records(task.cfg.train_file, task.fmt, _fields(task.cfg))
     out.append(float(min(n, data_cfg.mixture_cap) if data_cfg.mixture_cap else n))
   if not any(out):
     raise DataError("every task of the mixture has no training records")
@@ -765,6 +766,10 @@ def train_stream(
     examples = grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
   batches = _batches(examples, data_cfg, batch_size)
   if data_cfg.num_workers:
+    # grain's workers read absl flags of their own; a library caller (not train.py) has parsed
+    # none, and grain then fails in every worker.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   return BatchIterator(batches)
 

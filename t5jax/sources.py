@@ -150,24 +150,27 @@ def iter_lines(path: str, start: int = 0) -> Iterator[tuple[int, str]]:
   Compressed files are decompressed from their start; lines before `start` are skipped without
   decoding. Raises DataError `file:line:` on invalid UTF-8 and `file:` on corrupt compression.
   """
-  n = 0
-  try:
-    with _open_binary(path) as f:
-      for n, raw in enumerate(f):
-        if n < start:
-          continue
-        raw = raw.rstrip(b"\n").removesuffix(b"\r")
-        if n == 0:
-          raw = raw.removeprefix(b"\xef\xbb\xbf")
-        yield n, _decode(raw, path, n + 1)
-  except DataError:
-    raise
-  except (OSError, EOFError, zlib.error) as e:
-    raise DataError(f"{path}: corrupt or truncated file after line {n + 1} ({e})") from None
-  except Exception as e:  # zstandard.ZstdError has no common base with the above
-    if type(e).__module__.startswith("zstandard"):
-      raise DataError(f"{path}: corrupt zstd data after line {n + 1} ({e})") from None
-    raise
+  n = -1
+  with _open_binary(path) as f:
+    lines = iter(f)
+    while True:
+      try:
+        raw = next(lines)
+      except StopIteration:
+        return
+      except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated file after line {n + 1} ({e})") from None
+      except Exception as e:  # zstandard.ZstdError has no common base with the above
+        if type(e).__module__.startswith("zstandard"):
+          raise DataError(f"{path}: corrupt zstd data after line {n + 1} ({e})") from None
+        raise
+      n += 1
+      if n < start:
+        continue
+      raw = raw.rstrip(b"\n").removesuffix(b"\r")
+      if n == 0:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
+      yield n, _decode(raw, path, n + 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,7 +421,9 @@ def prepared_manifest(spec: str | Sequence[str]) -> dict[str, Any] | None:
   return manifest
 
 
-def count_records(spec: str | Sequence[str], fmt: str = "auto") -> int:
+def count_records(
+  spec: str | Sequence[str], fmt: str = "auto", fields: Fields = DEFAULT_FIELDS
+) -> int:
   """Records in a spec without parsing them: manifests, ArrayRecord and Parquet metadata, or the
   non-blank lines of line formats (a decompressing scan)."""
   manifest = prepared_manifest(spec)
@@ -435,5 +440,9 @@ def count_records(spec: str | Sequence[str], fmt: str = "auto") -> int:
       total += pq.ParquetFile(path).metadata.num_rows
     else:
       with _open_binary(path) as fh:
-        total += sum(1 for line in fh if line.strip())
+        first = fh.readline()
+        total += sum(1 for line in fh if line.strip()) + bool(first.strip())
+      if f == "tsv" and first:
+        names = first.decode("utf-8", "replace").strip("\ufeff\r\n").split("\t")
+        total -= is_tsv_header(names, fields.input, fields.target)
   return total

@@ -211,6 +211,8 @@ class ConcatRecords(Sequence):
     return self.files[f], g - int(self._offsets[f])
 
   def __getitem__(self, index: int) -> tuple[str, int, bytes]:
+    if not 0 <= int(index) < len(self):
+      raise IndexError(index)
     g = self.begin + int(index)
     f = int(np.searchsorted(self._offsets, g, side="right")) - 1
     k = g - int(self._offsets[f])
