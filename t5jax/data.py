@@ -896,14 +896,13 @@ def make_datasets(
   Returns:
     Datasets(train=BatchIterator (infinite), eval=EvalData or None, tasks={name: EvalData}).
   """
-  train = train_stream(
-    data_cfg,
-    tokenizer,
-    batch_size=batch_size,
-    seed=seed,
-    process_index=process_index,
-    process_count=process_count,
+  kwargs = dict(
+    batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count
   )
+  # One batch read now, in this process: bad data at the start of a shard, a missing column or an
+  # empty file is reported before a run writes anything, not at its first step.
+  next(train_stream(data_cfg.replace(num_workers=0), tokenizer, **kwargs))
+  train = train_stream(data_cfg, tokenizer, **kwargs)
   evals = {
     t.name: _task_eval(t, data_cfg, tokenizer, batch_size, process_index, process_count)
     for t in _tasks(data_cfg)

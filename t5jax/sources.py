@@ -370,7 +370,7 @@ def read_all(
       if limit and len(out) >= limit:
         return out
     if not count:
-      raise DataError(f"{path}: no records (an empty shard)")
+      raise DataError(f"{path}: no examples (an empty shard, or only a header row)")
   return out
 
 

@@ -146,7 +146,7 @@ class _RecordStreamIterator(grain.DatasetIterator):
         if index % self._mod == self._rem:
           return value
       if not self._file_seen:
-        raise DataError(f"{self._order_e[file]}: no records (an empty shard)")
+        raise DataError(f"{self._order_e[file]}: no examples (an empty shard, or only a header row)")
       self._cursor, self._reader, self._reader_file = (file + 1, 0), None, -1
 
   def _fill(self) -> None:
@@ -194,7 +194,7 @@ class ConcatRecords(Sequence):
     sizes = [len(r) for r in self._readers]
     for f, n in zip(self.files, sizes, strict=True):
       if n == 0:
-        raise DataError(f"{f}: no records (an empty shard)")
+        raise DataError(f"{f}: no examples (an empty shard, or only a header row)")
     self._offsets = np.cumsum([0, *sizes])
     self.begin, self.end = begin, int(self._offsets[-1]) if end is None else end
 

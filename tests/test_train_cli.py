@@ -286,7 +286,7 @@ def test_bad_input_is_one_line_error_and_changes_nothing(server, tmp_path):
   fresh = tmp_path / "fresh"
   cases = [
     ([f"--config.data.train_file={missing}"], [f"{missing}: no such data file"]),
-    ([f"--config.data.train_file={empty}"], [f"{empty}: file is empty (no examples)"]),
+    ([f"--config.data.train_file={empty}"], [f"{empty}: no examples (an empty shard"]),
     ([f"--config.data.train_file={latin1}"], [f"{latin1}:2: invalid UTF-8"]),
     ([f"--config.data.train_file={header_only}"], [f"{header_only}: no examples"]),
     ([f"--config.data.train_file={bad_tsv}"], [f"{bad_tsv}:3: expected 2 tab-separated"]),
