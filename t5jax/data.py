@@ -545,6 +545,12 @@ def build_tokenizer(data_cfg: DataConfig, workdir: str | None = None, seed: int 
     prepared = [t.manifest for t in _tasks(data_cfg) if t.manifest is not None]
     if prepared:
       return load_tokenizer(os.path.join(prepared[0]["dir"], "tokenizer"))
+    if data_cfg.spm_vocab_size <= 0:
+      raise DataError(
+        "no tokenizer: set --config.data.tokenizer (a SentencePiece .model, a folder or byt5) or "
+        "train from a prepared folder (python -m t5jax.prepare); this config trains none "
+        "(spm_vocab_size=0)"
+      )
     texts, size = _training_texts(data_cfg, seed), data_cfg.spm_vocab_size
     return train_sentencepiece(texts, size, out_dir, extra_ids=data_cfg.extra_ids)
   except DataError:

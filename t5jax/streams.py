@@ -146,7 +146,9 @@ class _RecordStreamIterator(grain.DatasetIterator):
         if index % self._mod == self._rem:
           return value
       if not self._file_seen:
-        raise DataError(f"{self._order_e[file]}: no examples (an empty shard, or only a header row)")
+        raise DataError(
+          f"{self._order_e[file]}: no examples (an empty shard, or only a header row)"
+        )
       self._cursor, self._reader, self._reader_file = (file + 1, 0), None, -1
 
   def _fill(self) -> None:

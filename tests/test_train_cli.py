@@ -731,3 +731,52 @@ def test_a_torn_event_record_and_redone_steps_read_back_in_tensorboard(server, t
   want = [(r["step"], r["loss"]) for r in train_rows(workdir)]  # the redone rows replaced theirs
   assert [s for s, _ in got] == list(range(1, 7))
   np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_mixture_of_sharded_compressed_files_trains_evaluates_per_task_and_resumes(
+  server, tmp_path
+):
+  import gzip
+
+  import zstandard
+
+  for k in range(2):
+    rows = "".join(f"t {i}\ts {i}\n" for i in range(k, 30, 2))
+    (tmp_path / f"tr-{k}.tsv.gz").write_bytes(gzip.compress(rows.encode()))
+  (tmp_path / "tr-dev.tsv").write_text("t 1\ts 1\nt 2\ts 2\n")
+  qa = "".join(json.dumps({"input": f"q {i}", "target": f"a {i}"}) + "\n" for i in range(20))
+  (tmp_path / "qa.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(qa.encode()))
+  (tmp_path / "qa-dev.jsonl").write_text(qa)
+  (tmp_path / "lm").mkdir()
+  (tmp_path / "lm" / "docs.txt").write_text("".join(f"doc {i} a b c d e\n" for i in range(50)))
+  workdir = tmp_path / "wd"
+  args = [
+    "--config=configs/mixture.py",
+    f"--workdir={workdir}",
+    "--config.data.tokenizer=byt5",
+    f"--config.data.tasks.translate.train_file={tmp_path}/tr-*.tsv.gz",
+    f"--config.data.tasks.translate.eval_file={tmp_path}/tr-dev.tsv",
+    f"--config.data.tasks.qa.train_file={tmp_path}/qa.jsonl.zst",
+    f"--config.data.tasks.qa.eval_file={tmp_path}/qa-dev.jsonl",
+    f"--config.data.tasks.lm.train_file={tmp_path}/lm",
+    "--config.data.max_input_length=32",
+    "--config.data.max_target_length=16",
+    "--config.eval_every=2",
+    "--config.checkpoint_every=2",
+    "--config.eval_generate_examples=2",
+    *TINY_FLAGS,
+  ]
+  whole = server.run(*args, f"--workdir={tmp_path / 'whole'}", "--config.num_train_steps=4")
+  assert whole.rc == 0, whole.stderr
+  first = server.run(*args, "--config.num_train_steps=2")
+  assert first.rc == 0, first.stderr
+  resumed = server.run(*args, "--config.num_train_steps=4")
+  assert resumed.rc == 0, resumed.stderr
+  rows = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+  splits = {r["split"] for r in rows}
+  assert {"eval/translate", "eval/qa", "eval", "train"} <= splits
+  # Resuming gives the losses of the uninterrupted run (the data position was restored).
+  ref = [json.loads(x) for x in open(tmp_path / "whole" / "metrics.jsonl")]
+  loss = lambda rs: [(r["step"], r["loss"]) for r in rs if r["split"] == "train"]  # noqa: E731
+  np.testing.assert_allclose([v for _, v in loss(rows)], [v for _, v in loss(ref)], rtol=1e-5)
