@@ -674,6 +674,11 @@ def _task_stream(
   what = _what(task, "train_file")
   if task.manifest is not None:
     _check_prepared(task, tokenizer)
+    if task.cfg.prefix:
+      raise DataError(
+        f"{_what(task, 'prefix')}: a prepared folder holds its inputs with the prefix given to "
+        "python -m t5jax.prepare (--prefix); leave this empty"
+      )
     files = task.manifest["paths"]
     ds = streams.random_access_records(
       files, seed=seed, shuffle=shuffle, shard_index=host, shard_count=hosts
