@@ -144,14 +144,30 @@ def _decode(raw: bytes, path: str, line: int) -> str:
     raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def iter_lines(path: str, start: int = 0) -> Iterator[tuple[int, str]]:
+def iter_lines(
+  path: str, start: int = 0, offset: int | None = None, progress: dict | None = None
+) -> Iterator[tuple[int, str]]:
   """`(line index, text)` of every line from line `start` on (newline, CR and BOM dropped).
 
-  Compressed files are decompressed from their start; lines before `start` are skipped without
-  decoding. Raises DataError `file:line:` on invalid UTF-8 and `file:` on corrupt compression.
+  Args:
+    path: the file (`.gz` / `.zst` are decompressed).
+    start: the first line index to yield.
+    offset: the byte offset of line `start` in an uncompressed file (from `progress`), to seek
+      there instead of scanning the lines before it; ignored for compressed files, which are
+      decompressed from their start (the lines before `start` skipped without decoding).
+    progress: a dict whose "offset" is kept at the byte offset after the last yielded line
+      (None for compressed files).
+
+  Raises DataError `file:line:` on invalid UTF-8 and `file:` on corrupt compression.
   """
-  n = -1
+  compressed = bool(split_extension(path)[1])
+  n, pos = -1, 0
+  if progress is not None:
+    progress["offset"] = None
   with _open_binary(path) as f:
+    if offset is not None and not compressed and start > 0:
+      f.seek(offset)
+      n, pos = start - 1, offset
     lines = iter(f)
     while True:
       try:
@@ -165,8 +181,11 @@ def iter_lines(path: str, start: int = 0) -> Iterator[tuple[int, str]]:
           raise DataError(f"{path}: corrupt zstd data after line {n + 1} ({e})") from None
         raise
       n += 1
+      pos += len(raw)
       if n < start:
         continue
+      if progress is not None and not compressed:
+        progress["offset"] = pos
       raw = raw.rstrip(b"\n").removesuffix(b"\r")
       if n == 0:
         raw = raw.removeprefix(b"\xef\xbb\xbf")
@@ -226,9 +245,9 @@ def _from_object(obj: dict, kind: str, fields: Fields, where: str) -> Any:
 
 
 def _read_line_format(
-  path: str, fmt: str, kind: str, fields: Fields, start: int
+  path: str, fmt: str, kind: str, fields: Fields, start: int, offset, progress
 ) -> Iterator[tuple[int, Any]]:
-  for n, line in iter_lines(path, start):
+  for n, line in iter_lines(path, start, offset, progress):
     if not line.strip():
       continue
     where = f"{path}:{n + 1}"
@@ -329,7 +348,14 @@ def _read_arrayrecord(path: str, kind: str, fields: Fields, start: int):
 
 
 def iter_records(
-  path: str, kind: str, fields: Fields = DEFAULT_FIELDS, fmt: str = "auto", start: int = 0
+  path: str,
+  kind: str,
+  fields: Fields = DEFAULT_FIELDS,
+  fmt: str = "auto",
+  start: int = 0,
+  *,
+  offset: int | None = None,
+  progress: dict | None = None,
 ) -> Iterator[tuple[int, Any]]:
   """`(index, value)` of the records of one file from record `start` on, read lazily.
 
@@ -339,13 +365,15 @@ def iter_records(
     fields: the field / column names (JSONL, Parquet, ArrayRecord; a TSV header may use them).
     fmt: a format of `FORMATS`, or "auto" (from the extension).
     start: first record index (a line index for line formats).
+    offset, progress: for uncompressed line formats, the byte offset of record `start` and a dict
+      kept at the offset after the last record (see `iter_lines`).
   """
   fmt = detect_format(path, fmt)
   if fmt == "parquet":
     return _read_parquet(path, kind, fields, start)
   if fmt == "arrayrecord":
     return _read_arrayrecord(path, kind, fields, start)
-  return _read_line_format(path, fmt, kind, fields, start)
+  return _read_line_format(path, fmt, kind, fields, start, offset, progress)
 
 
 def read_all(

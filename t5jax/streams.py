@@ -98,14 +98,19 @@ class _RecordStreamIterator(grain.DatasetIterator):
     perm = np.random.default_rng([self._ds.seed, epoch, 7]).permutation(len(self._files))
     return [self._files[i] for i in perm]
 
-  def _set(self, epoch: int, file: int, record: int, window: int, taken: int) -> None:
+  def _set(
+    self, epoch: int, file: int, record: int, window: int, taken: int, offset: int | None = None
+  ) -> None:
     self._epoch, self._window_index = epoch, window
-    self._start = (file, record)  # where the current window begins
+    # Where the current window begins and the next record to read: (file, record, byte offset of
+    # that record in an uncompressed line file, else None).
+    self._start = (file, record, offset)
     self._order_e = self._order(epoch)
-    self._cursor = (file, record)  # the next record to read
+    self._cursor = (file, record, offset)
+    self._progress: dict[str, Any] = {}
     self._reader, self._reader_file = None, -1
     self._file_seen = False
-    self._epoch_count = 0 if (file, record, window) == (0, 0, 0) else 1
+    self._epoch_count = 0 if (file, record, window) == (0, 0, 0) else 1  # records this epoch
     self._items: list[Any] = []
     self._taken = 0
     if taken:
@@ -115,41 +120,47 @@ class _RecordStreamIterator(grain.DatasetIterator):
       self._taken = taken
 
   def get_state(self) -> dict[str, Any]:
-    file, record = self._start
+    file, record, offset = self._start
     return {
       "epoch": self._epoch,
       "file": file,
       "record": record,
+      "offset": -1 if offset is None else offset,
       "window": self._window_index,
       "taken": self._taken,
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._set(*(int(state[k]) for k in ("epoch", "file", "record", "window", "taken")))
+    offset = int(state.get("offset", -1))
+    self._set(
+      *(int(state[k]) for k in ("epoch", "file", "record", "window", "taken")),
+      offset=None if offset < 0 else offset,
+    )
 
   # -- reading ------------------------------------------------------------------------------
 
   def _next_record(self) -> Any | None:
     """The next record of this shard in this epoch, or None at the epoch's end."""
     while True:
-      file, record = self._cursor
+      file, record, offset = self._cursor
       if file >= len(self._order_e):
         return None
       if self._reader_file != file:
-        path = self._order_e[file]
-        ds = self._ds
-        self._reader = sources.iter_records(path, ds.kind, ds.fields, ds.fmt, start=record)
+        path, ds = self._order_e[file], self._ds
+        self._reader = sources.iter_records(
+          path, ds.kind, ds.fields, ds.fmt, record, offset=offset, progress=self._progress
+        )
         self._reader_file, self._file_seen = file, record > 0
       for index, value in self._reader:
         self._file_seen = True
-        self._cursor = (file, index + 1)
+        self._cursor = (file, index + 1, self._progress.get("offset"))
         if index % self._mod == self._rem:
           return value
       if not self._file_seen:
         raise DataError(
           f"{self._order_e[file]}: no examples (an empty shard, or only a header row)"
         )
-      self._cursor, self._reader, self._reader_file = (file + 1, 0), None, -1
+      self._cursor, self._reader, self._reader_file = (file + 1, 0, None), None, -1
 
   def _fill(self) -> None:
     """Reads the window starting at `self._start` and orders it."""

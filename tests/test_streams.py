@@ -246,12 +246,34 @@ def _corpus(tmp_path, n_files=3):
   return str(tmp_path / "c*.txt.gz")
 
 
+def test_uncompressed_files_resume_by_byte_offset(tmp_path):
+  path = _write(tmp_path / "a.tsv", "tsv")
+  progress = {}
+  it = sources.iter_records(path, "pairs", progress=progress)
+  for _ in range(13):
+    index, _ = next(it)
+  offset = progress["offset"]
+  with open(path, "rb") as f:
+    assert f.read()[offset:].startswith(b"in 013\t")  # the offset points at the next record
+  seeked = sources.iter_records(path, "pairs", start=index + 1, offset=offset)
+  assert [v for _, v in seeked] == PAIRS[13:]
+  gz = _write(tmp_path / "a.tsv.gz", "tsv", compression="gzip")
+  list(sources.iter_records(gz, "pairs", progress=progress))
+  assert progress["offset"] is None  # compressed: no offset, a restore decompresses up to it
+
+
 @pytest.mark.parametrize(
-  "kind,pack,window", [("span_corruption", True, 16), ("pairs", False, 5), ("pairs", True, 64)]
+  "kind,pack,window",
+  [("span_corruption", True, 16), ("pairs", False, 5), ("pairs", True, 64), ("plain", False, 7)],
 )
 def test_resume_is_bit_identical(tmp_path, kind, pack, window):
   if kind == "span_corruption":
     spec = _corpus(tmp_path)
+  elif kind == "plain":  # uncompressed: restored by byte offset
+    kind = "pairs"
+    for k in range(2):
+      _write(tmp_path / f"p{k}.tsv", "tsv", PAIRS[k::2])
+    spec = str(tmp_path / "*.tsv")
   else:
     for k in range(2):
       _write(tmp_path / f"p{k}.jsonl.zst", "jsonl", PAIRS[k::2], "zstd")
