@@ -1,10 +1,12 @@
-"""Training and evaluation data: text-to-text files, span corruption, packing and batching.
+"""Training and evaluation data: tasks and mixtures, span corruption, packing and batching.
 
 Pipelines are grain datasets, so a training iterator is deterministic given its seed and can save
 and restore its position (`get_state` / `set_state`, JSON-serialisable). Order of operations for
-training: records -> this host's shard (`[process_index::process_count]`) -> shuffle (reseeded every
-epoch) -> infinite repeat -> tokenize / corrupt (per-element rng from the seed and the element's
-index) -> pack (first fit, one bin per batch row) or pad -> batch -> model features.
+training, per task: this host's records (its files, or its share of the records: t5jax.streams),
+shuffled per epoch (a window shuffle for streamed files, a global permutation for random-access
+shards), endless -> tokenize (pairs), or tokenize, concatenate, split and corrupt (span
+corruption) -> mix the tasks by rate -> pack (first fit, one bin per batch row) or pad -> batch ->
+model features, in grain worker processes when `num_workers` > 0. See docs/data.md.
 
 Batches are dicts of numpy arrays (see docs/DESIGN.md): encoder_input_tokens [B,S],
 decoder_input_tokens [B,T], decoder_target_tokens [B,T], decoder_loss_weights [B,T] float32, plus
@@ -15,7 +17,6 @@ encoder/decoder_segment_ids and _positions [B,S]/[B,T] when packed. Shapes are f
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +35,7 @@ from t5jax.tasks import (  # noqa: F401  (number_to_words re-exported)
   number_to_words,
 )
 from t5jax.tokenizer import EOS_ID, Tokenizer, load_tokenizer, train_sentencepiece
-from t5jax.train_config import INPUT_COLUMNS, TARGET_COLUMNS, DataConfig, TaskConfig
+from t5jax.train_config import DataConfig, TaskConfig
 
 # Background preprocessing: a few threads and a short buffer (grain's default, 16 threads and 500
 # elements, makes the first batch and every restore slow on a small CPU host).
@@ -42,94 +43,22 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading files.
+# Reading whole files (evaluation sets, tests): t5jax.sources does the reading.
 
-
-def _open_lines(path: str) -> list[str]:
-  """The lines of a UTF-8 file (a CR before the newline and a byte order mark dropped); raises
-  DataError `file:line:` on invalid UTF-8, `file:` when there is no non-blank line."""
-  if not path:
-    raise DataError("no data file given")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such data file")
-  with open(path, "rb") as f:
-    raw_lines = f.read().split(b"\n")
-  lines = []
-  for n, raw in enumerate(raw_lines, 1):
-    try:
-      lines.append(raw.removesuffix(b"\r").decode("utf-8"))
-    except UnicodeDecodeError as e:
-      raise DataError(f"{path}:{n}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-  lines[0] = lines[0].removeprefix("\ufeff")
-  if not any(line.strip() for line in lines):
-    raise DataError(f"{path}: file is empty (no examples)")
-  return lines
-
-
-def is_tsv_header(fields: Sequence[str], input_name: str = "", target_name: str = "") -> bool:
-  """True when a TSV line's two fields name an input and a target column (`INPUT_COLUMNS`,
-  `TARGET_COLUMNS` or the given names): the file's header row, not an example."""
-  return (
-    len(fields) == 2
-    and fields[0].strip() in (*INPUT_COLUMNS, input_name)
-    and fields[1].strip() in (*TARGET_COLUMNS, target_name)
-  )
+is_tsv_header = sources.is_tsv_header
 
 
 def read_tsv(path: str, input_name: str = "input", target_name: str = "target") -> list[Example]:
   """Reads `input<TAB>target` lines (blank lines skipped) after an optional header row naming the
   columns (`is_tsv_header`); raises DataError `file:line: reason`, or `file: no examples`."""
-  out, header = [], None
-  for n, line in enumerate(_open_lines(path), 1):
-    if not line.strip():
-      continue
-    fields = line.split("\t")
-    if header is None:
-      header = is_tsv_header(fields, input_name, target_name)
-      if header:
-        continue
-    if len(fields) != 2:
-      raise DataError(
-        f"{path}:{n}: expected 2 tab-separated fields (input, target), got {len(fields)}"
-      )
-    if not fields[0].strip():
-      raise DataError(f"{path}:{n}: empty input")
-    out.append((fields[0], fields[1]))
-  if not out:
-    raise DataError(f"{path}: no examples (only a header row)")
-  return out
+  return sources.read_all(path, "pairs", sources.Fields(input_name, target_name), "tsv")
 
 
 def read_jsonl(
   path: str, input_field: str = "input", target_field: str = "target"
 ) -> list[Example]:
   """Reads one JSON object per line with string fields; raises DataError `file:line: reason`."""
-  out = []
-  for n, line in enumerate(_open_lines(path), 1):
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-    if not isinstance(obj, dict):
-      raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-    pair = []
-    for field in (input_field, target_field):
-      if field not in obj:
-        raise DataError(f"{path}:{n}: missing field {field!r} (has {sorted(obj)})")
-      if not isinstance(obj[field], str):
-        raise DataError(f"{path}:{n}: field {field!r} is {type(obj[field]).__name__}, not a string")
-      pair.append(obj[field])
-    out.append((pair[0], pair[1]))
-  return out
-
-
-def read_corpus(path: str, text_field: str = "text") -> list[str]:
-  """Reads documents: one per non-blank line, or from `text_field` of a `.jsonl` file."""
-  if path.endswith(".jsonl"):
-    return [inp for inp, _ in read_jsonl(path, text_field, text_field)]
-  return [line for line in _open_lines(path) if line.strip()]
+  return sources.read_all(path, "pairs", sources.Fields(input_field, target_field), "jsonl")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,15 +149,6 @@ def span_corruption_raw_length(
       f"lengths {max_input_length}/{max_target_length} too short for span corruption"
     )
   return best
-
-
-def corpus_chunks(
-  documents: Sequence[str], tokenizer: Tokenizer, chunk_length: int
-) -> list[np.ndarray]:
-  """Tokenizes documents (without eos), concatenates them and cuts chunks of `chunk_length`."""
-  stream = np.array([t for d in documents for t in tokenizer.encode(d)[:-1]], np.int32)
-  chunks = [stream[i : i + chunk_length] for i in range(0, len(stream), chunk_length)]
-  return [c for c in chunks if len(c) >= 2]
 
 
 # ------------------------------------------------------------------------------------------------
