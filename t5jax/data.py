@@ -65,66 +65,117 @@ def read_jsonl(
 # Span corruption.
 
 
-def random_spans_noise_mask(
-  length: int, noise_density: float, mean_noise_span_length: float, rng: np.random.Generator
-) -> np.ndarray:
-  """T5's noise mask: round(length * density) noise tokens in round(noise / mean) spans.
+def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float):
+  num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+  num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
+  return num_noise, min(num_spans, num_noise, length - num_noise)
 
-  The sequence alternates non-noise and noise spans, starting with non-noise; span lengths are
+
+def random_spans_noise_masks(
+  rows: int,
+  length: int,
+  noise_density: float,
+  mean_noise_span_length: float,
+  rng: np.random.Generator,
+) -> np.ndarray:
+  """T5's noise masks for `rows` sequences at once: each has round(length * density) noise tokens
+  in round(noise / mean) spans.
+
+  A sequence alternates non-noise and noise spans, starting with non-noise; span lengths are
   uniform random compositions (every span at least one token).
 
   Returns:
-    bool [length], True on noise tokens.
+    bool [rows, length], True on noise tokens.
   """
-  num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
-  num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
-  num_spans = min(num_spans, num_noise, length - num_noise)
+  num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
 
-  def segment(total: int) -> np.ndarray:
-    cuts = np.sort(rng.choice(np.arange(1, total), size=num_spans - 1, replace=False))
-    return np.diff(np.concatenate([[0], cuts, [total]]))
+  def segment(total: int) -> np.ndarray:  # [rows, num_spans] lengths >= 1 summing to total
+    if num_spans == 1:
+      return np.full((rows, 1), total)
+    keys = rng.random((rows, total - 1))
+    cuts = np.sort(np.argpartition(keys, num_spans - 2, axis=1)[:, : num_spans - 1], axis=1) + 1
+    bounds = np.concatenate([np.zeros((rows, 1), int), cuts, np.full((rows, 1), total)], axis=1)
+    return np.diff(bounds, axis=1)
 
-  noise_lengths = segment(num_noise)
-  keep_lengths = segment(length - num_noise)
-  mask = np.zeros(length, bool)
-  pos = 0
-  for keep, noise in zip(keep_lengths, noise_lengths, strict=True):
-    pos += keep
-    mask[pos : pos + noise] = True
-    pos += noise
-  return mask
+  noise = segment(num_noise)
+  keep = segment(length - num_noise)
+  # Noise span i starts after keep_0..keep_i and noise_0..noise_{i-1}: +1 there, -1 at its end
+  # (all starts and ends of a row are distinct: every kept span has a token).
+  starts = np.cumsum(keep, axis=1) + np.cumsum(noise, axis=1) - noise
+  marks = np.zeros((rows, length + 1), np.int8)
+  r = np.arange(rows)[:, None]
+  marks[r, starts] = 1
+  marks[r, starts + noise] = -1
+  return np.cumsum(marks[:, :length], axis=1, dtype=np.int32) > 0
+
+
+def random_spans_noise_mask(
+  length: int, noise_density: float, mean_noise_span_length: float, rng: np.random.Generator
+) -> np.ndarray:
+  """One sequence's `random_spans_noise_masks`: bool [length]."""
+  return random_spans_noise_masks(1, length, noise_density, mean_noise_span_length, rng)[0]
+
+
+def span_corrupt_batch(
+  tokens: np.ndarray,
+  rng: np.random.Generator,
+  sentinel_id: Callable[[int], int] | np.ndarray,
+  *,
+  noise_density: float = 0.15,
+  mean_noise_span_length: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Masks random spans of each row of `tokens` [B, n] (no eos) the T5 way, all rows at once.
+
+  Inputs keep the non-noise tokens with each noise span replaced by one sentinel (`<extra_id_0>`,
+  `<extra_id_1>`, ... in order); targets list each sentinel followed by its span. Both end with eos.
+  Every row has the same numbers of noise tokens and spans, so the outputs are rectangular.
+  `sentinel_id` is the tokenizer's `sentinel_id`, or the array of its first sentinels' ids.
+
+  Returns:
+    (inputs [B, n - noise + spans + 1], targets [B, noise + spans + 1], mask [B, n]), int32 ids.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  rows, n = tokens.shape
+  mask = random_spans_noise_masks(rows, n, noise_density, mean_noise_span_length, rng)
+  num_noise, num_spans = _noise_counts(n, noise_density, mean_noise_span_length)
+  if isinstance(sentinel_id, np.ndarray):
+    sentinels = sentinel_id[:num_spans]
+  else:
+    sentinels = np.array([sentinel_id(i) for i in range(num_spans)], np.int32)
+  first = mask & ~np.concatenate([np.zeros((rows, 1), bool), mask[:, :-1]], axis=1)
+  span = np.maximum(np.cumsum(first, axis=1) - 1, 0)
+  # Two slots per position: [its span's sentinel if a span starts here, the token]; inputs take
+  # the sentinel slots and the kept tokens, targets the sentinel slots and the noise tokens.
+  slots = np.stack([sentinels[span], tokens], axis=2)
+  eos = np.full((rows, 1), EOS_ID, np.int32)
+  take_in = np.stack([first, ~mask], axis=2)
+  take_tg = np.stack([first, mask], axis=2)
+  inputs = slots[take_in].reshape(rows, n - num_noise + num_spans)
+  targets = slots[take_tg].reshape(rows, num_noise + num_spans)
+  return (
+    np.concatenate([inputs, eos], axis=1).astype(np.int32),
+    np.concatenate([targets, eos], axis=1).astype(np.int32),
+    mask,
+  )
 
 
 def span_corrupt(
   tokens: np.ndarray,
   rng: np.random.Generator,
-  sentinel_id: Callable[[int], int],
+  sentinel_id: Callable[[int], int] | np.ndarray,
   *,
   noise_density: float = 0.15,
   mean_noise_span_length: float = 3.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Masks random spans of `tokens` (no eos) the T5 way.
-
-  Inputs keep the non-noise tokens with each noise span replaced by one sentinel (`<extra_id_0>`,
-  `<extra_id_1>`, ... in order); targets list each sentinel followed by its span. Both end with eos.
-
-  Returns:
-    (inputs, targets) int32 arrays.
-  """
-  tokens = np.asarray(tokens, np.int32)
-  mask = random_spans_noise_mask(len(tokens), noise_density, mean_noise_span_length, rng)
-  inputs, targets = [], []
-  span = -1
-  for k, (tok, noise) in enumerate(zip(tokens.tolist(), mask.tolist(), strict=True)):
-    if noise:
-      if k == 0 or not mask[k - 1]:
-        span += 1
-        inputs.append(sentinel_id(span))
-        targets.append(sentinel_id(span))
-      targets.append(tok)
-    else:
-      inputs.append(tok)
-  return np.array(inputs + [EOS_ID], np.int32), np.array(targets + [EOS_ID], np.int32)
+  """`span_corrupt_batch` of one sequence: (inputs, targets) int32 arrays, each ending in eos."""
+  inputs, targets, _ = span_corrupt_batch(
+    np.asarray(tokens, np.int32)[None],
+    rng,
+    sentinel_id,
+    noise_density=noise_density,
+    mean_noise_span_length=mean_noise_span_length,
+  )
+  return inputs[0], targets[0]
 
 
 def _corrupted_lengths(tokens_length: int, density: float, mean_span: float) -> tuple[int, int]:
@@ -548,20 +599,67 @@ class _Tokenize:
 
 
 class _Corrupt:
-  def __init__(self, tokenizer: Tokenizer, data_cfg: DataConfig):
-    self.sentinel_id = tokenizer.sentinel_id
+  """Span corruption of one chunk, of a `ChunkTokens` element, or of a batch of them at once."""
+
+  def __init__(self, tokenizer: Tokenizer, data_cfg: DataConfig, seed: int = 0):
+    n = getattr(tokenizer, "extra_ids", 0)
+    self.sentinel_id = np.array([tokenizer.sentinel_id(i) for i in range(n)], np.int32)
     self.noise_density = data_cfg.noise_density
     self.mean_noise_span_length = data_cfg.mean_noise_span_length
+    self.seed = seed
 
-  def __call__(self, chunk: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    inputs, targets = span_corrupt(
-      chunk,
+  def batch(self, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    inputs, targets, _ = span_corrupt_batch(
+      tokens,
       rng,
       self.sentinel_id,
       noise_density=self.noise_density,
       mean_noise_span_length=self.mean_noise_span_length,
     )
-    return {"inputs": inputs, "targets": targets}
+    return inputs, targets
+
+  def __call__(self, chunk: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    inputs, targets = self.batch(np.asarray(chunk, np.int32)[None], rng)
+    return {"inputs": inputs[0], "targets": targets[0]}
+
+  def element(self, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A `ChunkTokens` element, corrupted with the rng its key names (a mixture's path)."""
+    return self(element["tokens"], np.random.default_rng([self.seed, *element["key"].tolist()]))
+
+
+class _CorruptBatch:
+  """A batch of `ChunkTokens` elements -> span-corrupted model features, all rows at once (one
+  example per row: packed-format features when packing, else padded)."""
+
+  def __init__(self, corrupt: _Corrupt, data_cfg: DataConfig):
+    self.corrupt, self.pack = corrupt, data_cfg.pack
+    self.input_length, self.target_length = data_cfg.max_input_length, data_cfg.max_target_length
+
+  def __call__(self, elements):
+    keys = np.concatenate([e["key"] for e in elements]).tolist()
+    rng = np.random.default_rng([self.corrupt.seed, *keys])
+    inputs, targets = self.corrupt.batch(np.stack([e["tokens"] for e in elements]), rng)
+    rows = len(elements)
+    row = {}
+    for name, ids, length in (
+      ("inputs", inputs, self.input_length),
+      ("targets", targets, self.target_length),
+    ):
+      padded = np.zeros((rows, length), np.int32)
+      padded[:, : ids.shape[1]] = ids
+      row[name] = padded
+      if self.pack:
+        row[f"{name}_segment_ids"] = (padded > 0).astype(np.int32)
+        row[f"{name}_positions"] = np.where(padded > 0, np.arange(length), 0).astype(np.int32)
+    if self.pack:
+      return _packed_features(row)
+    tgt = row["targets"]
+    return {
+      "encoder_input_tokens": row["inputs"],
+      "decoder_input_tokens": shift_right(tgt),
+      "decoder_target_tokens": tgt,
+      "decoder_loss_weights": (tgt > 0).astype(np.float32),
+    }
 
 
 def _raw_chunk_length(data_cfg: DataConfig, tokenizer: Tokenizer) -> int:
@@ -631,7 +729,7 @@ def _task_stream(
   if task.kind == "pairs":
     return ds
   raw = _raw_chunk_length(data_cfg, tokenizer)
-  return streams.ChunkTokens(ds, tokenize, raw, _Corrupt(tokenizer, data_cfg), seed + 1)
+  return streams.ChunkTokens(ds, tokenize, raw, shard=host)
 
 
 def _rates(tasks: list[_Task], data_cfg: DataConfig) -> list[float]:
@@ -691,11 +789,20 @@ def train_stream(
   processes (grain's `mp_prefetch`) when > 0."""
   tasks = _tasks(data_cfg)
   parts = [_task_stream(t, data_cfg, tokenizer, seed, process_index, process_count) for t in tasks]
-  if len(parts) == 1:
-    examples = parts[0]
+  corrupt = _Corrupt(tokenizer, data_cfg, seed + 1)
+  if all(t.kind == "text" for t in tasks):  # span corruption alone: a batch at a time
+    chunks = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
+    batches = chunks.batch(
+      batch_size, drop_remainder=True, batch_fn=_CorruptBatch(corrupt, data_cfg)
+    )
   else:
-    examples = grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
-  batches = _batches(examples, data_cfg, batch_size)
+    parts = [
+      p.map(corrupt.element) if t.kind == "text" else p for t, p in zip(tasks, parts, strict=True)
+    ]
+    examples = (
+      parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
+    )
+    batches = _batches(examples, data_cfg, batch_size)
   if data_cfg.num_workers:
     # grain's workers read absl flags of their own; a library caller (not train.py) has parsed
     # none, and grain then fails in every worker.

@@ -298,19 +298,22 @@ def random_access_records(
 
 
 class ChunkTokens(grain.IterDataset):
-  """Documents -> token chunks of `length` (documents concatenated without eos, as T5 does) ->
-  `corrupt(chunk, rng)`; chunk k of this shard uses rng `(seed, shard, k)`."""
+  """Documents -> token chunks of `length` (documents concatenated without eos, as T5 does).
+
+  Yields {"tokens": int32 [length], "key": int64 [4]}: the key `(shard, worker, workers, k)`
+  names chunk k of this worker of host shard `shard`, so whatever corrupts the chunk can seed its
+  randomness from it and stay the same across a restore.
+  """
 
   def __init__(
     self,
     parent: grain.IterDataset,
     tokenize: Callable[[Any], np.ndarray],
     length: int,
-    corrupt: Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]],
-    seed: int,
+    shard: int = 0,
   ):
     super().__init__(parent)
-    self.tokenize, self.length, self.corrupt, self.seed = tokenize, length, corrupt, seed
+    self.tokenize, self.length, self.shard = tokenize, length, shard
     self._slice = (0, 1)
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
@@ -347,9 +350,9 @@ class _ChunkIterator(grain.DatasetIterator):
       parts.append(take)
       self._offset += len(take)
       need -= len(take)
-    rng = np.random.default_rng([self._ds.seed, *self._ds._slice, self._count])
+    key = np.array([self._ds.shard, *self._ds._slice, self._count], np.int64)
     self._count += 1
-    return self._ds.corrupt(np.concatenate(parts), rng)
+    return {"tokens": np.concatenate(parts), "key": key}
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._doc_state, "offset": self._offset, "count": self._count}

@@ -75,6 +75,48 @@ def _rebuild(inputs, targets, tok):
   return out
 
 
+def _span_corrupt_by_loop(tokens, mask, sentinel_id):
+  """The definition, token by token: the reference for the vectorised span_corrupt."""
+  inputs, targets, span = [], [], -1
+  for k, (tok, noise) in enumerate(zip(tokens.tolist(), mask.tolist(), strict=True)):
+    if noise:
+      if k == 0 or not mask[k - 1]:
+        span += 1
+        inputs.append(sentinel_id(span))
+        targets.append(sentinel_id(span))
+      targets.append(tok)
+    else:
+      inputs.append(tok)
+  return inputs + [EOS_ID], targets + [EOS_ID]
+
+
+def test_span_corrupt_equals_the_token_loop():
+  for seed in range(40):
+    n = int(np.random.default_rng(seed).integers(2, 600))
+    tokens = np.random.default_rng(seed + 100).integers(3, 250, n).astype(np.int32)
+    density = [0.15, 0.5, 0.05][seed % 3]
+    inputs, targets = data.span_corrupt(
+      tokens, np.random.default_rng(seed), TOK.sentinel_id, noise_density=density
+    )
+    mask = data.random_spans_noise_mask(n, density, 3.0, np.random.default_rng(seed))
+    want = _span_corrupt_by_loop(tokens, mask, TOK.sentinel_id)
+    assert inputs.tolist() == want[0] and targets.tolist() == want[1], seed
+
+
+def test_batched_span_corruption_equals_the_token_loop_row_by_row():
+  for seed, (rows, n) in enumerate([(5, 568), (3, 40), (8, 7), (2, 2)]):
+    tokens = np.random.default_rng(seed).integers(3, 250, (rows, n)).astype(np.int32)
+    inputs, targets, mask = data.span_corrupt_batch(
+      tokens, np.random.default_rng(seed), TOK.sentinel_id
+    )
+    assert inputs.shape[0] == targets.shape[0] == rows
+    for r in range(rows):
+      want = _span_corrupt_by_loop(tokens[r], mask[r], TOK.sentinel_id)
+      assert inputs[r].tolist() == want[0] and targets[r].tolist() == want[1], (seed, r)
+    if rows > 1 and n > 10:
+      assert not np.array_equal(mask[0], mask[1])  # each row has its own spans
+
+
 def test_span_corrupt_properties():
   tokens = np.array(TOK.encode("The quick brown fox jumps over the lazy dog. " * 4)[:-1])
   for seed in range(10):
