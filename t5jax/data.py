@@ -6,7 +6,7 @@ training: records -> this host's shard (`[process_index::process_count]`) -> shu
 epoch) -> infinite repeat -> tokenize / corrupt (per-element rng from the seed and the element's
 index) -> pack (first fit, one bin per batch row) or pad -> batch -> model features.
 
-Batches are dicts of numpy arrays (see docs/DESIGN.md): encoder_input_tokens [B,S],
+Batches are dicts of numpy arrays (docs/architecture.md): encoder_input_tokens [B,S],
 decoder_input_tokens [B,T], decoder_target_tokens [B,T], decoder_loss_weights [B,T] float32, plus
 encoder/decoder_segment_ids and _positions [B,S]/[B,T] when packed. Shapes are fixed by
 `max_input_length` (S) and `max_target_length` (T) so the train step compiles once.
