@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 from hf_utils_decoding import make_hf_model, save_hf_model
 
 import t5jax
@@ -270,6 +271,7 @@ def test_python_blocks_compile():
       compile(block, f"{name} python block {i + 1}", "exec")
 
 
+@pytest.mark.slow
 def test_readme_library_quick_start_runs_as_typed(tmp_path):
   """The README's first Python block, word for word, on a tiny model at its path."""
   block = _blocks("README.md", "python")[0]
