@@ -29,7 +29,7 @@ from hf_utils_decoding import make_hf_model, save_hf_model
 import t5jax
 from t5jax import train_config
 from t5jax.generate import GenerateConfig
-from t5jax.tokenizer import ByteTokenizer
+from t5jax.tokenizer import ByteTokenizer, train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = (
@@ -293,6 +293,53 @@ def test_readme_library_quick_start_runs_as_typed(tmp_path):
   assert (tmp_path / "out" / "config.json").is_file()  # what its save_hf line writes
 
 
+def _env():
+  """What `source .venv/bin/activate` does for a command: `python` is this environment's."""
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  return env
+
+
+@pytest.mark.slow
+def test_readme_fine_tune_and_decode_commands_run_as_typed(tmp_path):
+  """The README's "Training on your own data" block, word for word, on a tiny HuggingFace
+  folder at its path and TSV files at theirs; only more overrides are appended to the train
+  command (2 steps, a small eval) so that it fits the suite."""
+  section = _read("README.md").split("## Training on your own data", 1)[1]
+  block = re.search(r"^```bash\n(.*?)^```", section, flags=re.S | re.M).group(1)
+  train_cmd, decode_cmd = block.replace("\\\n", " ").strip().split("\n")
+  words = shlex.split(train_cmd)
+  folder = next(w.split("=", 1)[1] for w in words if w.startswith("--config.init_from="))
+  train_file = next(w.split("=", 1)[1] for w in words if w.startswith("--config.data.train_file="))
+  eval_file = next(w.split("=", 1)[1] for w in words if w.startswith("--config.data.eval_file="))
+  rows = [(f"question {i}: {i} plus {i}", f"answer {2 * i}") for i in range(24)]
+  for name in (train_file, eval_file):
+    lines = ["inputs\ttargets", *(f"{a}\t{b}" for a, b in rows)]
+    (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+  train_sentencepiece([a + " " + b for a, b in rows] * 4, 300, str(tmp_path / folder))
+  config = t5jax.get_config(
+    "t5-v1_1-small", vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_heads=2, num_layers=1,
+    num_decoder_layers=1,
+  )  # fmt: skip
+  import jax
+
+  t5jax.save_hf(config, t5jax.init_params(config, jax.random.key(0)), str(tmp_path / folder))
+  for script in ("decode.py", "train.py", "configs"):
+    os.symlink(os.path.join(ROOT, script), tmp_path / script)
+  quick = (
+    " --config.num_train_steps=2 --config.eval_every=2 --config.checkpoint_every=2"
+    " --config.log_every=1 --config.eval_generate_examples=4 --config.eval_batch_size=4"
+  )
+  for command in (train_cmd + quick, decode_cmd + " --max_new_tokens 4 --no_progress"):
+    proc = subprocess.run(
+      ["bash", "-c", command], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+      timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+  assert len(proc.stdout.split("\n")) - 1 == len(rows)  # one output line per dev row
+  assert (tmp_path / "workdir" / "ft" / "export" / "hf" / "config.json").is_file()
+
+
 def test_makefile_demo_decodes_the_readme_prompts():
   readme = re.search(r"printf '([^']*)'", _read("README.md")).group(1)
   makefile = re.search(r"printf '([^']*)'", _read("Makefile")).group(1)
@@ -314,13 +361,10 @@ def test_readme_demo_decode_command_runs_as_typed(tmp_path):
   ByteTokenizer().save(folder)
   for script in ("decode.py", "train.py"):
     os.symlink(os.path.join(ROOT, script), tmp_path / script)
-  # What `source .venv/bin/activate` does for the command: `python` is this environment's.
-  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
   proc = subprocess.run(
     ["bash", "-c", "set -o pipefail; " + command],
     cwd=tmp_path,
-    env=env,
+    env=_env(),
     capture_output=True,
     text=True,
     timeout=300,
