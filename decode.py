@@ -81,7 +81,11 @@ def _token_lists(flag: str, text: str, kind: str):
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(
+    prog=PROG,
+    description=__doc__.split("\n\n")[0],
+    epilog="Every flag, format and method in detail: docs/decoding.md",
+  )
   p.add_argument("--checkpoint", required=True, help="HuggingFace model folder or t5jax workdir")
   p.add_argument("--tokenizer", help="'byt5', a SentencePiece .model, or a folder holding one")
   p.add_argument("--input_file", help="default: stdin")

@@ -2,6 +2,7 @@
 
 Starts from scratch, from a HuggingFace folder (`--config.init_from=PATH`), or resumes what DIR
 holds. SIGTERM / SIGINT save a checkpoint and exit 0. Errors are one line with a non-zero exit.
+Every --config field: t5jax/train_config.py.
 """
 
 import sys
@@ -36,12 +37,19 @@ def _error(message: str, status: int) -> None:
   sys.exit(status)
 
 
+DOCS = "Every option group, resume and what survives what: docs/training.md"
+
+
 def _parse_flags(argv):
   """absl's parsing, with a one-line error (not a traceback or usage dump) for a bad flag."""
   try:
     rest = FLAGS(argv)
     FLAGS.config.keys()  # config_flags defers a config file's load error to the first access
     return rest
+  except SystemExit:  # --help / --helpfull printed the flags and exits: end with the docs
+    if not any(a.startswith("--helpxml") for a in argv):
+      print(DOCS)
+    raise
   except Exception as e:  # noqa: BLE001 - a bad --config file or override raises anything
     # A misspelt override arrives as AttributeError(KeyError("'key'\nDid you mean ...")).
     while isinstance(e, KeyError | AttributeError) and e.args and isinstance(e.args[0], Exception):

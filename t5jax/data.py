@@ -8,7 +8,7 @@ shards), endless -> tokenize (pairs), or tokenize, concatenate, split and corrup
 corruption) -> mix the tasks by rate -> pack (first fit, one bin per batch row) or pad -> batch ->
 model features, in grain worker processes when `num_workers` > 0. See docs/data.md.
 
-Batches are dicts of numpy arrays (see docs/DESIGN.md): encoder_input_tokens [B,S],
+Batches are dicts of numpy arrays (docs/architecture.md): encoder_input_tokens [B,S],
 decoder_input_tokens [B,T], decoder_target_tokens [B,T], decoder_loss_weights [B,T] float32, plus
 encoder/decoder_segment_ids and _positions [B,S]/[B,T] when packed. Shapes are fixed by
 `max_input_length` (S) and `max_target_length` (T) so the train step compiles once.
