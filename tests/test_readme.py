@@ -98,6 +98,13 @@ def _base_config():
 
 
 def _config_field_exists(path):
+  parts = path.split(".")
+  if (
+    parts[:2] == ["data", "tasks"] and len(parts) == 4
+  ):  # a mixture task's field (configs/mixture.py)
+    from t5jax.train_config import TaskConfig
+
+    return parts[3] in {f.name for f in dataclasses.fields(TaskConfig)}
   node = _base_config()
   for key in path.split("."):
     if not hasattr(node, "keys") or key not in node:
