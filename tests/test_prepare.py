@@ -1,0 +1,309 @@
+"""`python -m t5jax.prepare`: raw corpora -> tokenized ArrayRecord shards that training reads.
+
+Prepared shards must give the same training data as the raw files they came from: without
+shuffling, the same batches bit for bit (both paths read records in file order and corrupt chunk k
+with the same rng); with shuffling, the same examples over an epoch in another order (a global
+permutation against windowed shuffles). Shards are byte-identical whatever the number of workers,
+the manifest is the last thing written (a failure leaves none, and removes what it wrote), bad
+records are one line naming the file and line, and train.py trains from a prepared folder.
+"""
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_train_cli import REPO, TINY_FLAGS, assert_quiet
+
+from t5jax import data, prepare, sources
+from t5jax.errors import DataError
+from t5jax.tokenizer import load_tokenizer
+from t5jax.train_config import DataConfig
+
+TOK = load_tokenizer("byt5")
+WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn"]
+
+
+def write_pairs(path, n, seed=0):
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    f.write("inputs\ttargets\n")  # a header row, skipped by both paths
+    for k in range(n):
+      ws = [str(k), *rng.choice(WORDS, size=int(rng.integers(1, 5)))]
+      f.write(" ".join(ws) + "\t" + " ".join(reversed(ws)) + "\n")
+      if k % 7 == 3:
+        f.write("\n")  # blank lines are skipped
+  return str(path)
+
+
+def write_docs_gz(path, n, seed=0):
+  rng = np.random.default_rng(seed)
+  lines = [
+    f"doc {k} " + " ".join(rng.choice(WORDS, size=int(rng.integers(2, 30)))) for k in range(n)
+  ]
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  return str(path), lines
+
+
+def run_prepare(inp, out, kind, **kw):
+  return prepare.prepare(str(inp), str(out), TOK, kind=kind, tokenizer_name="byt5", **kw)
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b, strict=True):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def rows(batches):
+  """(encoder inputs, targets) of every unpacked row with a target, as tuples."""
+  out = []
+  for b in batches:
+    for enc, tgt in zip(b["encoder_input_tokens"], b["decoder_target_tokens"], strict=True):
+      if tgt.any():
+        out.append((tuple(enc[enc > 0]), tuple(tgt[tgt > 0])))
+  return out
+
+
+def test_prepared_pairs_give_the_raw_files_examples(tmp_path):
+  a = write_pairs(tmp_path / "a.tsv", 23, seed=0)
+  b = write_pairs(tmp_path / "b.tsv", 17, seed=1)
+  m = run_prepare(f"{a},{b}", tmp_path / "prep", "tsv", prefix="rev: ", records_per_shard=10)
+  assert m["kind"] == "pairs" and m["format"] == "tsv" and m["prefix"] == "rev: "
+  assert [s["records"] for s in m["shards"]] == [10, 10, 3, 10, 7]  # 23 = 10+10+3, 17 = 10+7
+  assert m["tokenizer_sha256"] == TOK.fingerprint() and m["vocab_size"] == TOK.vocab_size
+  # Records hold the untruncated ids of prefix + input and of the target, each with eos.
+  first = sources.ArrayRecordFile(str(tmp_path / "prep" / m["shards"][0]["file"]))[0]
+  inp, tgt = sources.decode_tokens(first)
+  raw0 = next(sources.iter_records(a, "pairs", fmt="tsv"))[1]
+  assert inp.tolist() == TOK.encode("rev: " + raw0[0]) and tgt.tolist() == TOK.encode(raw0[1])
+
+  lengths = dict(max_input_length=24, max_target_length=12)  # some inputs are truncated
+  raw_cfg = DataConfig(kind="tsv", train_file=f"{a},{b}", prefix="rev: ", **lengths)
+  prep_cfg = DataConfig(kind="tsv", train_file=str(tmp_path / "prep"), **lengths)
+  for shuffle in (False, True):
+    got = {}
+    for name, cfg in (("raw", raw_cfg), ("prepared", prep_cfg)):
+      it = data.make_datasets(cfg.replace(shuffle=shuffle), TOK, batch_size=4, seed=3).train
+      got[name] = take(it, 10)  # one epoch: 40 examples
+    if not shuffle:
+      assert_same_batches(got["raw"], got["prepared"])
+    else:
+      assert sorted(rows(got["raw"])) == sorted(rows(got["prepared"]))
+      assert rows(got["raw"]) != rows(got["prepared"])  # another order (global vs windowed)
+  # Packed batches from prepared shards hold the same examples too.
+  packed = data.make_datasets(prep_cfg.replace(pack=True, shuffle=False), TOK, batch_size=4, seed=3)
+  assert packed.train.get_state()  # a saveable position
+  assert next(packed.train)["encoder_segment_ids"].max() > 1
+
+
+def test_prepared_text_gives_the_same_span_corruption_batches(tmp_path):
+  gz, docs = write_docs_gz(tmp_path / "docs.txt.gz", 60)
+  m = run_prepare(gz, tmp_path / "prep", "span_corruption", records_per_shard=25)
+  assert m["kind"] == "text" and [s["records"] for s in m["shards"]] == [25, 25, 10]
+  arrays = [
+    sources.decode_tokens(raw)
+    for s in m["shards"]
+    for raw in sources.ArrayRecordFile(str(tmp_path / "prep" / s["file"])).read_range(
+      0, s["records"]
+    )
+  ]
+  assert all(len(x) == 1 for x in arrays)  # one array per document, without eos
+  assert [x[0].tolist() for x in arrays] == [TOK.encode(d)[:-1] for d in docs]
+
+  base = dict(kind="span_corruption", max_input_length=32, max_target_length=12, shuffle=False)
+  for pack in (False, True):
+    raw = data.make_datasets(
+      DataConfig(train_file=gz, pack=pack, **base), TOK, batch_size=4, seed=5
+    )
+    cfg = DataConfig(train_file=str(tmp_path / "prep"), pack=pack, **base)
+    prep = data.make_datasets(cfg, TOK, batch_size=4, seed=5)
+    assert_same_batches(take(raw.train, 8), take(prep.train, 8))
+  # Shuffled: the prepared path still corrupts every document of the corpus.
+  cfg = DataConfig(train_file=str(tmp_path / "prep"), **{**base, "shuffle": True})
+  batches = take(data.make_datasets(cfg, TOK, batch_size=4, seed=5).train, 6)
+  assert all(b["encoder_input_tokens"].shape == (4, 32) for b in batches)
+
+
+@pytest.mark.slow
+def test_shards_are_byte_identical_whatever_the_workers(tmp_path):
+  files = [write_pairs(tmp_path / f"{k}.tsv", 15 + 4 * k, seed=k) for k in range(3)]
+  digests = []
+  for workers in (1, 2):
+    out = tmp_path / f"w{workers}"
+    m = run_prepare(",".join(files), out, "pairs", num_workers=workers, records_per_shard=8)
+    names = sorted(os.listdir(out))
+    digest = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names if "." in n}
+    digests.append((m["shards"], digest))
+  assert digests[0] == digests[1]
+  assert len(digests[0][0]) == 8  # 15 -> 2, 19 -> 3, 23 -> 3 shards
+
+
+def test_the_manifest_is_written_last_and_a_failure_leaves_nothing(tmp_path, monkeypatch):
+  good = write_pairs(tmp_path / "a.tsv", 12)
+  bad = tmp_path / "b.tsv"
+  bad.write_text("x\ty\nno tab here\n")
+  out = tmp_path / "out"
+  with pytest.raises(DataError, match=f"^{bad}:2: expected 2 tab-separated fields"):
+    run_prepare(f"{good},{bad}", out, "pairs", records_per_shard=5)
+  assert not out.exists()  # the shards of a.tsv were written, then removed with the folder
+
+  # When the manifest is written, every shard and the tokenizer are already in place.
+  seen = []
+  real = prepare.atomic_write
+
+  def check(path, text):
+    seen.append(sorted(os.listdir(out)))
+    assert not os.path.exists(path)
+    real(path, text)
+
+  monkeypatch.setattr(prepare, "atomic_write", check)
+  m = run_prepare(good, out, "pairs", records_per_shard=5)
+  files = sorted(s["file"] for s in m["shards"])
+  assert seen == [sorted([*files, "tokenizer"])]
+
+  # An interruption before the manifest (here: while saving the tokenizer) leaves no manifest
+  # and none of the shards; an existing folder stays, emptied.
+  monkeypatch.setattr(prepare, "atomic_write", real)
+  out2 = tmp_path / "out2"
+  out2.mkdir()
+
+  class Interrupt:
+    def __getattr__(self, name):
+      return getattr(TOK, name)
+
+    def save(self, directory):
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    prepare.prepare(good, str(out2), Interrupt(), kind="pairs", tokenizer_name="byt5")
+  assert out2.is_dir() and os.listdir(out2) == []
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_is_not_a_prepared_folder_and_overwrite_redoes_it(tmp_path):
+  src = write_pairs(tmp_path / "a.tsv", 30)
+  out = tmp_path / "out"
+  # A process killed (os._exit, no cleanup) once its second shard is finished.
+  script = (
+    "import os, sys\n"
+    "from t5jax import prepare\n"
+    "close = prepare._ShardWriter.close\n"
+    "def close_then_die(self):\n"
+    "  r = close(self)\n"
+    "  if r[0].endswith('00001.arrayrecord'): os._exit(9)\n"
+    "  return r\n"
+    "prepare._ShardWriter.close = close_then_die\n"
+    "sys.exit(prepare.main(sys.argv[1:]))\n"
+  )
+  args = [f"--input={src}", f"--output={out}", "--kind=pairs", "--tokenizer=byt5"]
+  args.append("--records_per_shard=10")
+  env = {**os.environ, "PYTHONPATH": REPO}
+  killed = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True)
+  assert killed.returncode == 9
+  assert sorted(os.listdir(out)) == [
+    "shard-00000-00000.arrayrecord",
+    "shard-00000-00001.arrayrecord",
+  ]
+  assert sources.prepared_manifest(str(out)) is None  # not taken for a prepared corpus
+  assert prepare.main(args) == 1  # refused without --overwrite
+  assert prepare.main([*args, "--overwrite", "--quiet"]) == 0
+  assert [s["records"] for s in sources.prepared_manifest(str(out))["shards"]] == [10, 10, 10]
+  # --overwrite removes only what prepare writes.
+  (out / "notes.txt").write_text("mine")
+  assert prepare.main([*args, "--overwrite"]) == 1
+  assert (out / "notes.txt").exists() and (out / sources.MANIFEST).exists()
+
+
+def test_bad_input_and_flags_are_one_line_errors(tmp_path, capsys):
+  tsv = tmp_path / "bad.tsv"
+  tsv.write_text("a\tb\nc\td\n\nno tab\n")
+  utf = tmp_path / "bad.txt.gz"
+  with gzip.open(utf, "wb") as f:
+    f.write(b"fine\ncaf\xe9\n")
+  jsonl = tmp_path / "bad.jsonl"
+  jsonl.write_text('{"input": "a", "target": "b"}\n{"input": "a"}\n')
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n")
+  good = write_pairs(tmp_path / "good.tsv", 4)
+  cases = [
+    ([f"--input={tsv}", "--kind=pairs"], 1, f"{tsv}:4: expected 2 tab-separated fields"),
+    ([f"--input={utf}", "--kind=text"], 1, f"{utf}:2: invalid UTF-8"),
+    ([f"--input={jsonl}", "--kind=jsonl"], 1, f"{jsonl}:2: missing field 'target'"),
+    ([f"--input={empty}", "--kind=text"], 1, f"{empty}: no records"),
+    ([f"--input={tmp_path}/*.parquet", "--kind=text"], 1, "--input: "),
+    ([f"--input={good}", "--kind=text"], 1, "a TSV file holds input/target pairs"),
+    ([f"--input={good}", "--kind=pairs", "--tokenizer=nope.model"], 1, "--tokenizer=nope.model"),
+    ([f"--input={good}", "--kind=pairs", "--records_per_shard=0"], 1, "--records_per_shard=0"),
+    ([f"--input={good}", "--kind=words"], 2, "--kind: invalid choice: 'words'"),
+    ([f"--input={good}", "--kind=pairs", "--num_workers=x"], 2, "--num_workers: invalid int"),
+  ]
+  for k, (argv, status, fragment) in enumerate(cases):
+    out = tmp_path / f"out{k}"
+    if not any(a.startswith("--tokenizer") for a in argv):
+      argv = [*argv, "--tokenizer=byt5"]
+    try:
+      rc = prepare.main([*argv, f"--output={out}", "--quiet"])
+    except SystemExit as e:  # argparse's flag errors
+      rc = e.code
+    assert rc == status, (argv, rc)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prepare: error: "), err
+    assert fragment in err[0], err[0]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_then_train_py_trains_from_prepared_shards(tmp_path):
+  train = write_pairs(tmp_path / "train.tsv", 40)
+  evals = write_pairs(tmp_path / "eval.tsv", 8, seed=9)
+  env = {**os.environ, "PYTHONPATH": REPO}
+  for src, out in ((train, "prep_train"), (evals, "prep_eval")):
+    cmd = [sys.executable, "-m", "t5jax.prepare", f"--input={src}", f"--output={tmp_path / out}"]
+    cmd += ["--kind=tsv", "--tokenizer=byt5", "--prefix=rev: "]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"--config.data.train_file={tmp_path / out}" in done.stdout
+  workdir = tmp_path / "wd"
+  run = subprocess.run(
+    [
+      sys.executable,
+      "train.py",
+      "--config=configs/demo.py",
+      f"--workdir={workdir}",
+      "--config.data.kind=tsv",
+      f"--config.data.train_file={tmp_path / 'prep_train'}",
+      f"--config.data.eval_file={tmp_path / 'prep_eval'}",
+      "--config.data.max_input_length=16",
+      "--config.data.max_target_length=12",
+      *TINY_FLAGS,
+      "--config.num_train_steps=3",
+      "--config.eval_every=3",
+      "--config.checkpoint_every=3",
+      "--config.eval_generate_examples=2",
+      "--config.eval_batch_size=4",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert run.returncode == 0, run.stderr
+  assert_quiet(run.stderr)
+  rows_ = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in rows_ if r["split"] == "train"] == [1, 2, 3]
+  assert any(r["split"] == "eval" and np.isfinite(r["loss"]) for r in rows_)
+  # The run took the prepared folder's tokenizer (no tokenizer was given or trained).
+  assert open(workdir / "tokenizer" / "byt5.txt").read().startswith("byt5")
