@@ -372,14 +372,17 @@ def resume_section(args, tok, big_text, prep_dir) -> list[str]:
       lines = min(_count_lines(f) for f in big_text)
       target = int(lines * args.resume_depth)
       for s in _find(state, {"epoch", "file", "record", "window", "taken"}):
-        s["record"] = target
-      where = f"line {target:,} of a {lines:,}-line shard ({_size_gb(big_text[:1]):.2f} GB)"
+        s["file"], s["record"] = len(big_text) - 1, target  # the epoch's last file
+      where = (
+        f"line {target:,} of the last of {len(big_text)} shards ({lines:,} lines, "
+        f"{_size_gb(big_text[:1]):.2f} GB each; {_size_gb(big_text):.1f} GB in all)"
+      )
     else:
       found = list(_find(state, {"next_index"}))
       total = sum(1 for _ in found)
       for s in found:
         s["next_index"] = int(s["next_index"]) + 10_000_000
-      where = f"10M records on ({total} index states moved)"
+      where = f"10M records later ({total} index state moved)"
     t0 = time.perf_counter()
     it2 = data.make_datasets(cfg, tok, batch_size=args.batch_size, seed=0).train
     it2.set_state(json.loads(json.dumps(state)))
