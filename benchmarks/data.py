@@ -351,6 +351,21 @@ def _count_lines(path):
   return n
 
 
+def _line_offset(path, line):
+  """The byte offset where line `line` (0-based) of a file starts."""
+  pos, seen = 0, 0
+  with open(path, "rb") as f:
+    while block := f.read(1 << 24):
+      n = block.count(b"\n")
+      if seen + n >= line:
+        k = -1
+        for _ in range(line - seen):
+          k = block.index(b"\n", k + 1)
+        return pos + k + 1
+      seen, pos = seen + n, pos + len(block)
+  raise ValueError(f"{path} has fewer than {line} lines")
+
+
 def resume_section(args, tok, big_text, prep_dir) -> list[str]:
   from t5jax import data
 
@@ -361,7 +376,8 @@ def resume_section(args, tok, big_text, prep_dir) -> list[str]:
   ):
     if spec is None:
       continue
-    cfg = _span_cfg(spec)
+    # Files in their listed order (no shuffle), so the last one of the epoch is big_text[-1].
+    cfg = _span_cfg(spec, shuffle=False)
     t0 = time.perf_counter()
     it = data.make_datasets(cfg, tok, batch_size=args.batch_size, seed=0).train
     next(it)
@@ -369,10 +385,11 @@ def resume_section(args, tok, big_text, prep_dir) -> list[str]:
     next(it)
     state = it.get_state()
     if deep == "stream":
-      lines = min(_count_lines(f) for f in big_text)
+      lines = _count_lines(big_text[-1])
       target = int(lines * args.resume_depth)
+      offset = _line_offset(big_text[-1], target)
       for s in _find(state, {"epoch", "file", "record", "window", "taken"}):
-        s["file"], s["record"] = len(big_text) - 1, target  # the epoch's last file
+        s["file"], s["record"], s["offset"] = len(big_text) - 1, target, offset
       where = (
         f"line {target:,} of the last of {len(big_text)} shards ({lines:,} lines, "
         f"{_size_gb(big_text[:1]):.2f} GB each; {_size_gb(big_text):.1f} GB in all)"
