@@ -18,7 +18,7 @@ import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 
-from t5jax.config import ACTIVATIONS, T5Config
+from t5jax.config import ACTIVATIONS, ATTENTION_IMPLS, T5Config
 
 NEG_INF = float(np.finfo(np.float32).min)
 
@@ -231,6 +231,12 @@ def _on_cuda() -> bool:
   """Whether the default backend is an NVIDIA GPU (cuDNN); ROCm GPUs are "gpu" too."""
   backend = jax.extend.backend.get_backend()
   return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
+
+
+def usable_attention_impls() -> tuple[str, ...]:
+  """The `T5Config.attention_impl` values the default backend runs: "cudnn" needs an NVIDIA GPU
+  (cuDNN); the others run everywhere ("dot_product" uses cuDNN where it applies)."""
+  return ATTENTION_IMPLS if _on_cuda() else tuple(i for i in ATTENTION_IMPLS if i != "cudnn")
 
 
 def _use_cudnn(impl: str, q, s: int, has_bias: bool) -> bool:
