@@ -6,6 +6,7 @@ module is reachable as an attribute once `t5jax` is imported (`t5jax.inference.l
 """
 
 import importlib
+import pkgutil
 
 from t5jax.config import PRESETS, T5Config, get_config
 from t5jax.errors import CheckpointError
@@ -60,12 +61,7 @@ __version__ = "0.1.0"
 
 # The package's modules (besides those imported above), loaded when first named: `t5jax.train`
 # imports orbax, grain and TensorBoard, which a decoding user never needs.
-_SUBMODULES = (
-  "checkpoint", "config", "data", "decoding", "distributed", "errors", "evaluate", "flops",
-  "hf", "inference", "layers", "losses", "metrics", "model", "optim", "orbax_errors",
-  "partitioning", "sharding", "tasks", "tokenizer", "train", "train_config", "trainer",
-  "workdir",
-)  # fmt: skip
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
 
 def __getattr__(name: str):

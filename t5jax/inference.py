@@ -17,8 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from t5jax import checkpoint, hf, layers, sharding
-from t5jax.config import T5Config
+from t5jax import checkpoint, hf, sharding
+from t5jax.config import T5Config, usable_attention_impls
 from t5jax.errors import CheckpointError
 from t5jax.generate import GenerateConfig, generate, rank
 from t5jax.tokenizer import Tokenizer, load_tokenizer
@@ -79,7 +79,7 @@ def load(
     raise CheckpointError(
       f"tokenizer vocabulary ({tok.vocab_size}) exceeds the model's ({config.vocab_size})"
     )
-  if config.attention_impl not in layers.usable_attention_impls():
+  if config.attention_impl not in usable_attention_impls():
     # A run trained with cuDNN attention, decoded where there is none: the same attention through
     # XLA (the impl is how attention is computed, not what; it is no part of the parameters).
     config = config.replace(attention_impl="dot_product")

@@ -27,7 +27,6 @@ from t5jax import (
   data,
   distributed,
   hf,
-  layers,
   optim,
   orbax_errors,
   sharding,
@@ -36,7 +35,7 @@ from t5jax import (
 )
 from t5jax import metrics as metrics_lib
 from t5jax import workdir as workdir_lib
-from t5jax.config import ATTENTION_IMPLS, T5Config, get_config
+from t5jax.config import ATTENTION_IMPLS, T5Config, get_config, usable_attention_impls
 from t5jax.errors import ConfigError
 from t5jax.errors import TrainingError as TrainingError  # its home is t5jax.errors
 from t5jax.evaluate import evaluate
@@ -233,7 +232,7 @@ def _restore_newest_readable(ckpt, abstract, datasets, workdir: str):
 def _check_attention_impl(config: TrainConfig) -> None:
   """`config.model.attention_impl` must run on this backend ("cudnn": an NVIDIA GPU only)."""
   impl = config.model.get("attention_impl", "einsum")
-  usable = layers.usable_attention_impls()
+  usable = usable_attention_impls()
   if impl in ATTENTION_IMPLS and impl not in usable:
     raise ConfigError(
       f"--config.model.attention_impl={impl} needs an NVIDIA GPU (cuDNN); on this "

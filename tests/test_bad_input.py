@@ -254,7 +254,7 @@ def test_a_cudnn_trained_model_loads_where_there_is_no_cudnn(checkpoint, monkeyp
     lambda *a, **k: (lambda c, p: (c.replace(attention_impl="cudnn"), p))(*real(*a, **k)),
   )
   config, params, tok = inference.load(checkpoint)
-  usable = t5jax.layers.usable_attention_impls()
+  usable = t5jax.config.usable_attention_impls()
   assert config.attention_impl == ("cudnn" if "cudnn" in usable else "dot_product")
   out = t5jax.generate(params, config, np.array([tok.encode("hi")], np.int32), max_new_tokens=2)
   assert out.sequences.shape == (1, 2)

@@ -782,6 +782,7 @@ def test_mixture_of_sharded_compressed_files_trains_evaluates_per_task_and_resum
   np.testing.assert_allclose([v for _, v in loss(rows)], [v for _, v in loss(ref)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_device_and_backend_mismatches_are_one_line_before_the_workdir(server, tmp_path):
   """Issue 24: a batch that does not split over the devices' batch shards, and cuDNN attention
   without an NVIDIA GPU, are one line naming the flag, and the workdir is never created."""
