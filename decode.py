@@ -16,10 +16,16 @@ process's devices (`--mesh_data/--mesh_fsdp/--mesh_tensor`, `t5jax.sharding`; de
 parallelism over all of them, a no-op on one device) and each batch's rows are split over
 data x fsdp, so a model too large for one device still decodes. Outputs equal a one-device run.
 
+A decoder prefix (--decoder_prefix_column, a TSV/JSONL field) is forced as the start of that
+row's output, and the output printed is what the model generates after it (the prefix is not
+repeated, as `t5jax.generate` leaves it out of its sequences).
+
 Bad input (missing or unreadable files, invalid UTF-8, no inputs, a checkpoint without weights or
-tokenizer, incompatible flags, a mesh that does not fit the devices) exits with status 2 and a
-one-line error. --output_file is written to a temporary file (opened before the model loads, so an
-unwritable path fails first) and renamed over it at the end; the input file itself is refused.
+tokenizer, a column flag on plain-text input, flags that the method or rank classification would
+ignore, a length, beam count or batch whose memory cannot be allocated, a mesh that does not fit
+the devices) exits with status 2 and a one-line error naming the flag, file or line.
+--output_file is written to a temporary file (opened before the model loads, so an unwritable path
+fails first) and renamed over it at the end; the input file itself is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -37,7 +44,7 @@ from tqdm import tqdm
 
 from t5jax import inference, sharding
 from t5jax.errors import CheckpointError, ConfigError
-from t5jax.generate import GenerateConfig
+from t5jax.generate import GenerateConfig, check_token_ids
 from t5jax.inference import bucket_length as bucket_length  # noqa: F401 (decode.bucket_length)
 from t5jax.inference import make_batches as make_batches  # noqa: F401 (decode.make_batches)
 from t5jax.train_config import INPUT_COLUMNS, MeshConfig
@@ -107,7 +114,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, help="sampling seed (sample only)")
   p.add_argument(
     "--decoder_prefix_column",
-    help="TSV/JSONL field whose text starts every output (forced, not returned)",
+    help="TSV/JSONL field whose text (without EOS) is forced as the start of that row's output; "
+    "the output printed is what follows it (the prefix is not repeated)",
   )
   p.add_argument(
     "--candidates",
@@ -120,7 +128,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--mesh_data", type=int, default=-1, help="data-parallel replicas (-1: the rest)")
   p.add_argument("--mesh_fsdp", type=int, default=1, help="parameters split along embed")
   p.add_argument("--mesh_tensor", type=int, default=1, help="heads/mlp/vocab split")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  # The flags given on the command line (whatever their values): parsed again without defaults.
+  for action in p._actions:
+    action.default, action.required = argparse.SUPPRESS, False
+  args.given = set(vars(p.parse_args(argv)))
+  return args
 
 
 def generate_config(args: argparse.Namespace) -> GenerateConfig:
@@ -352,21 +365,78 @@ def open_output(output_file: str | None, input_file: str | None) -> Output:
   return Output(output_file)
 
 
-def check_memory(config, gen_cfg: GenerateConfig, batch_size: int, max_input_length: int) -> None:
-  """Refuses a --max_new_tokens whose decoder cache cannot fit in one device's memory."""
-  rows = batch_size * (gen_cfg.num_beams if gen_cfg.method == "beam" else 1)
-  rows *= 1 if gen_cfg.method == "beam" else gen_cfg.num_return_sequences
-  # Self-attention keys and values of every decoder layer, float32, per generated position.
-  per_token = rows * config.num_decoder_layers * 2 * config.num_heads * config.d_kv * 4
+def _device_bytes() -> int:
+  """Memory of one local device (its allocator's limit; a CPU: the machine's RAM)."""
   stats = jax.local_devices()[0].memory_stats() or {}
-  limit = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  longest = max(1, limit // max(per_token, 1))
-  if gen_cfg.max_new_tokens > longest:
-    raise CLIError(
-      f"--max_new_tokens {gen_cfg.max_new_tokens} cannot be allocated: its decoder cache would "
-      f"take {per_token * gen_cfg.max_new_tokens / 2**30:.1f} GiB of the device's "
-      f"{limit / 2**30:.1f} GiB (at most {longest} tokens at --batch_size {batch_size})"
-    )
+  return stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# The defaults of the flags that size the decoder cache: the one raised furthest above its default
+# is the one an error names.
+_CACHE_DEFAULTS = dict(batch_size=16, num_beams=4, num_return_sequences=1, max_new_tokens=64)
+
+
+def check_memory(config, gen_cfg: GenerateConfig, batch_size: int, given=frozenset()) -> None:
+  """Refuses a decoder cache that cannot fit in one device's memory, naming the flag (of those
+  given) that makes it too large: --max_new_tokens, --num_beams, --num_return_sequences or
+  --batch_size."""
+  factors = {"batch_size": batch_size}
+  if gen_cfg.method == "beam":
+    factors["num_beams"] = gen_cfg.num_beams
+  elif gen_cfg.method == "sample":
+    factors["num_return_sequences"] = gen_cfg.num_return_sequences
+  factors["max_new_tokens"] = gen_cfg.max_new_tokens
+  # Self-attention keys and values of every decoder layer, float32, per row and position.
+  unit = config.num_decoder_layers * 2 * config.num_heads * config.d_kv * 4
+  need = unit * math.prod(factors.values())
+  limit = _device_bytes()
+  if need <= limit:
+    return
+  raised = [f for f in factors if f in given and factors[f] > 1] or ["max_new_tokens"]
+  lead = max(raised, key=lambda f: factors[f] / _CACHE_DEFAULTS[f])
+  most = max(1, limit // (need // factors[lead]))
+  sizes = " x ".join(f"--{f} {v}" for f, v in factors.items())
+  raise CLIError(
+    f"--{lead} {factors[lead]} cannot be allocated: the decoder cache of {sizes} would take "
+    f"{need / 2**30:.1f} GiB of the device's {limit / 2**30:.1f} GiB (at most {most} with the "
+    "other settings as they are)"
+  )
+
+
+def check_input_memory(config, token_ids, batch_size: int, max_input_length: int, given) -> None:
+  """Refuses inputs whose encoder attention cannot fit in one device's memory: the scores of one
+  layer (float32 [batch, heads, S, S]), the position bias ([heads, S, S]) and the decoder's cross-
+  attention keys and values, at S the longest input's bucket (at most --max_input_length)."""
+  longest = max(len(ids) for ids in token_ids)
+  s = bucket_length(longest, max_input_length)
+  cross = batch_size * config.num_decoder_layers * 2 * config.num_heads * config.d_kv * 4
+
+  def need(n: int) -> int:
+    return 4 * config.num_heads * (batch_size + 1) * n * n + cross * n
+
+  limit = _device_bytes()
+  if need(s) <= limit:
+    return
+  most = s
+  while most > 1 and need(most) > limit:
+    most = int(most * 0.9)
+  blame_batch = "batch_size" in given and "max_input_length" not in given
+  lead = f"--batch_size {batch_size}" if blame_batch else f"--max_input_length {max_input_length}"
+  raise CLIError(
+    f"{lead} cannot be allocated: the encoder's attention over {s} tokens (the longest input has "
+    f"{longest}) at --batch_size {batch_size} would take {need(s) / 2**30:.1f} GiB of the "
+    f"device's {limit / 2**30:.1f} GiB (about {most} tokens fit; a lower --max_input_length "
+    "truncates longer inputs)"
+  )
+
+
+def check_ids(token_lists, vocab_size: int, what: str) -> None:
+  """`t5jax.generate.check_token_ids` on each input's token list (numbered from 1)."""
+  for number, ids in enumerate(token_lists, start=1):
+    try:
+      check_token_ids(ids, vocab_size, f"{what} {number}: token")
+    except (TypeError, ValueError) as e:
+      raise CLIError(f"{e} (is the tokenizer the model's?)") from e
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -417,19 +487,41 @@ def _drop_eos(ids: list[int], eos: int = 1) -> list[int]:
   return ids[:-1] if ids and ids[-1] == eos else ids
 
 
+# Flags that only generation reads: rank classification (--candidates) refuses them.
+NOT_RANKING = [f.name for f in GENERATE_FLAGS] + ["seed", "decoder_prefix_column"]
+COLUMN_FLAGS = ("input_column", "decoder_prefix_column", "candidates_column")
+
+
 def run(args: argparse.Namespace) -> int:
+  given = getattr(args, "given", set())
+  ranking = bool(args.candidates or args.candidates_column)
+  if ranking:
+    for flag in NOT_RANKING:
+      if flag in given:
+        raise CLIError(
+          f"--{flag} does not apply to rank classification (--candidates / "
+          "--candidates_column score the candidates given; nothing is generated)"
+        )
   gen_cfg = generate_config(args)
   lines, name = read_lines(args.input_file)
   fmt = args.input_format
   if fmt == "auto":  # decided once, by the input column (the prefix column is another)
     fmt = detect_format(lines, name, args.input_column)
+  if fmt == "text":  # one input per line: a column flag would be ignored (or misread)
+    for flag in COLUMN_FLAGS:
+      if getattr(args, flag):
+        why = ""
+        if args.input_format == "auto" and name == "<stdin>":
+          why = " (its first line is neither a JSON object nor a TSV header naming the input)"
+        raise CLIError(
+          f"--{flag} {getattr(args, flag)}: {name} is read as plain text, one input per line with "
+          f"no columns{why}; give a TSV with a header row or JSONL (.tsv / .jsonl, or "
+          "--input_format tsv|jsonl)"
+        )
   texts = parse_inputs(lines, name, fmt, args.input_column)
-  ranking = bool(args.candidates or args.candidates_column)
   candidates = read_candidates(args, lines, name, len(texts)) if ranking else None
   prefixes = None
   if args.decoder_prefix_column:
-    if ranking:
-      raise CLIError("--decoder_prefix_column does not apply to rank classification")
     prefixes = parse_inputs(lines, name, fmt, args.decoder_prefix_column)
   output = open_output(args.output_file, args.input_file)
   try:
@@ -445,17 +537,22 @@ def _decode_and_write(
   mesh = make_mesh(args)
   batch_size = round_batch_size(args.batch_size, mesh)
   config, params, tokenizer = load(args)
-  check_memory(config, gen_cfg, batch_size, args.max_input_length)
+  given = getattr(args, "given", set())
+  if not ranking:
+    check_memory(config, gen_cfg, batch_size, given)
   ids = [t for w in gen_cfg.bad_words_ids or () for t in w] + list(gen_cfg.suppress_tokens or ())
   if any(t >= config.vocab_size for t in ids):
     raise CLIError(
       f"--bad_words_ids/--suppress_tokens: ids must be < the vocabulary size {config.vocab_size}"
     )
   token_ids = encode_inputs(tokenizer, texts, args.max_input_length, args.strict)
+  check_ids(token_ids, config.vocab_size, "input")
+  check_input_memory(config, token_ids, batch_size, args.max_input_length, given)
   params = jax.device_put(params, sharding.param_shardings(config, mesh))
   with tqdm(total=len(texts), file=sys.stderr, disable=args.no_progress, unit="ex") as bar:
     if ranking:
       cand_ids = [[list(tokenizer.encode(c)) for c in g] for g in candidates]
+      check_ids(cand_ids, config.vocab_size, "candidates of input")
       rank_scores, best = inference.rank_all(
         params, config, token_ids, cand_ids, batch_size=batch_size,
         max_len=args.max_input_length, on_batch=bar.update,
@@ -464,6 +561,7 @@ def _decode_and_write(
       prefix_ids = None
       if prefixes is not None:
         prefix_ids = [_drop_eos(list(tokenizer.encode(t))) for t in prefixes]
+        check_ids(prefix_ids, config.vocab_size, "prefix of input")
       token_scores: list = []
       sequences, scores = inference.generate_all(
         params, config, token_ids, gen_cfg, batch_size=batch_size, max_len=args.max_input_length,

@@ -1,4 +1,12 @@
-"""t5jax: T5 in JAX/Flax — HuggingFace-exact model, jitted decoders, sharded training."""
+"""t5jax: T5 in JAX/Flax — HuggingFace-exact model, jitted decoders, sharded training.
+
+The model, decoding and HuggingFace functions are here by name (`t5jax.generate`, ...); every
+module is reachable as an attribute once `t5jax` is imported (`t5jax.inference.load`,
+`t5jax.tokenizer.load_tokenizer`, ...), imported on first use so that `import t5jax` stays light.
+"""
+
+import importlib
+import pkgutil
 
 from t5jax.config import PRESETS, T5Config, get_config
 from t5jax.errors import CheckpointError
@@ -7,6 +15,7 @@ from t5jax.generate import (
   GenerateOutput,
   RankOutput,
   ScoreOutput,
+  check_token_ids,
   generate,
   rank,
   score,
@@ -31,6 +40,7 @@ __all__ = [
   "GenerateOutput",
   "RankOutput",
   "ScoreOutput",
+  "check_token_ids",
   "decode_step",
   "encode",
   "forward",
@@ -48,3 +58,17 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The package's modules (besides those imported above), loaded when first named: `t5jax.train`
+# imports orbax, grain and TensorBoard, which a decoding user never needs.
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
+
+
+def __getattr__(name: str):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"t5jax.{name}")
+  raise AttributeError(f"module 't5jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_SUBMODULES))

@@ -11,10 +11,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.extend.backend
 import jax.numpy as jnp
 
 SUPPORTED_HF_MODEL_TYPES = ("t5", "mt5", "umt5")
 ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "xla")
+
+
+def on_cuda() -> bool:
+  """Whether the default backend is an NVIDIA GPU (cuDNN); ROCm GPUs are "gpu" too."""
+  backend = jax.extend.backend.get_backend()
+  return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
+
+
+def usable_attention_impls() -> tuple[str, ...]:
+  """The `T5Config.attention_impl` values the default backend runs: "cudnn" needs an NVIDIA GPU
+  (cuDNN); the others run everywhere ("dot_product" uses cuDNN where it applies)."""
+  return ATTENTION_IMPLS if on_cuda() else tuple(i for i in ATTENTION_IMPLS if i != "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,13 @@ Conventions (see also `t5jax.decoding`):
   included, padding excluded), under the unwarped distribution.
 - Sampling defaults to pure ancestral sampling (top_k=0, top_p=1.0); transformers defaults to
   top_k=50 whenever do_sample=True.
+
+Input checks: `generate`, `score` and `rank` check what costs nothing when they are traced (token
+arrays of an integer dtype and the right rank, floating-point parameters, matching batch sizes)
+and raise `TypeError` / `ValueError` naming the argument. They do not read token values (that
+would copy them from the device and cannot happen under `jax.jit`): an id outside
+`[0, vocab_size)` gives NaN scores or garbage, so call `check_token_ids` on untrusted ids first
+(decode.py always does). A batch of 0 rows gives empty outputs of the usual shapes.
 """
 
 from __future__ import annotations
@@ -142,22 +149,23 @@ class GenerateConfig:
         raise ValueError(
           f"suppress_tokens must be a non-empty list of token ids >= 0, got {self.suppress_tokens}"
         )
+    # First: a bad max_new_tokens is reported as itself, not as min_new_tokens' bound.
+    for name in ("max_new_tokens", "num_return_sequences"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if not 0 <= self.min_new_tokens <= self.max_new_tokens:
       raise ValueError(
         f"min_new_tokens must be in [0, max_new_tokens ({self.max_new_tokens})], got "
         f"{self.min_new_tokens}"
       )
-    if not self.repetition_penalty > 0:
-      raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+      raise ValueError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
     if self.no_repeat_ngram_size < 0:
       raise ValueError(
         f"no_repeat_ngram_size must be >= 0 (0 disables), got {self.no_repeat_ngram_size}"
       )
     if self.method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-    for name in ("max_new_tokens", "num_return_sequences"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.method == "greedy" and self.num_return_sequences != 1:
       raise ValueError("num_return_sequences > 1 requires method beam or sample")
     if self.method == "beam":
@@ -179,8 +187,8 @@ class GenerateConfig:
           f"length_penalty_style must be 'hf' or 't5x', got {self.length_penalty_style!r}"
         )
     if self.method == "sample":
-      if not self.temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {self.temperature}")
+      if not (self.temperature > 0 and math.isfinite(self.temperature)):  # inf: uniform noise
+        raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
       if self.top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 disables), got {self.top_k}")
       if not 0.0 < self.top_p <= 1.0:
@@ -234,6 +242,76 @@ def compute_dtype_params(params: Any, config: T5Config) -> Any:
     return x.astype(dtype)
 
   return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def check_token_ids(tokens: Any, vocab_size: int, name: str = "tokens") -> None:
+  """Raises `ValueError` naming the first id outside `[0, vocab_size)`, with its index.
+
+  `generate`, `score` and `rank` check dtypes and shapes but not values, which they cannot read
+  under `jax.jit`; an out-of-range id silently gives NaN scores or garbage. Call this outside jit
+  on ids you did not make with the model's tokenizer (it reads the values: a device-to-host copy
+  for a `jax.Array`). Padding (0) is a valid id.
+
+  Args:
+    tokens: an integer array of any shape, or a (nested) list of token lists of any lengths.
+    vocab_size: the model's `config.vocab_size`.
+    name: what to call `tokens` in the message.
+
+  Raises:
+    TypeError: non-integer values, or called on a tracer (inside `jax.jit`).
+    ValueError: an id < 0 or >= vocab_size, e.g. "tokens[1, 4] = 600 is outside the model's
+      vocabulary [0, 512)".
+  """
+  if isinstance(tokens, jax.core.Tracer):
+    raise TypeError(f"check_token_ids reads the values of {name}: call it outside jax.jit")
+  if isinstance(tokens, (list, tuple)):
+    try:
+      array = np.asarray(tokens)
+    except ValueError:  # ragged: one list at a time
+      array = None
+    if array is None or array.dtype == object:
+      for i, row in enumerate(tokens):
+        check_token_ids(row, vocab_size, f"{name}[{i}]")
+      return
+  else:
+    array = np.asarray(tokens)
+  if array.size == 0:
+    return
+  if not np.issubdtype(array.dtype, np.integer):
+    raise TypeError(f"{name} must hold integer token ids, got dtype {array.dtype}")
+  bad = (array < 0) | (array >= vocab_size)
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = f"[{', '.join(map(str, index))}]" if index else ""
+    raise ValueError(
+      f"{name}{where} = {array[index]} is outside the model's vocabulary [0, {vocab_size})"
+    )
+
+
+def _tokens(x: Any, name: str, ndim: int, shape: str, xp: Any = jnp) -> Any:
+  """`x` as an int32 array of `xp` (jnp or np) after checking, without reading its values, that
+  it is an integer array of rank `ndim` (`shape` names its dimensions in the message)."""
+  if not hasattr(x, "dtype"):
+    x = np.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be integer token ids {shape}, got dtype {x.dtype}")
+  if x.ndim != ndim:
+    raise ValueError(f"{name} must be {shape}, got shape {x.shape}")
+  return xp.asarray(x, xp.int32)
+
+
+def _check_params(params: Any) -> None:
+  """Every parameter is a floating-point array (integer weights decode nothing sensible)."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  if not leaves:
+    raise TypeError("params is empty: pass the model parameters (t5jax.init_params, load_hf)")
+  for path, leaf in leaves:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f"params{jax.tree_util.keystr(path)} must be a floating-point array, got "
+        f"{dtype or type(leaf).__name__}"
+      )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"))
@@ -328,6 +406,8 @@ def _prefix(decoder_prefix, lengths, batch: int) -> decoding.Prefix | None:
     lengths = np.array([len(r) for r in rows], np.int32)
   else:
     tokens = np.asarray(decoder_prefix)
+    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+      raise TypeError(f"decoder_prefix must be integer token ids, got dtype {tokens.dtype}")
     if tokens.ndim != 2:
       raise ValueError(f"decoder_prefix must be [B, P], got shape {tokens.shape}")
     lengths = (
@@ -343,6 +423,17 @@ def _prefix(decoder_prefix, lengths, batch: int) -> decoding.Prefix | None:
   if tokens.shape[1] == 0 or not np.any(lengths):
     return None
   return decoding.Prefix(jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32))
+
+
+def _empty_output(g: GenerateConfig) -> GenerateOutput:
+  """`generate`'s outputs for a batch of 0 rows."""
+  n, length = g.num_return_sequences, g.max_new_tokens
+  rows = (0,) if n == 1 else (0, n)
+  return GenerateOutput(
+    sequences=jnp.zeros(rows + (length,), jnp.int32),
+    scores=jnp.zeros(rows, jnp.float32),
+    token_scores=jnp.zeros(rows + (length,), jnp.float32) if g.return_token_scores else None,
+  )
 
 
 def generate(
@@ -361,7 +452,8 @@ def generate(
   Args:
     params: model parameters (`t5jax.init_params`, `t5jax.load_hf`).
     config: the architecture; `config.dtype` sets the computation dtype.
-    encoder_input_tokens: int [B, S], padded with 0 (ending with EOS, as the tokenizer writes).
+    encoder_input_tokens: int [B, S], padded with 0 (ending with EOS, as the tokenizer writes);
+      ids are not range-checked (see `check_token_ids`). B may be 0 (empty outputs).
     generate_config: the decoding options (default `GenerateConfig()`).
     rng: PRNG key for sampling (default `jax.random.key(0)`); same key, same samples.
     decoder_prefix: forced first output tokens per input (after the start token, which it must
@@ -380,19 +472,24 @@ def generate(
 
   Returns:
     `GenerateOutput(sequences [B, L] or [B, n, L], scores [B] or [B, n], token_scores)`.
+
+  Raises:
+    TypeError: token arrays that are not of an integer dtype, parameters that are not floating.
+    ValueError: arrays of the wrong rank or batch size, invalid options (`GenerateConfig`).
   """
   g = (generate_config or GenerateConfig()).replace(**options)
   if rng is None:
     rng = jax.random.key(0)
-  tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
-  if tokens.ndim != 2:
-    raise ValueError(f"encoder_input_tokens must be [B, S], got shape {tokens.shape}")
+  tokens = _tokens(encoder_input_tokens, "encoder_input_tokens", 2, "[B, S]")
+  _check_params(params)
   ids = [t for w in g.bad_words_ids or () for t in w] + list(g.suppress_tokens or ())
   if any(t >= config.vocab_size for t in ids):
     raise ValueError(
       f"bad_words_ids / suppress_tokens hold ids >= the vocabulary size ({config.vocab_size})"
     )
   prefix = _prefix(decoder_prefix, decoder_prefix_lengths, tokens.shape[0])
+  if tokens.shape[0] == 0:  # nothing to decode: empty outputs of the usual shapes
+    return _empty_output(g)
   code = decoding.EARLY_STOPPING_CODES.get(g.early_stopping, 0) if g.method == "beam" else 0
   seqs, scores, token_scores = _generate(
     params,
@@ -447,7 +544,7 @@ def score(
   Args:
     params: model parameters.
     config: the architecture.
-    encoder_input_tokens: int [B, S], padded with 0.
+    encoder_input_tokens: int [B, S], padded with 0 (ids not range-checked: `check_token_ids`).
     target_tokens: int [B, T], normally ending with EOS and padded after it (as `generate`
       returns them).
     target_mask: bool [B, T], the tokens to score; default: up to and including the first EOS,
@@ -456,9 +553,18 @@ def score(
   Returns:
     `ScoreOutput(sequence_scores [B], token_scores [B, T])`, natural-log probabilities.
   """
-  enc = jnp.asarray(encoder_input_tokens, jnp.int32)
-  tgt = jnp.asarray(target_tokens, jnp.int32)
+  enc = _tokens(encoder_input_tokens, "encoder_input_tokens", 2, "[B, S]")
+  tgt = _tokens(target_tokens, "target_tokens", 2, "[B, T]")
+  _check_params(params)
+  if tgt.shape[0] != enc.shape[0]:
+    raise ValueError(
+      f"target_tokens must have one row per input ({enc.shape[0]}), got {tgt.shape[0]} rows"
+    )
   mask = _target_mask(tgt, config) if target_mask is None else jnp.asarray(target_mask, bool)
+  if mask.shape != tgt.shape:
+    raise ValueError(f"target_mask must be shaped as target_tokens {tgt.shape}, got {mask.shape}")
+  if enc.shape[0] == 0:
+    return ScoreOutput(jnp.zeros((0,), jnp.float32), jnp.zeros(tgt.shape, jnp.float32))
   seq, tok = _score(params, enc, tgt, mask, config=config)
   return ScoreOutput(sequence_scores=seq, token_scores=tok)
 
@@ -519,7 +625,7 @@ def rank(
 
   Args:
     params, config: the model.
-    encoder_input_tokens: int [B, S], 0-padded.
+    encoder_input_tokens: int [B, S], 0-padded (ids not range-checked: `check_token_ids`).
     candidates: int [B, C, T] (each candidate ending with EOS, padded after it), or per input a
       list of token lists (any number per input and any lengths; shorter lists are padded with
       candidates scored -inf).
@@ -529,14 +635,16 @@ def rank(
   Returns:
     `RankOutput(scores [B, C], best [B])`.
   """
-  enc = jnp.asarray(encoder_input_tokens, jnp.int32)
+  enc = _tokens(encoder_input_tokens, "encoder_input_tokens", 2, "[B, S]")
+  _check_params(params)
+  b = enc.shape[0]
   if isinstance(candidates, (list, tuple)):
     if candidate_mask is not None:
       raise ValueError("candidate_mask needs candidates as an int array [B, C, T]")
-    if len(candidates) != enc.shape[0] or not all(candidates):
-      raise ValueError(
-        f"candidates must hold a non-empty list for each of the {enc.shape[0]} inputs"
-      )
+    if len(candidates) != b or not all(candidates):
+      raise ValueError(f"candidates must hold a non-empty list for each of the {b} inputs")
+    if b == 0:
+      return RankOutput(jnp.zeros((0, 0), jnp.float32), jnp.zeros((0,), jnp.int32))
     c = max(len(group) for group in candidates)
     t = max(len(cand) for group in candidates for cand in group)
     if t == 0:
@@ -546,18 +654,27 @@ def rank(
     valid = np.zeros((len(candidates), c), bool)
     for i, group in enumerate(candidates):
       for j, cand in enumerate(group):
+        cand = np.asarray(cand)
+        if cand.size and not np.issubdtype(cand.dtype, np.integer):
+          raise TypeError(f"candidates[{i}][{j}] must be integer token ids, got dtype {cand.dtype}")
         tokens[i, j, : len(cand)] = cand
         mask[i, j, : len(cand)] = True
         valid[i, j] = True
   else:
-    tokens = np.asarray(candidates, np.int32)
-    if tokens.ndim != 3 or tokens.shape[0] != enc.shape[0]:
-      raise ValueError(f"candidates must be [B={enc.shape[0]}, C, T], got shape {tokens.shape}")
+    tokens = _tokens(candidates, "candidates", 3, f"[B={b}, C, T]", np)
+    if tokens.shape[0] != b:
+      raise ValueError(f"candidates must be [B={b}, C, T], got shape {tokens.shape}")
     mask = (
       np.asarray(_target_mask(jnp.asarray(tokens), config))
       if candidate_mask is None
       else np.asarray(candidate_mask, bool)
     )
+    if mask.shape != tokens.shape:
+      raise ValueError(
+        f"candidate_mask must be shaped as candidates {tokens.shape}, got {mask.shape}"
+      )
     valid = np.ones(tokens.shape[:2], bool)
+    if b == 0:
+      return RankOutput(jnp.zeros(tokens.shape[:2], jnp.float32), jnp.zeros((0,), jnp.int32))
   scores, best = _rank(params, enc, tokens, mask, valid, config=config)
   return RankOutput(scores=scores, best=best)

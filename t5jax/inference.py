@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from t5jax import checkpoint, hf, sharding
-from t5jax.config import T5Config
+from t5jax.config import T5Config, usable_attention_impls
 from t5jax.errors import CheckpointError
 from t5jax.generate import GenerateConfig, generate, rank
 from t5jax.tokenizer import Tokenizer, load_tokenizer
@@ -45,6 +45,9 @@ def load(
     scan_layers: run the layers as one scan over stacked parameters (True) or unrolled
       (False), converting the parameters as needed; None keeps the checkpoint's setting (a
       HuggingFace folder: unrolled; a workdir: as trained).
+
+  A workdir trained with `attention_impl="cudnn"` loads as "dot_product" where the backend has
+  no cuDNN (the same attention, through XLA).
 
   Raises:
     CheckpointError: the folder is missing, has no weights, or cannot be read (one line);
@@ -76,6 +79,10 @@ def load(
     raise CheckpointError(
       f"tokenizer vocabulary ({tok.vocab_size}) exceeds the model's ({config.vocab_size})"
     )
+  if config.attention_impl not in usable_attention_impls():
+    # A run trained with cuDNN attention, decoded where there is none: the same attention through
+    # XLA (the impl is how attention is computed, not what; it is no part of the parameters).
+    config = config.replace(attention_impl="dot_product")
   return config, params, tok
 
 

@@ -18,7 +18,7 @@ import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 
-from t5jax.config import ACTIVATIONS, T5Config
+from t5jax.config import ACTIVATIONS, T5Config, on_cuda
 
 NEG_INF = float(np.finfo(np.float32).min)
 
@@ -227,12 +227,6 @@ def _group_queries(x, n: int, b: int, t: int):
   return jnp.tile(x, (1, 1, r, 1))
 
 
-def _on_cuda() -> bool:
-  """Whether the default backend is an NVIDIA GPU (cuDNN); ROCm GPUs are "gpu" too."""
-  backend = jax.extend.backend.get_backend()
-  return backend.platform == "gpu" and "cuda" in backend.platform_version.lower()
-
-
 def _use_cudnn(impl: str, q, s: int, has_bias: bool) -> bool:
   """Whether `impl` runs on cuDNN's flash attention: forced by "cudnn"; for "dot_product", on a
   CUDA backend with bf16/fp16 inputs, a head width cuDNN takes (a multiple of 8, <= 128) and, with
@@ -241,7 +235,7 @@ def _use_cudnn(impl: str, q, s: int, has_bias: bool) -> bool:
     return impl == "cudnn"
   t, kd = q.shape[1], q.shape[3]
   return (
-    _on_cuda()
+    on_cuda()
     and q.dtype in (jnp.bfloat16, jnp.float16)
     and kd % 8 == 0
     and kd <= 128

@@ -35,7 +35,7 @@ from t5jax import (
 )
 from t5jax import metrics as metrics_lib
 from t5jax import workdir as workdir_lib
-from t5jax.config import T5Config, get_config
+from t5jax.config import ATTENTION_IMPLS, T5Config, get_config, usable_attention_impls
 from t5jax.errors import ConfigError
 from t5jax.errors import TrainingError as TrainingError  # its home is t5jax.errors
 from t5jax.evaluate import evaluate
@@ -77,6 +77,7 @@ def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
     )
     return cfg.replace(
       dtype=dtype,
+      attention_impl=str(fields.get("attention_impl", cfg.attention_impl)),
       dropout_rate=float(fields.get("dropout_rate", cfg.dropout_rate)),
       scan_layers=bool(fields.get("scan_layers", False)),
       remat=str(fields.get("remat", "none")),
@@ -228,9 +229,22 @@ def _restore_newest_readable(ckpt, abstract, datasets, workdir: str):
   ) from newest
 
 
+def _check_attention_impl(config: TrainConfig) -> None:
+  """`config.model.attention_impl` must run on this backend ("cudnn": an NVIDIA GPU only)."""
+  impl = config.model.get("attention_impl", "einsum")
+  usable = usable_attention_impls()
+  if impl in ATTENTION_IMPLS and impl not in usable:
+    raise ConfigError(
+      f"--config.model.attention_impl={impl} needs an NVIDIA GPU (cuDNN); on this "
+      f"{jax.default_backend()} backend use one of {', '.join(usable)}"
+    )
+
+
 def setup(config: TrainConfig, workdir: str) -> Run:
   """Builds (or restores) everything a run needs; writes to `workdir` only once all is checked."""
-  config.check_processes(jax.process_count())
+  data_shards, fsdp_shards, _ = sharding.mesh_shape(config.mesh, jax.device_count())
+  config.check_processes(jax.process_count(), data_shards * fsdp_shards)
+  _check_attention_impl(config)
   workdir = check_workdir(workdir)
   tokenizer, model_cfg, tok_saved = _tokenizer_and_model(config, workdir)
   mesh = sharding.create_mesh(config.mesh)

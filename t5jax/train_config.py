@@ -305,11 +305,19 @@ class TrainConfig(_Value):
     if self.best_mode not in ("max", "min"):
       raise ConfigError(f"--config.best_mode={self.best_mode!r}: use 'max' or 'min'")
 
-  def check_processes(self, process_count: int) -> None:
-    """The global batch must split evenly over the processes and then the microbatches."""
+  def check_processes(self, process_count: int, batch_shards: int = 1) -> None:
+    """The global batch must split evenly over the processes, then the microbatches, and over
+    the mesh's `batch_shards` (its data x fsdp devices, `sharding.mesh_shape`); a run checks this
+    before it touches its workdir."""
     if self.batch_size < 1 or self.batch_size % (process_count * self.num_microbatches):
       raise ConfigError(
         f"--config.batch_size={self.batch_size} must divide by process count x num_microbatches"
+      )
+    if self.batch_size % batch_shards:
+      fits = -(-self.batch_size // batch_shards) * batch_shards
+      raise ConfigError(
+        f"--config.batch_size={self.batch_size} must divide by the {batch_shards} batch shards "
+        f"(mesh data x fsdp, --config.mesh) that split every batch; e.g. {fits}"
       )
 
 

@@ -780,3 +780,30 @@ def test_mixture_of_sharded_compressed_files_trains_evaluates_per_task_and_resum
   ref = [json.loads(x) for x in open(tmp_path / "whole" / "metrics.jsonl")]
   loss = lambda rs: [(r["step"], r["loss"]) for r in rs if r["split"] == "train"]  # noqa: E731
   np.testing.assert_allclose([v for _, v in loss(rows)], [v for _, v in loss(ref)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_device_and_backend_mismatches_are_one_line_before_the_workdir(server, tmp_path):
+  """Issue 24: a batch that does not split over the devices' batch shards, and cuDNN attention
+  without an NVIDIA GPU, are one line naming the flag, and the workdir is never created."""
+  two_devices = (
+    "import os; os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + "
+    "' --xla_force_host_platform_device_count=2'"
+  )
+  workdir = tmp_path / "wd"
+  run = server.start(*tsv_args(tmp_path, workdir, "--config.batch_size=7"), setup=two_devices)
+  assert_one_line_error(run.wait(), "--config.batch_size=7", "2 batch shards", "e.g. 8")
+  assert not workdir.exists()
+  # The same run on one device and a bad impl: the flag and the implementations that run here.
+  run = server.run(*tsv_args(tmp_path, workdir, "--config.model.attention_impl=cudnn"))
+  assert_one_line_error(
+    run, "--config.model.attention_impl=cudnn", "cpu backend", "einsum, dot_product, xla"
+  )
+  assert not workdir.exists()
+  # On two devices an even batch is fine (the check refuses only what cannot split).
+  ok = server.start(
+    *tsv_args(tmp_path, workdir, "--config.batch_size=6", "--config.num_train_steps=1"),
+    setup=two_devices,
+  )
+  assert ok.wait().rc == 0, ok.stderr
+  assert steps(workdir) == [1]
