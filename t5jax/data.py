@@ -697,20 +697,27 @@ def _task_stream(
         f"{_what(task, 'prefix')}: a prepared folder holds its inputs with the prefix given to "
         "python -m t5jax.prepare (--prefix); leave this empty"
       )
-    files = task.manifest["paths"]
-    ds = streams.random_access_records(
-      files, seed=seed, shuffle=shuffle, shard_index=host, shard_count=hosts
+    ds = streams.RandomAccessStream(
+      task.manifest["paths"],
+      _DecodePrepared(task.kind, s_len, t_len),
+      seed=seed,
+      shuffle=shuffle,
+      shard_index=host,
+      shard_count=hosts,
     )
-    ds = ds.map(_DecodePrepared(task.kind, s_len, t_len)).to_iter_dataset(_READ_OPTIONS)
     tokenize = _Tokenize(None)
   else:
     files = sources.resolve_files(task.cfg.train_file, what)
     fields = _fields(task.cfg)
     if all(sources.detect_format(f, task.fmt) == "arrayrecord" for f in files):
-      ds = streams.random_access_records(
-        files, seed=seed, shuffle=shuffle, shard_index=host, shard_count=hosts
+      ds = streams.RandomAccessStream(
+        files,
+        _ParseRaw(task.kind, fields),
+        seed=seed,
+        shuffle=shuffle,
+        shard_index=host,
+        shard_count=hosts,
       )
-      ds = ds.map(_ParseRaw(task.kind, fields)).to_iter_dataset(_READ_OPTIONS)
     else:
       ds = streams.RecordStream(
         files,

@@ -424,6 +424,8 @@ def decode_tokens(raw: bytes, where: str = "") -> list[np.ndarray]:
     ids = np.frombuffer(raw, "<i4", int(lengths.sum()), 4 + 4 * count)
   except ValueError:
     raise DataError(f"{where}: not a prepared token record") from None
+  if count == 1:  # a document: no split
+    return [ids.astype(np.int32)]
   return np.split(ids.astype(np.int32), np.cumsum(lengths)[:-1])
 
 

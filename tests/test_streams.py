@@ -264,11 +264,23 @@ def test_uncompressed_files_resume_by_byte_offset(tmp_path):
 
 @pytest.mark.parametrize(
   "kind,pack,window",
-  [("span_corruption", True, 16), ("pairs", False, 5), ("pairs", True, 64), ("plain", False, 7)],
+  [
+    ("span_corruption", True, 16),
+    ("pairs", False, 5),
+    ("pairs", True, 64),
+    ("plain", False, 7),
+    ("arrayrecord", False, 0),
+  ],
 )
 def test_resume_is_bit_identical(tmp_path, kind, pack, window):
   if kind == "span_corruption":
     spec = _corpus(tmp_path)
+  elif kind == "arrayrecord":  # random access, read a block at a time
+    kind = "pairs"
+    for k in range(2):
+      _write(tmp_path / f"r{k}.arrayrecord", "arrayrecord", PAIRS[k::2])
+    spec = str(tmp_path / "*.arrayrecord")
+    window = 1
   elif kind == "plain":  # uncompressed: restored by byte offset
     kind = "pairs"
     for k in range(2):
