@@ -68,6 +68,19 @@ class T5Config:
       "dots" keeps every matmul output (attention scores included) and recomputes the
       elementwise work; "dots_no_batch" keeps the weight matmuls' outputs (projections, MLP) and
       recomputes attention scores, softmax and the elementwise work. Same gradients.
+    lora_rank: rank r of the LoRA adapters (0: none). Each adapted projection `x @ W` becomes
+      `x @ W + (alpha / r) * (dropout(x) @ A) @ B` with `A [in, r]`, `B [r, out]` stored beside
+      `W` (`<name>_lora_a`, `<name>_lora_b`), so they are stacked like the layers under
+      `scan_layers` and sharded by their logical axes (see `t5jax.peft`).
+    lora_alpha: LoRA's alpha; the update is scaled by `lora_alpha / lora_rank`.
+    lora_dropout: dropout on the adapters' input (training only).
+    lora_targets: the adapted projections as "stack.name": stack "encoder" (self-attention and
+      MLP), "decoder" (self-attention and MLP) or "cross" (the decoder's cross-attention); name
+      q, k, v, o (attention) or wi, wi_0, wi_1, wo (MLP: wi for T5 1.0, wi_0 / wi_1 gated).
+    prompt_length: N learned soft-prompt vectors (`params["prompt"]`, `[N, D]`) prepended to the
+      embedded encoder input (0: none): the encoder runs over N + S positions, the prompt
+      positions valid in every mask and first in the relative positions (prompt tuning, as
+      google-research/prompt-tuning does it; no packing).
   """
 
   vocab_size: int = 32128
@@ -93,8 +106,15 @@ class T5Config:
   attention_impl: str = "einsum"
   scan_layers: bool = False
   remat: str = "none"
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ()
+  prompt_length: int = 0
 
   def __post_init__(self):
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives a list
+    self._check_peft()
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(
         f"T5Config.attention_impl={self.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}"
@@ -110,6 +130,37 @@ class T5Config:
     if self.scale_decoder_outputs and not self.tie_word_embeddings:
       # transformers never rescales an untied head; neither do we, so the combination is a bug.
       raise ValueError("T5Config: scale_decoder_outputs=True requires tie_word_embeddings=True")
+
+  def _check_peft(self) -> None:
+    if self.lora_rank < 0 or self.prompt_length < 0:
+      raise ValueError("T5Config: lora_rank and prompt_length must be >= 0")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"T5Config.lora_dropout={self.lora_dropout} must be in [0, 1)")
+    if bool(self.lora_rank) != bool(self.lora_targets):
+      raise ValueError("T5Config: lora_rank > 0 needs lora_targets, and lora_targets a rank")
+    mlp = ("wi_0", "wi_1") if self.is_gated else ("wi",)
+    allowed = {"encoder": ("q", "k", "v", "o", *mlp, "wo"), "decoder": ("q", "k", "v", "o", *mlp,
+               "wo"), "cross": ("q", "k", "v", "o")}  # fmt: skip
+    for target in self.lora_targets:
+      stack, _, name = target.partition(".")
+      if name not in allowed.get(stack, ()):
+        raise ValueError(
+          f"T5Config.lora_targets: {target!r} is not one of "
+          f"{[f'{s}.{n}' for s, ns in allowed.items() for n in ns]}"
+        )
+
+  def lora_names(self, stack: str) -> tuple[str, ...]:
+    """The adapted projections of `stack` ("encoder", "decoder" or "cross"): q, k, v, o, wi..."""
+    return tuple(t.split(".", 1)[1] for t in self.lora_targets if t.split(".", 1)[0] == stack)
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  def without_peft(self) -> T5Config:
+    """The base architecture: no adapters, no prompt."""
+    return self.replace(lora_rank=0, lora_alpha=0.0, lora_dropout=0.0, lora_targets=(),
+                        prompt_length=0)  # fmt: skip
 
   @property
   def is_gated(self) -> bool:

@@ -592,7 +592,7 @@ def _rank_logits(module, encoder_input_tokens, candidates_NT):
   inputs = model.shift_right(candidates_NT, cfg.decoder_start_token_id)
   t = inputs.shape[1]
   self_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-  cross_mask = (encoder_input_tokens != cfg.pad_token_id)[:, None, None, :]
+  cross_mask = module.encoder_valid(encoder_input_tokens)[:, None, None, :]
   y = module.decoder(module.embed(inputs), encoded, self_mask, cross_mask, None, True)
   return module.logits(y)
 

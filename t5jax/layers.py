@@ -43,7 +43,12 @@ def init_std(name: str, config: T5Config) -> float | None:
     "wo": f**-0.5,
     "rel_embedding": d**-0.5,
     "scale": None,
+    "prompt": 0.5,
   }
+  if name.endswith("_lora_a"):  # LoRA's A: fan-in scaled, as the projection's own input
+    return {"out": h * k, "wo": f}.get(name[: -len("_lora_a")], d) ** -0.5
+  if name.endswith("_lora_b"):  # LoRA's B starts at zero: the adapted model equals its base
+    return 0.0
   return table[name]
 
 
@@ -355,10 +360,41 @@ def attend(
   return jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(n, t, h, kd)
 
 
+# --- LoRA ------------------------------------------------------------------------------------
+# An adapted projection `y = x @ W` (W `[in..., out...]`) gains `scale * (dropout(x) @ A) @ B`
+# with `A [in..., r]` and `B [r, out...]`, parameters `<W's name>_lora_a` / `_lora_b` of the same
+# module. Computed beside the frozen product, never as a merged weight: nothing the size of W is
+# materialised, and no gradient of W is computed (`docs/peft.md`).
+
+
+def lora_params(module: nn.Module, name: str, in_shape, in_axes, out_shape, out_axes):
+  """Declares `name`'s adapter pair `(A, B)` in `module` (rank axis replicated: `None`)."""
+  r = module.config.lora_rank
+  a = param(module, f"{name}_lora_a", (*in_shape, r), (*in_axes, None))
+  b = param(module, f"{name}_lora_b", (r, *out_shape), (None, *out_axes))
+  return a, b
+
+
+def lora_update(x: jax.Array, pair, config: T5Config, dropout: nn.Module, deterministic: bool):
+  """`lora_scale * (dropout(x) @ A) @ B` for `x [..., in]` flattened as `A`'s leading axes."""
+  a, b = pair
+  r = a.shape[-1]
+  x = dropout(x, deterministic=deterministic)
+  h = dense(x, a.astype(config.dtype).reshape(-1, r))
+  return dense(h, b.astype(config.dtype).reshape(r, -1)) * jnp.asarray(config.lora_scale, x.dtype)
+
+
+_ATTENTION_WEIGHTS = {"q": "query", "k": "key", "v": "value", "o": "out"}
+
+
 class Attention(nn.Module):
-  """Multi-head attention projections; `attend` does the math."""
+  """Multi-head attention projections; `attend` does the math.
+
+  `stack` ("encoder", "decoder", "cross") selects the projections `config.lora_targets` adapts.
+  """
 
   config: T5Config
+  stack: str = ""
 
   def setup(self):
     cfg = self.config
@@ -368,32 +404,52 @@ class Attention(nn.Module):
     self.value = param(self, "value", (d, h, k), ("embed", "heads", "kv"))
     self.out = param(self, "out", (h, k, d), ("heads", "kv", "embed"))
     self.dropout = nn.Dropout(cfg.dropout_rate)
+    adapters = {}
+    for n in cfg.lora_names(self.stack):
+      if n in _ATTENTION_WEIGHTS:
+        ins, outs = ((d,), ("embed",)), ((h, k), ("heads", "kv"))
+        if n == "o":
+          ins, outs = outs, ins
+        adapters[n] = lora_params(self, _ATTENTION_WEIGHTS[n], ins[0], ins[1], outs[0], outs[1])
+    self.adapters = adapters
+    self.lora_dropout = nn.Dropout(cfg.lora_dropout)
 
-  def _proj(self, x_BTD, w_DHK, axes="bthk"):
+  def _lora(self, name, x, y, deterministic):
+    if name not in self.adapters:
+      return y
+    return y + lora_update(x, self.adapters[name], self.config, self.lora_dropout, deterministic)
+
+  def _proj(self, x_BTD, name, axes="bthk", deterministic=True):
     # Into [B, T, H, K] and then to `axes`: written as one einsum "btd,dhk->bhtk", jnp puts the
     # weights first and XLA:CPU then transposes the weights at every call.
+    w_DHK = getattr(self, _ATTENTION_WEIGHTS[name])
     d, h, k = w_DHK.shape
     y = dense(x_BTD, w_DHK.astype(self.config.dtype).reshape(d, h * k))
+    y = self._lora(name, x_BTD, y, deterministic)
     return _to_axes(y.reshape(y.shape[:-1] + (h, k)), "bthk", axes)
 
-  def project_kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def project_kv(self, x_BSD: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     """Keys and values of `x_BSD`, in the axis orders `kv_axes(config.attention_impl)`."""
     k_axes, v_axes = (a.replace("s", "t") for a in kv_axes(self.config.attention_impl))
-    return self._proj(x_BSD, self.key, k_axes), self._proj(x_BSD, self.value, v_axes)
+    return (
+      self._proj(x_BSD, "k", k_axes, deterministic),
+      self._proj(x_BSD, "v", v_axes, deterministic),
+    )
 
-  def project_q(self, x_BTD: jax.Array) -> jax.Array:
-    return self._proj(x_BTD, self.query)
+  def project_q(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+    return self._proj(x_BTD, "q", deterministic=deterministic)
 
-  def output(self, o_BTHK: jax.Array) -> jax.Array:
+  def output(self, o_BTHK: jax.Array, deterministic: bool = True) -> jax.Array:
     h, k, d = self.out.shape
     o = o_BTHK.reshape(o_BTHK.shape[:-2] + (h * k,))
-    return dense(o, self.out.astype(self.config.dtype).reshape(h * k, d))
+    y = dense(o, self.out.astype(self.config.dtype).reshape(h * k, d))
+    return self._lora("o", o, y, deterministic)
 
   def __call__(self, x_q, k, v, bias, mask, deterministic: bool):
     """Attention of `x_q`'s queries over keys and values from `project_kv`."""
     impl = self.config.attention_impl
     o = attend(
-      self.project_q(x_q),
+      self.project_q(x_q, deterministic),
       k,
       v,
       bias,
@@ -403,7 +459,7 @@ class Attention(nn.Module):
       impl=impl,
       axes=kv_axes(impl),
     )
-    return self.output(o)
+    return self.output(o, deterministic)
 
 
 def _activation(name: str):
@@ -414,19 +470,29 @@ def _activation(name: str):
 
 
 class MLP(nn.Module):
-  """`wo(act(wi x))`, or gated: `wo(act(wi_0 x) * wi_1 x)`."""
+  """`wo(act(wi x))`, or gated: `wo(act(wi_0 x) * wi_1 x)`; `stack` as for `Attention`."""
 
   config: T5Config
+  stack: str = ""
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, deterministic: bool) -> jax.Array:
     cfg = self.config
     d, f, dt = cfg.d_model, cfg.d_ff, cfg.dtype
     act = _activation(cfg.activation)
+    adapted = cfg.lora_names(self.stack)
+    lora_dropout = nn.Dropout(cfg.lora_dropout)
+
+    def project(x, w, name, ins, outs):
+      y = dense(x, w.astype(dt))
+      if name not in adapted:
+        return y
+      pair = lora_params(self, name, (ins[0],), (ins[1],), (outs[0],), (outs[1],))
+      return y + lora_update(x, pair, cfg, lora_dropout, deterministic)
 
     def dense_in(name):
       w = param(self, name, (d, f), ("embed", "mlp"))
-      return dense(x_BTD, w.astype(dt))
+      return project(x_BTD, w, name, (d, "embed"), (f, "mlp"))
 
     if cfg.is_gated:
       h_BTF = act(dense_in("wi_0")) * dense_in("wi_1")
@@ -434,4 +500,4 @@ class MLP(nn.Module):
       h_BTF = act(dense_in("wi"))
     h_BTF = nn.Dropout(cfg.dropout_rate)(h_BTF, deterministic=deterministic)
     wo = param(self, "wo", (f, d), ("mlp", "embed"))
-    return dense(h_BTF, wo.astype(dt))
+    return project(h_BTF, wo, "wo", (f, "mlp"), (d, "embed"))

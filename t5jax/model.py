@@ -96,9 +96,9 @@ class EncoderLayer(nn.Module):
   def setup(self):
     cfg = self.config
     self.pre_attention_layer_norm = RMSNorm(cfg)
-    self.attention = Attention(cfg)
+    self.attention = Attention(cfg, stack="encoder")
     self.pre_mlp_layer_norm = RMSNorm(cfg)
-    self.mlp = MLP(cfg)
+    self.mlp = MLP(cfg, stack="encoder")
     self.dropout = nn.Dropout(cfg.dropout_rate)
     if cfg.per_layer_position_bias:
       self.relpos_bias = RelativePositionBias(cfg, bidirectional=True)
@@ -107,7 +107,7 @@ class EncoderLayer(nn.Module):
     if self.config.per_layer_position_bias:
       bias = self.relpos_bias(rel_pos).astype(self.config.dtype)
     h = self.pre_attention_layer_norm(x_BSD)
-    k, v = self.attention.project_kv(h)
+    k, v = self.attention.project_kv(h, deterministic)
     h = self.attention(h, k, v, bias, mask, deterministic)
     x_BSD = x_BSD + self.dropout(h, deterministic=deterministic)
     h = self.mlp(self.pre_mlp_layer_norm(x_BSD), deterministic)
@@ -132,11 +132,11 @@ class DecoderLayer(nn.Module):
   def setup(self):
     cfg = self.config
     self.pre_self_attention_layer_norm = RMSNorm(cfg)
-    self.self_attention = Attention(cfg)
+    self.self_attention = Attention(cfg, stack="decoder")
     self.pre_cross_attention_layer_norm = RMSNorm(cfg)
-    self.encoder_decoder_attention = Attention(cfg)
+    self.encoder_decoder_attention = Attention(cfg, stack="cross")
     self.pre_mlp_layer_norm = RMSNorm(cfg)
-    self.mlp = MLP(cfg)
+    self.mlp = MLP(cfg, stack="decoder")
     self.dropout = nn.Dropout(cfg.dropout_rate)
     if cfg.per_layer_position_bias:
       self.relpos_bias = RelativePositionBias(cfg, bidirectional=False)
@@ -145,17 +145,17 @@ class DecoderLayer(nn.Module):
     self, carry, xs, bias, rel_pos, self_mask, cross_mask, encoded_BSD, step, mode, deterministic
   ):
     if mode == "cross":
-      return carry, self.encoder_decoder_attention.project_kv(encoded_BSD)
+      return carry, self.encoder_decoder_attention.project_kv(encoded_BSD, deterministic)
     x, cache = carry
     layer_index, cross = xs
     if cross is None:
-      cross_k, cross_v = self.encoder_decoder_attention.project_kv(encoded_BSD)
+      cross_k, cross_v = self.encoder_decoder_attention.project_kv(encoded_BSD, deterministic)
     else:
       cross_k, cross_v = cross["k"], cross["v"]
     if self.config.per_layer_position_bias:
       bias = self.relpos_bias(rel_pos).astype(self.config.dtype)
     h = self.pre_self_attention_layer_norm(x)
-    k, v = self.self_attention.project_kv(h)
+    k, v = self.self_attention.project_kv(h, deterministic)
     if cache is not None:
       axes = kv_axes(self.config.attention_impl)
       k, v, cache = _update_cache(cache, k, v, step, layer_index, axes)
@@ -328,9 +328,29 @@ class T5(nn.Module):
     self.decoder = Decoder(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+    if cfg.prompt_length:
+      self.prompt = param(self, "prompt", (cfg.prompt_length, cfg.d_model), (None, "embed"))
 
   def embed(self, tokens):
     return jnp.take(self.shared, tokens, axis=0).astype(self.config.dtype)
+
+  def encoder_valid(self, tokens_BS, segment_ids=None):
+    """bool `[B, N + S]`: the encoder positions that may be attended to (the N prompt positions
+    of prompt tuning first, always valid; then the non-padding tokens)."""
+    valid = tokens_BS != self.config.pad_token_id if segment_ids is None else segment_ids != 0
+    n = self.config.prompt_length
+    if n:
+      valid = jnp.concatenate([jnp.ones((valid.shape[0], n), bool), valid], axis=1)
+    return valid
+
+  def embed_encoder_input(self, tokens_BS):
+    """`[B, N + S, D]`: the soft prompt (prompt tuning) before the embedded tokens."""
+    x = self.embed(tokens_BS)
+    n = self.config.prompt_length
+    if n:
+      prompt = jnp.broadcast_to(self.prompt.astype(x.dtype), (x.shape[0], n, x.shape[2]))
+      x = jnp.concatenate([prompt, x], axis=1)
+    return x
 
   def logits(self, y_BTD):
     cfg = self.config
@@ -344,17 +364,18 @@ class T5(nn.Module):
     return with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
 
   def encode(self, tokens_BS, segment_ids=None, positions=None, deterministic=True):
-    valid = tokens_BS != self.config.pad_token_id if segment_ids is None else segment_ids != 0
-    return self.encoder(self.embed(tokens_BS), valid, segment_ids, positions, deterministic)
+    if self.config.prompt_length and (segment_ids is not None or positions is not None):
+      raise ValueError("prompt tuning does not support packed inputs (segment ids / positions)")
+    valid = self.encoder_valid(tokens_BS, segment_ids)
+    x = self.embed_encoder_input(tokens_BS)
+    return self.encoder(x, valid, segment_ids, positions, deterministic)
 
   def decode(
     self, encoded_BSD, enc_tokens_BS, dec_tokens_BT, enc_segment_ids=None, dec_segment_ids=None,
     dec_positions=None, deterministic=True, return_hidden=False,
   ):  # fmt: skip
-    enc_valid = enc_tokens_BS != self.config.pad_token_id
+    enc_valid = self.encoder_valid(enc_tokens_BS, enc_segment_ids)
     dec_valid = jnp.ones(dec_tokens_BT.shape, bool)
-    if enc_segment_ids is not None:
-      enc_valid = enc_segment_ids != 0
     self_mask = _attention_mask(dec_valid, dec_valid, dec_segment_ids, dec_segment_ids, causal=True)
     cross_mask = _attention_mask(dec_valid, enc_valid, dec_segment_ids, enc_segment_ids)
     y = self.decoder(
@@ -373,7 +394,7 @@ class T5(nn.Module):
     )  # fmt: skip
 
   def cross_cache(self, encoded_BSD, enc_tokens_BS):
-    return {"mask": enc_tokens_BS != self.config.pad_token_id, **self.decoder.cross_kv(encoded_BSD)}
+    return {"mask": self.encoder_valid(enc_tokens_BS), **self.decoder.cross_kv(encoded_BSD)}
 
   def decode_step(self, tokens_N, cache, cross, step):
     y, cache = self.decoder.step(self.embed(tokens_N[:, None]), cache, cross, step)
