@@ -8,6 +8,10 @@ A workdir holds:
                          (the input pipeline's position, per process)
   checkpoints_best/      optionally, the best checkpoint by an eval metric
   export/hf/             a HuggingFace folder written at the end of training (and on demand)
+  peft.json              parameter-efficient runs: the base the checkpoints' adapters / prompt
+                         belong to (the checkpoints hold only those and their optimizer state);
+                         their export adds `export/peft/` (LoRA in PEFT's format) and
+                         `export/hf/` holds the merged weights (none for a soft prompt)
   metrics.jsonl, events.out.tfevents.*   training and eval metrics
 
 Saves are asynchronous; orbax writes each step to a temporary folder and renames it when
@@ -32,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save
 
-from t5jax import distributed, hf, model, orbax_errors
+from t5jax import distributed, hf, model, orbax_errors, peft
 from t5jax.config import T5Config
 from t5jax.errors import CheckpointError
 from t5jax.workdir import atomic_copy, atomic_open
@@ -335,23 +339,56 @@ def _load_for_inference(workdir: str, step: int | None) -> tuple[T5Config, Any, 
   tok = os.path.join(workdir, "tokenizer")
   if not os.path.isdir(tok) or not os.listdir(tok):
     raise FileNotFoundError(f"{workdir}: no tokenizer/ folder in this t5jax workdir")
+  pointer = peft.read_pointer(workdir)
   ckpt = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
     _, params = restore_params(workdir, step)
-    return load_model_config(workdir), params, tok
+    config = load_model_config(workdir)
+    if pointer is not None:  # adapters / prompt alone: over the base they were trained on
+      params = peft.combine(_peft_base(pointer["base"], config, workdir), params)
+    return config, params, tok
   hf_dir = os.path.join(workdir, "export", "hf")
   if os.path.isfile(os.path.join(hf_dir, "config.json")):
     # The run's own config (dtype, scan_layers, ...) over the folder's architecture.
     config = load_model_config(workdir) if os.path.isfile(_model_config(workdir)) else None
+    if config is not None:
+      config = config.without_peft()  # a LoRA run's export holds the merged weights
     config, params = hf.load_hf(hf_dir, config=config)
     return config, params, tok
   raise FileNotFoundError(f"{workdir}: no checkpoints/ and no export/hf/ with weights")
 
 
-def export(workdir: str, model_cfg: T5Config, params) -> None:
+def _peft_base(base: str, config: T5Config, workdir: str):
+  """The frozen base of a PEFT workdir's checkpoints (a HuggingFace folder), in `config`'s
+  layer layout."""
+  if not os.path.isfile(os.path.join(base, "config.json")):
+    raise CheckpointError(
+      f"{workdir}/{peft.PEFT_FILE}: the base model {base} is gone (its checkpoints hold only "
+      "the adapters / prompt); restore that folder"
+    )
+  return hf.load_hf(base, config=config)[1]
+
+
+def export_files(workdir: str, model_cfg: T5Config) -> list[str]:
+  """The files `export` writes for `model_cfg` (all present: the export is complete)."""
+  out = os.path.join(workdir, "export")
+  files = [os.path.join(out, "params.safetensors")]
+  if not model_cfg.prompt_length:
+    files.append(os.path.join(out, "hf", "config.json"))
+  if model_cfg.lora_rank:
+    files.append(os.path.join(out, "peft", "adapter_config.json"))
+  return files
+
+
+def export(workdir: str, model_cfg: T5Config, params, *, peft_base: str = "") -> None:
   """Writes `export/params.safetensors` (parameters alone) and `export/hf/` (HuggingFace, with
   the workdir's tokenizer). Every process calls it (the parameters are gathered); process 0
-  writes."""
+  writes.
+
+  With `peft_base` (the HuggingFace folder of a PEFT run's frozen base), `params` are the
+  trained adapters / prompt: `params.safetensors` holds those, `export/peft/` the LoRA adapters
+  in PEFT's format and `export/hf/` the base with the adapters merged in (no `hf/` for a soft
+  prompt, which transformers' T5 has no place for)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -367,7 +404,15 @@ def export(workdir: str, model_cfg: T5Config, params) -> None:
   }
   with atomic_open(os.path.join(out, "params.safetensors"), "wb") as fh:
     fh.write(save(flat))
-  hf.save_hf(model_cfg, params, os.path.join(out, "hf"))
+  hf_cfg = model_cfg
+  if peft_base:
+    if model_cfg.lora_rank:
+      peft.save_peft(model_cfg, params, os.path.join(out, "peft"), base_model=peft_base)
+    if model_cfg.prompt_length:
+      return
+    base = hf.load_hf(peft_base, config=model_cfg)[1]
+    hf_cfg, params = peft.merge(peft.combine(base, params), model_cfg)
+  hf.save_hf(hf_cfg, params, os.path.join(out, "hf"))
   tok = os.path.join(workdir, "tokenizer")
   for name in os.listdir(tok) if os.path.isdir(tok) else []:
     dst = "spiece.model" if name.endswith(".model") else name

@@ -230,6 +230,19 @@ def _weight_files(folder: str, allow_pickle: bool) -> Iterator[tuple[str, Callab
   raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors or pytorch_model.bin")
 
 
+def has_lm_head(folder: str) -> bool | None:
+  """Whether `folder`'s safetensors weights hold `lm_head.weight`, from their headers alone
+  (None: no safetensors weights). transformers 5.x writes `tie_word_embeddings: true` into every
+  config.json, so the weights decide tying."""
+  try:
+    files = [f for f, reader in _weight_files(folder, False) if reader is read_safetensors]
+  except CheckpointError:
+    return None
+  if not files or not all(os.path.isfile(f) for f in files):
+    return None
+  return any("lm_head.weight" in _safetensors_header(f)[0] for f in files)
+
+
 def read_hf_config(folder: str) -> dict[str, Any]:
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):

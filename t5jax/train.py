@@ -29,6 +29,7 @@ from t5jax import (
   hf,
   optim,
   orbax_errors,
+  peft,
   sharding,
   train_config,
   trainer,
@@ -63,6 +64,15 @@ class Run:
   dropout_rng: jax.Array
   last_saved: int | None  # the step of the last checkpoint (None: none yet)
   lock: workdir_lib.WorkdirLock | None = None  # held by process 0 until the loop ends
+  # Parameter-efficient fine-tuning: the frozen base (placed on the mesh, outside the state).
+  frozen: Any = None
+
+  @property
+  def params(self) -> Any:
+    """The model's whole parameter tree: the state's, with the frozen base if there is one."""
+    if self.frozen is None:
+      return self.state.params
+    return peft.combine(self.frozen, self.state.params)
 
 
 def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
@@ -73,15 +83,24 @@ def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
   if config.init_from:
     cfg = T5Config.from_hf_dict(
       hf.read_hf_config(config.init_from),
-      has_lm_head=None,
+      has_lm_head=hf.has_lm_head(config.init_from),
     )
-    return cfg.replace(
-      dtype=dtype,
-      attention_impl=str(fields.get("attention_impl", cfg.attention_impl)),
-      dropout_rate=float(fields.get("dropout_rate", cfg.dropout_rate)),
-      scan_layers=bool(fields.get("scan_layers", False)),
-      remat=str(fields.get("remat", "none")),
-    )
+    lora = config.lora
+    try:
+      return cfg.replace(
+        dtype=dtype,
+        attention_impl=str(fields.get("attention_impl", cfg.attention_impl)),
+        dropout_rate=float(fields.get("dropout_rate", cfg.dropout_rate)),
+        scan_layers=bool(fields.get("scan_layers", False)),
+        remat=str(fields.get("remat", "none")),
+        lora_rank=lora.rank,
+        lora_alpha=float(lora.alpha) if lora.rank else 0.0,
+        lora_dropout=float(lora.dropout) if lora.rank else 0.0,
+        lora_targets=lora.targets(cfg.is_gated),
+        prompt_length=config.prompt.length,
+      )
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
   try:
     base = get_config(preset).to_dict() if preset else {}
     base.update(fields)
@@ -94,7 +113,7 @@ def model_config_from(config: TrainConfig, tokenizer) -> T5Config:
 
 
 # Model fields that change how a step computes, not the parameters: a run may resume with others.
-RESUMABLE_CHANGES = ("dropout_rate", "dtype", "attention_impl", "remat")
+RESUMABLE_CHANGES = ("dropout_rate", "dtype", "attention_impl", "remat", "lora_dropout")
 
 
 def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
@@ -156,6 +175,8 @@ def _record(run_config: TrainConfig, workdir: str, tokenizer, tok_saved: bool, m
   checkpoint.save_json(os.path.join(workdir, "model_config.json"), model_cfg.to_dict())
   # Not "config.json": decode.py takes a folder holding one for a HuggingFace model.
   checkpoint.save_json(os.path.join(workdir, "train_config.json"), run_config.to_dict())
+  if run_config.is_peft:  # the checkpoints hold the adapters / prompt: where is their base
+    peft.write_pointer(workdir, run_config.init_from, model_cfg)
 
 
 def check_workdir(workdir: str) -> str:
@@ -250,7 +271,8 @@ def setup(config: TrainConfig, workdir: str) -> Run:
   mesh = sharding.create_mesh(config.mesh)
   schedule = optim.make_schedule(config.optimizer)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  state_sh = trainer.state_shardings(model_cfg, tx, mesh)
+  state_sh = trainer.state_shardings(model_cfg, tx, mesh)  # PEFT: adapters / prompt only
+  frozen_sh = trainer.frozen_shardings(model_cfg, mesh) if config.is_peft else None
   datasets = data.make_datasets(
     config.data,
     tokenizer,
@@ -260,8 +282,10 @@ def setup(config: TrainConfig, workdir: str) -> Run:
     process_count=jax.process_count(),
   )
   init_params = None
-  if config.init_from and not checkpoint.has_checkpoints(workdir):
-    _, init_params = hf.load_hf(config.init_from, config=model_cfg)  # read before any write
+  if config.init_from and (config.is_peft or not checkpoint.has_checkpoints(workdir)):
+    # Read before any write. A PEFT run reads its frozen base at every start (the checkpoints
+    # hold only what is trained).
+    _, init_params = hf.load_hf(config.init_from, config=model_cfg)
   os.makedirs(workdir, exist_ok=True)
   lock = _lock(workdir)  # before the checkpoint manager, whose start-up cleans temporary saves
   try:
@@ -276,6 +300,11 @@ def setup(config: TrainConfig, workdir: str) -> Run:
     if last_saved is not None:
       abstract = trainer.abstract_state(model_cfg, tx, state_sh)
       last_saved, state = _restore_newest_readable(ckpt, abstract, datasets, workdir)
+    elif config.is_peft:
+      trainable = peft.init_trainable(
+        model_cfg, init_params, config.seed, prompt_init=config.prompt.init
+      )
+      state = trainer.state_from_params(trainable, tx, state_sh)
     elif init_params is not None:
       state = trainer.state_from_params(init_params, tx, state_sh)
     else:
@@ -291,6 +320,14 @@ def setup(config: TrainConfig, workdir: str) -> Run:
     model_cfg, tx, schedule, config.loss, num_microbatches=config.num_microbatches
   )
   eval_fn = trainer.make_eval_step(model_cfg, config.loss)
+  frozen, params_sh = None, state_sh.params
+  if config.is_peft:
+    # Held in the compute dtype where the model reads it so (exact; `peft.cast_frozen`).
+    frozen = peft.to_device(peft.cast_frozen(init_params, model_cfg), frozen_sh)
+    params_sh = peft.combine(frozen_sh, state_sh.params)
+  del init_params
+  jitted_step = trainer.jit_train_step(step_fn, state_sh, mesh, frozen_sh)
+  train_step = jitted_step if frozen is None else (lambda s, b, r: jitted_step(s, b, r, frozen))
   return Run(
     config=config,
     workdir=workdir,
@@ -300,11 +337,12 @@ def setup(config: TrainConfig, workdir: str) -> Run:
     datasets=datasets,
     ckpt=ckpt,
     state=state,
-    train_step=trainer.jit_train_step(step_fn, state_sh, mesh),
-    eval_step=trainer.jit_eval_step(eval_fn, state_sh.params, mesh),
+    train_step=train_step,
+    eval_step=trainer.jit_eval_step(eval_fn, params_sh, mesh),
     dropout_rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
     last_saved=last_saved,
     lock=lock,
+    frozen=frozen,
   )
 
 
@@ -434,7 +472,7 @@ def _evaluate(
   results = {}
   for split, eval_data in run.datasets.eval_sets().items():
     results[split] = evaluate(
-      run.state.params,
+      run.params,
       eval_data,
       run.eval_step,
       run.mesh,
@@ -470,11 +508,10 @@ def _already_trained(run: Run, step: int) -> dict[str, Any]:
   """A workdir trained to `num_train_steps` already: says so and exits (no evaluation, no new
   event file); the export is written only if the earlier run ended before writing it."""
   try:
-    export = os.path.join(run.workdir, "export")
-    wanted = [os.path.join(export, "params.safetensors"), os.path.join(export, "hf", "config.json")]
+    wanted = checkpoint.export_files(run.workdir, run.model_cfg)
     # Process 0's view decides (it writes the export): every process joins the export's gather.
     if not distributed.gather_json(all(os.path.isfile(f) for f in wanted))["0"]:
-      checkpoint.export(run.workdir, run.model_cfg, run.state.params)
+      _export(run)
     if distributed.is_main_process():
       print(
         f"{run.workdir} is already trained to step {step} (--config.num_train_steps="
@@ -488,6 +525,13 @@ def _already_trained(run: Run, step: int) -> dict[str, Any]:
     if run.lock is not None:
       run.lock.release()
   return {"train": {}, "eval": {}, "step": step}
+
+
+def _export(run: Run) -> None:
+  if run.frozen is None:
+    checkpoint.export(run.workdir, run.model_cfg, run.state.params)
+  else:  # merged from the base as saved (float32), not from its compute-dtype copy
+    checkpoint.export(run.workdir, run.model_cfg, run.state.params, peft_base=run.config.init_from)
 
 
 def loop(run: Run) -> dict[str, Any]:
@@ -528,7 +572,7 @@ def loop(run: Run) -> dict[str, Any]:
       log.flush()
       run.ckpt.wait()
       if step >= total:
-        checkpoint.export(run.workdir, run.model_cfg, run.state.params)
+        _export(run)
   finally:
     stop.restore()
     if progress is not None:

@@ -246,6 +246,79 @@ class LossConfig(_Value):
     return losses.parse_normalizer(self.normalizer)
 
 
+LORA_ATTENTION = ("q", "k", "v", "o")
+LORA_MLP = ("wi", "wi_0", "wi_1", "wo")
+PROMPT_INITS = ("vocab", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(_Value):
+  """`config.lora`: train LoRA adapters over the frozen `init_from` model (see `t5jax.peft`).
+
+  Each adapted projection `x @ W` becomes `x @ W + (alpha / rank) * (dropout(x) @ A) @ B`, with
+  `B` zero at the start. Only the adapters (and a prompt, if `config.prompt` has one) are trained.
+  """
+
+  rank: int = 0  # r; 0 = no LoRA
+  alpha: float = 16.0  # the update is scaled by alpha / rank
+  dropout: float = 0.0  # dropout on the adapters' input, training only
+  # Adapted projections per stack, comma-separated: attention q, k, v, o; MLP wi, wo (wi = both
+  # wi_0 and wi_1 of a gated MLP, which may also be named alone). "" = none in that stack.
+  encoder: str = "q,v"  # the encoder's self-attention and MLP
+  decoder: str = "q,v"  # the decoder's self-attention and MLP
+  cross: str = "q,v"  # the decoder's cross-attention (q, k, v, o only)
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ConfigError(f"--config.lora.rank={self.rank} must be >= 0 (0 = no LoRA)")
+    if self.rank and self.alpha <= 0:
+      raise ConfigError(f"--config.lora.alpha={self.alpha} must be > 0")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"--config.lora.dropout={self.dropout} must be in [0, 1)")
+    for stack in ("encoder", "decoder", "cross"):
+      allowed = LORA_ATTENTION if stack == "cross" else LORA_ATTENTION + LORA_MLP
+      for name in self._names(stack):
+        if name not in allowed:
+          raise ConfigError(
+            f"--config.lora.{stack}: unknown projection {name!r}; use {', '.join(allowed)}"
+          )
+    if self.rank and not any(self._names(s) for s in ("encoder", "decoder", "cross")):
+      raise ConfigError("config.lora.rank > 0 but encoder, decoder and cross name no projection")
+
+  def _names(self, stack: str) -> list[str]:
+    return [n.strip() for n in getattr(self, stack).split(",") if n.strip()]
+
+  def targets(self, gated: bool) -> tuple[str, ...]:
+    """`T5Config.lora_targets` for a model with a gated MLP or not ("wi" expanded)."""
+    out = []
+    for stack in ("encoder", "decoder", "cross"):
+      for name in self._names(stack):
+        if name in ("wi_0", "wi_1") and not gated:
+          raise ConfigError(
+            f"--config.lora.{stack}: {name} exists only in a gated MLP; this model has wi"
+          )
+        names = ("wi_0", "wi_1") if name == "wi" and gated else (name,)
+        out += [f"{stack}.{n}" for n in names if f"{stack}.{n}" not in out]
+    return tuple(out) if self.rank else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig(_Value):
+  """`config.prompt`: prompt tuning, a learned soft prompt before every encoder input, trained
+  over the frozen `init_from` model (see `t5jax.peft`). No packing (`data.pack`)."""
+
+  length: int = 0  # N prompt vectors; 0 = no prompt tuning
+  # "vocab": the embeddings of N token ids drawn from the first 5000 of the vocabulary;
+  # "random": uniform in [-0.5, 0.5].
+  init: str = "vocab"
+
+  def __post_init__(self):
+    if self.length < 0:
+      raise ConfigError(f"--config.prompt.length={self.length} must be >= 0 (0 = none)")
+    if self.init not in PROMPT_INITS:
+      raise ConfigError(f"--config.prompt.init={self.init!r}: use 'vocab' or 'random'")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig(_Value):
   """`config.mesh`: sizes of the `("data", "fsdp", "tensor")` mesh axes (see `t5jax.sharding`).
@@ -272,6 +345,10 @@ class TrainConfig(_Value):
   # tokenizer's size); the T5Config itself is built once the tokenizer is known (`t5jax.train`).
   model: dict[str, Any] = dataclasses.field(default_factory=dict)
   init_from: str = ""  # a HuggingFace folder to finetune from (its architecture wins)
+  # Parameter-efficient fine-tuning of init_from: LoRA adapters and / or a soft prompt are
+  # trained, the model itself stays frozen (checkpoints hold only what is trained).
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -304,6 +381,18 @@ class TrainConfig(_Value):
         raise ConfigError(f"--config.{name}={getattr(self, name)} must be >= 1")
     if self.best_mode not in ("max", "min"):
       raise ConfigError(f"--config.best_mode={self.best_mode!r}: use 'max' or 'min'")
+    if self.is_peft and not self.init_from:
+      raise ConfigError(
+        "config.lora / config.prompt train over a frozen model: set --config.init_from to a "
+        "HuggingFace folder"
+      )
+    if self.prompt.length and self.data.pack:
+      raise ConfigError("prompt tuning does not support packing: set --config.data.pack=False")
+
+  @property
+  def is_peft(self) -> bool:
+    """Parameter-efficient fine-tuning: adapters and / or a prompt over a frozen base."""
+    return bool(self.lora.rank or self.prompt.length)
 
   def check_processes(self, process_count: int, batch_shards: int = 1) -> None:
     """The global batch must split evenly over the processes, then the microbatches, and over

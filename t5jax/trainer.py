@@ -4,6 +4,11 @@
 the step, gradients are accumulated over `num_microbatches` with a `lax.scan` and normalised once
 (so accumulation equals the large batch), and the step is jitted with explicit input/output
 shardings over a `jax.sharding.Mesh` and donates the old state.
+
+Parameter-efficient fine-tuning (`t5jax.peft`): the state's params are the adapters / prompt
+alone, and the frozen base is a fourth, non-donated argument `frozen` of the step. Gradients are
+taken with respect to the state's params only, so neither gradients nor optimizer state exist for
+the base.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5jax import losses, model, sharding
+from t5jax import losses, model, peft, sharding
 from t5jax.config import T5Config
 from t5jax.train_config import LossConfig
 
@@ -108,18 +113,25 @@ def _normalizer(loss_cfg: LossConfig, sums) -> jax.Array:
   return jnp.asarray(constant, jnp.float32)
 
 
+def _with_frozen(params, frozen):
+  return params if frozen is None else peft.combine(frozen, params)
+
+
 def make_train_step(
   config: T5Config,
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
   loss_cfg: LossConfig,
   num_microbatches: int = 1,
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-  """The pure train step (not yet jitted; see `jit_train_step`)."""
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """The pure train step `(state, batch, rng, frozen=None)` (not yet jitted; see
+  `jit_train_step`). With `frozen` (the base of parameter-efficient fine-tuning), the state's
+  params are the trainable part and the model runs on both (`peft.combine`)."""
 
-  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array, frozen=None):
     step_rng = jax.random.fold_in(rng, state.step)
-    grad_fn = jax.grad(_sums, has_aux=True)
+
+    grad_fn = jax.grad(lambda p, *a: _sums(_with_frozen(p, frozen), *a), has_aux=True)
 
     if num_microbatches == 1:
       grads, sums = grad_fn(state.params, config, batch, step_rng, loss_cfg)
@@ -173,10 +185,21 @@ def make_eval_step(
   return eval_step
 
 
+def is_peft(config: T5Config) -> bool:
+  """Whether `config` trains adapters / a prompt over a frozen base (`t5jax.peft`)."""
+  return bool(config.lora_rank or config.prompt_length)
+
+
+def _trained(tree, config: T5Config):
+  """The part of a params-shaped tree the train state holds: all, or the PEFT part."""
+  return peft.split(tree)[0] if is_peft(config) else tree
+
+
 def state_shapes(config: T5Config, tx: optax.GradientTransformation) -> TrainState:
-  """ShapeDtypeStructs of the whole train state (nothing is computed)."""
+  """ShapeDtypeStructs of the whole train state (nothing is computed); with PEFT, its params
+  are the adapters / prompt alone."""
   return jax.eval_shape(
-    lambda: create_train_state(model.init_params(config, jax.random.key(0)), tx)
+    lambda: create_train_state(_trained(model.init_params(config, jax.random.key(0)), config), tx)
   )
 
 
@@ -191,10 +214,15 @@ def abstract_state(config: T5Config, tx, shardings: TrainState) -> TrainState:
 
 def state_shardings(config: T5Config, tx: optax.GradientTransformation, mesh) -> TrainState:
   """NamedShardings of the whole train state, derived from the parameters' logical axes."""
-  param_sh = sharding.param_shardings(config, mesh)
+  param_sh = _trained(sharding.param_shardings(config, mesh), config)
   shapes = state_shapes(config, tx)
   state_sh = sharding.derive_shardings(shapes, shapes.params, param_sh, mesh)
   return state_sh.replace(params=param_sh)
+
+
+def frozen_shardings(config: T5Config, mesh):
+  """NamedShardings of the frozen base of a PEFT run (the parameters' own, as for training)."""
+  return peft.split(sharding.param_shardings(config, mesh))[1]
 
 
 def init_state_sharded(config: T5Config, tx, mesh, rng: jax.Array, shardings=None) -> TrainState:
@@ -211,12 +239,15 @@ def state_from_params(params, tx, shardings: TrainState) -> TrainState:
   return jax.jit(lambda p: create_train_state(p, tx), out_shardings=shardings)(params)
 
 
-def jit_train_step(step_fn, state_sh: TrainState, mesh):
+def jit_train_step(step_fn, state_sh: TrainState, mesh, frozen_sh=None):
+  """The jitted step; with `frozen_sh` it takes the frozen base as a fourth argument (placed
+  there, not donated)."""
   batch_sh = sharding.batch_sharding(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  in_sh = (state_sh, batch_sh, replicated) + (() if frozen_sh is None else (frozen_sh,))
   return jax.jit(
     step_fn,
-    in_shardings=(state_sh, batch_sh, replicated),
+    in_shardings=in_sh,
     out_shardings=(state_sh, replicated),
     donate_argnums=(0,),
   )
