@@ -3,6 +3,7 @@
   python benchmarks/memory.py                    # tables + measured point (8 CPU devices, ~1 min)
   python benchmarks/memory.py --no_measure       # tables only (seconds)
   python benchmarks/memory.py --remat            # temporaries per remat policy (~1 min)
+  python benchmarks/memory.py --peft             # full fine-tuning vs LoRA vs prompt tuning
 
 Model state per parameter, all float32 (t5jax keeps parameters in float32 whatever the compute
 dtype): parameters 4 B + gradients 4 B + optimizer state: Adafactor (T5's default) keeps factored
@@ -212,6 +213,109 @@ def measure_remat(preset: str, batch: int, s_len: int, t_len: int, scan: bool = 
     print(f"| {remat} | {mem.temp_size_in_bytes / 1e6:,.0f} MB | {extra / 1e6:,.0f} MB | {share} |")
 
 
+def _functional_lora_step(cfg, tx, schedule, loss_cfg):
+  """A LoRA step the other way round: merge `W + scale * A @ B` outside the model, then run the
+  plain model on the merged weights (for docs/peft.md's comparison only)."""
+  import jax.numpy as jnp
+  import optax
+
+  from t5jax import peft, trainer
+
+  base_cfg = cfg.without_peft()
+
+  def merged(frozen, trainable):
+    out = jax.tree.map(lambda x: x, frozen)
+    for path, name in peft._pairs(trainable):
+      node, sub = out, trainable
+      for k in path:
+        node, sub = node[k], sub[k]
+      a, b = sub[f"{name}_lora_a"], sub[f"{name}_lora_b"]
+      stacked = "layers" in path
+      lead = a.shape[:1] if stacked else ()
+      r = a.shape[-1]
+      d = jnp.matmul(a.reshape(lead + (-1, r)), b.reshape(lead + (r, -1))) * cfg.lora_scale
+      w = node[name]
+      node[name] = (w.astype(jnp.float32) + d.reshape(w.shape)).astype(w.dtype)
+    return out
+
+  def step(state, batch, rng, frozen):
+    def loss(p):
+      return trainer._sums(merged(frozen, p), base_cfg, batch, rng, loss_cfg)
+
+    grads, sums = jax.grad(loss, has_aux=True)(state.params)
+    norm = jnp.maximum(sums["num_tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / norm, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return trainer.TrainState(state.step + 1, params, opt_state), sums["loss_sum"] / norm
+
+  return step
+
+
+def measure_peft(preset: str, batch: int, s_len: int, t_len: int, remat: str, opt: str) -> None:
+  """Compiled train step's bytes (one CPU device, XLA memory_analysis): full fine-tuning against
+  LoRA r=8 on q, v (in-layer, as t5jax computes it, and merged outside the model) and prompt
+  tuning with 100 vectors, all in bfloat16 compute with scanned layers."""
+  from t5jax import peft, trainer
+
+  ocfg = OptimizerConfig(name=opt)
+  schedule = optim.make_schedule(ocfg)
+  tx = optim.make_optimizer(ocfg, schedule)
+  loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
+  cfg = get_config(preset, scan_layers=True, remat=remat, dtype="bfloat16", dropout_rate=0.0)
+  qv = tuple(f"{s}.{n}" for s in ("encoder", "decoder", "cross") for n in ("q", "v"))
+  variants = [
+    ("full fine-tuning", cfg, None),
+    ("LoRA r=8 q,v (in-layer)", cfg.replace(lora_rank=8, lora_alpha=16.0, lora_targets=qv), None),
+    ("LoRA r=8 q,v (merged outside)", cfg.replace(lora_rank=8, lora_alpha=16.0, lora_targets=qv),
+     "functional"),
+    ("prompt tuning N=100", cfg.replace(prompt_length=100), None),
+  ]  # fmt: skip
+  batch_shapes = {
+    name: jax.ShapeDtypeStruct((batch, length), dtype)
+    for name, length, dtype in [
+      ("encoder_input_tokens", s_len, np.int32),
+      ("decoder_input_tokens", t_len, np.int32),
+      ("decoder_target_tokens", t_len, np.int32),
+      ("decoder_loss_weights", t_len, np.float32),
+    ]
+  }
+  print(
+    f"\n## PEFT: {preset}, batch {batch} x {s_len}/{t_len}, bf16 compute, remat {remat}, "
+    f"{opt}, one CPU device, XLA memory_analysis\n"
+  )
+  print("| run | trained params | arguments | temporaries | total | vs full |")
+  print("|---|---:|---:|---:|---:|---:|")
+  full = None
+  rng = jax.ShapeDtypeStruct((2,), np.uint32)
+  for label, vcfg, kind in variants:
+    state = trainer.state_shapes(vcfg, tx)
+    args = (state, batch_shapes, rng)
+    if trainer.is_peft(vcfg):
+      shapes = jax.eval_shape(lambda c=vcfg: model.init_params(c, jax.random.key(0)))
+      frozen = jax.eval_shape(lambda f, c=vcfg: peft.cast_frozen(f, c), peft.split(shapes)[1])
+      args += (frozen,)
+    if kind == "functional":
+      fn = _functional_lora_step(vcfg, tx, schedule, loss_cfg)
+    else:
+      fn = trainer.make_train_step(vcfg, tx, schedule, loss_cfg)
+    mem = jax.jit(fn, donate_argnums=0).lower(*args).compile().memory_analysis()
+    if mem is None:
+      print(f"| {label} | (memory_analysis unavailable) | | | | |")
+      continue
+    total = (
+      mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+    )  # fmt: skip
+    full = total if full is None else full
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    print(
+      f"| {label} | {n / 1e6:,.2f}M | {mem.argument_size_in_bytes / GB:,.2f} GB "
+      f"| {mem.temp_size_in_bytes / GB:,.2f} GB | {total / GB:,.2f} GB | {total / full:.0%} |",
+      flush=True,
+    )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--no_measure", action="store_true", help="only the computed tables")
@@ -222,7 +326,17 @@ def main() -> None:
     help="only the remat comparison: t5-v1_1-base, batch 8, 512/128 (a few minutes per policy)",
   )  # fmt: skip
   parser.add_argument("--remat_preset", default="t5-v1_1-base")
+  parser.add_argument(
+    "--peft", action="store_true",
+    help="only full fine-tuning vs LoRA vs prompt tuning: --peft_preset, batch 8, 512/128",
+  )  # fmt: skip
+  parser.add_argument("--peft_preset", default="t5-v1_1-xl")
+  parser.add_argument("--peft_remat", default="none", help="T5Config.remat of the --peft runs")
+  parser.add_argument("--peft_optimizer", default="adafactor", help="adafactor or adamw")
   args = parser.parse_args()
+  if args.peft:
+    measure_peft(args.peft_preset, 8, 512, 128, args.peft_remat, args.peft_optimizer)
+    return
   if args.remat:
     measure_remat(args.remat_preset, 8, 512, 128)
     return

@@ -246,7 +246,9 @@ def scale_by_factored_rms(
 
     out = jax.tree.map(one, updates, state.v_row, state.v_col, state.v)
     treedef = jax.tree.structure(updates)
-    parts = list(zip(*treedef.flatten_up_to(out), strict=True))
+    # Transposed per leaf; a tree without leaves (every parameter stacked: LoRA adapters under
+    # scan_layers leave the unstacked part empty) has four empty parts.
+    parts = list(zip(*treedef.flatten_up_to(out), strict=True)) or [()] * 4
     u, v_row, v_col, v = (treedef.unflatten(p) for p in parts)
     count = optax.safe_increment(state.count)
     return u, optax.FactoredState(count=count, v_row=v_row, v_col=v_col, v=v)

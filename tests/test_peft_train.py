@@ -154,13 +154,15 @@ def test_prompt_tuning_run_trains_the_prompt_alone(tmp_path, base_folder):
   assert any(r["split"] == "eval" and "exact_match" in r for r in rows)
 
 
-def test_only_adapters_get_gradients_and_optimizer_state(base_folder):
-  config, base, _ = inference.load(base_folder, "byt5")
+@pytest.mark.parametrize("opt,scan", [("adamw", False), ("adafactor", True)])
+def test_only_adapters_get_gradients_and_optimizer_state(base_folder, opt, scan):
+  # Scanned, every adapter is stacked: Adafactor's per-layer split has an empty unstacked part.
+  config, base, _ = inference.load(base_folder, "byt5", scan_layers=scan)
   cfg = config.replace(lora_rank=2, lora_alpha=2.0, lora_targets=("encoder.q", "cross.v"))
   from t5jax import optim
   from t5jax.train_config import LossConfig, OptimizerConfig
 
-  ocfg = OptimizerConfig(name="adamw", schedule="constant", warmup_steps=0, learning_rate=0.1)
+  ocfg = OptimizerConfig(name=opt, schedule="constant", warmup_steps=0, learning_rate=0.1)
   tx = optim.make_optimizer(ocfg, optim.make_schedule(ocfg))
   trainable = peft.init_trainable(cfg, base, 0)
   state = trainer.create_train_state(jax.tree.map(np.asarray, trainable), tx)
