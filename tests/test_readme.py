@@ -174,6 +174,8 @@ def test_every_config_field_is_documented():
     train_config.AdamWConfig,
     train_config.LossConfig,
     train_config.MeshConfig,
+    train_config.LoraConfig,
+    train_config.PromptConfig,
     t5jax.T5Config,
     GenerateConfig,
   ]
