@@ -73,6 +73,7 @@ def _trained(workdir, step=None):
 LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.1, "lora.decoder": "q,v,wi,wo"}
 
 
+@pytest.mark.slow
 def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path, base_folder):
   whole = str(tmp_path / "whole")
   train_and_evaluate(_config(tmp_path, base_folder, **LORA), whole)
@@ -131,6 +132,7 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path, bas
   assert out.read_text().split("\n")[:2] == [tok.decode(s.tolist()) for s in seqs]
 
 
+@pytest.mark.slow
 def test_prompt_tuning_run_trains_the_prompt_alone(tmp_path, base_folder):
   workdir = str(tmp_path / "prompt")
   c = _config(
