@@ -38,6 +38,7 @@ import numpy as np
 
 from t5jax import decoding, model
 from t5jax.config import T5Config
+from t5jax.quantize import QuantizedWeight
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -237,11 +238,15 @@ def compute_dtype_params(params: Any, config: T5Config) -> Any:
 
   def cast(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
+    if isinstance(x, QuantizedWeight):  # int8 with float32 scales (t5jax.quantize)
+      return x
     if name in _FLOAT32_PARAMS or not jnp.issubdtype(x.dtype, jnp.floating):
       return x
     return x.astype(dtype)
 
-  return jax.tree_util.tree_map_with_path(cast, params)
+  return jax.tree_util.tree_map_with_path(
+    cast, params, is_leaf=lambda x: isinstance(x, QuantizedWeight)
+  )
 
 
 def check_token_ids(tokens: Any, vocab_size: int, name: str = "tokens") -> None:

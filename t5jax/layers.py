@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5jax.config import ACTIVATIONS, T5Config, on_cuda
+from t5jax.quantize import QuantizedWeight, int8_matmul
 
 NEG_INF = float(np.finfo(np.float32).min)
 
@@ -128,16 +129,30 @@ class RelativePositionBias(nn.Module):
 # --- norm, attention, feed-forward -----------------------------------------------------------
 
 
-def dense(x: jax.Array, w_IO: jax.Array, **kwargs) -> jax.Array:
+def dense(x: jax.Array, w_IO, dtype=None, **kwargs) -> jax.Array:
   """`x [..., I] @ w [I, O] -> [..., O]` as one 2-D matmul over the flattened leading axes.
+
+  The one place a stored weight becomes a product: `w_IO` is a float array (cast to `dtype` when
+  given) or a `t5jax.quantize.QuantizedWeight` (its int8 product, `int8_matmul`, in `dtype`, or
+  in `preferred_element_type` when given).
 
   Contracting `[B, T]` as two axes (an einsum "btd,df->btf"'s weight gradient), XLA:CPU
   transposed the `[B, T, O]` cotangent into a copy before every weight-gradient product; flattened
   to `[B*T, I]` the products read their operands as they are. `kwargs` go to `jnp.matmul`
   (`preferred_element_type`).
   """
-  y = jnp.matmul(x.reshape(-1, x.shape[-1]), w_IO, **kwargs)
+  x_MI = x.reshape(-1, x.shape[-1])
+  if isinstance(w_IO, QuantizedWeight):
+    out_dtype = kwargs.get("preferred_element_type") or dtype or x.dtype
+    y = int8_matmul(x_MI, w_IO, out_dtype)
+  else:
+    y = jnp.matmul(x_MI, w_IO if dtype is None else w_IO.astype(dtype), **kwargs)
   return y.reshape(x.shape[:-1] + (w_IO.shape[-1],))
+
+
+def as_matrix(w, rows: int, cols: int):
+  """A stored weight (float array or `QuantizedWeight`) as `[rows, cols]` for `dense`."""
+  return w.matrix(rows, cols) if isinstance(w, QuantizedWeight) else w.reshape(rows, cols)
 
 
 class RMSNorm(nn.Module):
@@ -373,7 +388,7 @@ class Attention(nn.Module):
     # Into [B, T, H, K] and then to `axes`: written as one einsum "btd,dhk->bhtk", jnp puts the
     # weights first and XLA:CPU then transposes the weights at every call.
     d, h, k = w_DHK.shape
-    y = dense(x_BTD, w_DHK.astype(self.config.dtype).reshape(d, h * k))
+    y = dense(x_BTD, as_matrix(w_DHK, d, h * k), self.config.dtype)
     return _to_axes(y.reshape(y.shape[:-1] + (h, k)), "bthk", axes)
 
   def project_kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -387,7 +402,7 @@ class Attention(nn.Module):
   def output(self, o_BTHK: jax.Array) -> jax.Array:
     h, k, d = self.out.shape
     o = o_BTHK.reshape(o_BTHK.shape[:-2] + (h * k,))
-    return dense(o, self.out.astype(self.config.dtype).reshape(h * k, d))
+    return dense(o, as_matrix(self.out, h * k, d), self.config.dtype)
 
   def __call__(self, x_q, k, v, bias, mask, deterministic: bool):
     """Attention of `x_q`'s queries over keys and values from `project_kv`."""
@@ -426,7 +441,7 @@ class MLP(nn.Module):
 
     def dense_in(name):
       w = param(self, name, (d, f), ("embed", "mlp"))
-      return dense(x_BTD, w.astype(dt))
+      return dense(x_BTD, w, dt)
 
     if cfg.is_gated:
       h_BTF = act(dense_in("wi_0")) * dense_in("wi_1")
@@ -434,4 +449,4 @@ class MLP(nn.Module):
       h_BTF = act(dense_in("wi"))
     h_BTF = nn.Dropout(cfg.dropout_rate)(h_BTF, deterministic=deterministic)
     wo = param(self, "wo", (f, d), ("mlp", "embed"))
-    return dense(h_BTF, wo.astype(dt))
+    return dense(h_BTF, wo, dt)
