@@ -306,11 +306,16 @@ def _tokens(x: Any, name: str, ndim: int, shape: str, xp: Any = jnp) -> Any:
 
 
 def _check_params(params: Any) -> None:
-  """Every parameter is a floating-point array (integer weights decode nothing sensible)."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
+  """Every parameter is a floating-point array (integer weights decode nothing sensible), or a
+  `QuantizedWeight` of `t5jax.quantize` (int8 values with their float scales)."""
+  leaves = jax.tree_util.tree_leaves_with_path(
+    params, is_leaf=lambda x: isinstance(x, QuantizedWeight)
+  )
   if not leaves:
     raise TypeError("params is empty: pass the model parameters (t5jax.init_params, load_hf)")
   for path, leaf in leaves:
+    if isinstance(leaf, QuantizedWeight):
+      continue
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(

@@ -32,20 +32,21 @@ from t5jax.config import T5Config
 
 MODES = ("int8", "bfloat16")
 ACTIVATIONS = ("int8", "float")
-# The projection matrices and the logical axes each contracts (its inputs); every other axis but
-# "layers" is an output channel.
+# The projection matrices and the axes each contracts (its inputs), counted after the leading
+# "layers" axis of stacked parameters; every other axis is an output channel.
 _CONTRACTED = {
-  "query": ("embed",),
-  "key": ("embed",),
-  "value": ("embed",),
-  "out": ("heads", "kv"),
-  "wi": ("embed",),
-  "wi_0": ("embed",),
-  "wi_1": ("embed",),
-  "wo": ("mlp",),
-  "lm_head": ("embed",),
-  "shared": ("embed",),  # as the tied output layer: x @ shared.T
+  "query": (0,),
+  "key": (0,),
+  "value": (0,),
+  "out": (0, 1),  # [heads, kv, embed]
+  "wi": (0,),
+  "wi_0": (0,),
+  "wi_1": (0,),
+  "wo": (0,),
+  "lm_head": (0,),
+  "shared": (1,),  # [vocab, embed], as the tied output layer: x @ shared.T
 }
+_STACKED = "layers"  # t5jax.partitioning.STACKED
 
 
 @flax.struct.dataclass
@@ -102,10 +103,9 @@ def int8_matmul(x_MI: jax.Array, w: QuantizedWeight, out_dtype: Any) -> jax.Arra
   return (acc.astype(jnp.float32) * (row_scale * w.scale)).astype(out_dtype)
 
 
-def _quantize_one(w: jax.Array, axes: tuple[str, ...], contracted: tuple[str, ...], activations):
-  reduce = tuple(i for i, a in enumerate(axes) if a in contracted)
+def _quantize_one(w: jax.Array, contracted: tuple[int, ...], activations: str) -> QuantizedWeight:
   w32 = jnp.asarray(w, jnp.float32)
-  amax = jnp.max(jnp.abs(w32), axis=reduce, keepdims=True)
+  amax = jnp.max(jnp.abs(w32), axis=contracted, keepdims=True)
   scale = jnp.where(amax > 0, amax / 127.0, 1.0)
   values = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
   return QuantizedWeight(values=values, scale=scale, activations=activations)
@@ -145,11 +145,8 @@ def quantize(
     raise ValueError(f"quantize mode must be one of {MODES}, got {mode!r}")
   if activations not in ACTIVATIONS:
     raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
-  from t5jax.model import param_axes  # (the model's layers import this module)
 
-  axes_tree = param_axes(config)
-
-  def convert(path, w, axes):
+  def convert(path, w):
     keys = [str(getattr(k, "key", k)) for k in path]
     name = keys[-1]
     if name not in _CONTRACTED or (keys[0] == "encoder" and not encoder):
@@ -160,10 +157,11 @@ def quantize(
       return w  # only the embedding lookup reads it
     if mode == "bfloat16":
       return jnp.asarray(w).astype(jnp.bfloat16)
-    return _quantize_one(w, axes, _CONTRACTED[name], activations)
+    lead = 1 if _STACKED in keys[:-1] else 0
+    return _quantize_one(w, tuple(a + lead for a in _CONTRACTED[name]), activations)
 
   return jax.tree_util.tree_map_with_path(
-    convert, params, axes_tree, is_leaf=lambda x: isinstance(x, QuantizedWeight)
+    convert, params, is_leaf=lambda x: isinstance(x, QuantizedWeight)
   )
 
 
