@@ -11,6 +11,10 @@ the best sequence per line (text), or JSON objects with every returned sequence 
 (jsonl). Inputs are grouped into power-of-two length buckets and fixed-size batches
 (the last one padded), so the decoder compiles once per bucket.
 
+`--quantize int8` decodes with int8 weights (per output channel, converted once after loading,
+`t5jax.quantize`), `--quantize bf16` with bfloat16 weights and products; docs/quantization.md
+has their accuracy and speed.
+
 Several devices: the parameters are placed on a `("data", "fsdp", "tensor")` mesh of this
 process's devices (`--mesh_data/--mesh_fsdp/--mesh_tensor`, `t5jax.sharding`; default plain data
 parallelism over all of them, a no-op on one device) and each batch's rows are split over
@@ -47,6 +51,7 @@ from t5jax.errors import CheckpointError, ConfigError
 from t5jax.generate import GenerateConfig, check_token_ids
 from t5jax.inference import bucket_length as bucket_length  # noqa: F401 (decode.bucket_length)
 from t5jax.inference import make_batches as make_batches  # noqa: F401 (decode.make_batches)
+from t5jax.quantize import quantize
 from t5jax.train_config import INPUT_COLUMNS, MeshConfig
 
 PROG = "decode.py"
@@ -123,6 +128,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   p.add_argument("--candidates_column", help="rank classification: a JSONL field (list of strings)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="computation dtype")
+  p.add_argument(
+    "--quantize",
+    choices=("int8", "bf16"),
+    help="weights in reduced precision, converted once after loading (t5jax.quantize): int8 per "
+    "output channel with int8 activations per row; bf16 casts them to bfloat16 and computes in "
+    "bfloat16 (docs/quantization.md)",
+  )
+  p.add_argument(
+    "--float_output_layer", action="store_true", help="with --quantize: keep the output layer float"
+  )
   p.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
   # Device mesh (t5jax.sharding); the product must equal the device count, -1 = the rest.
   p.add_argument("--mesh_data", type=int, default=-1, help="data-parallel replicas (-1: the rest)")
@@ -450,7 +465,21 @@ def load(args: argparse.Namespace):
     raise CLIError(f"{e}{'' if args.tokenizer else '; pass --tokenizer'}") from e
   except CheckpointError as e:
     raise CLIError(str(e)) from e
+  if args.quantize == "bf16":
+    if args.dtype == "float32":
+      raise CLIError("--quantize bf16 computes in bfloat16; drop --dtype float32")
+    return config.replace(dtype="bfloat16"), params, tokenizer
   return (config.replace(dtype=args.dtype) if args.dtype else config), params, tokenizer
+
+
+def quantize_params(args: argparse.Namespace, config, params):
+  """--quantize: the placed parameters converted once (`t5jax.quantize`), or as they are."""
+  if args.float_output_layer and not args.quantize:
+    raise CLIError("--float_output_layer applies only with --quantize")
+  if not args.quantize:
+    return params
+  mode = "bfloat16" if args.quantize == "bf16" else "int8"
+  return quantize(params, config, mode, output_layer=not args.float_output_layer)
 
 
 def read_candidates(args: argparse.Namespace, lines: list[str], name: str, n: int):
@@ -549,6 +578,7 @@ def _decode_and_write(
   check_ids(token_ids, config.vocab_size, "input")
   check_input_memory(config, token_ids, batch_size, args.max_input_length, given)
   params = jax.device_put(params, sharding.param_shardings(config, mesh))
+  params = quantize_params(args, config, params)
   with tqdm(total=len(texts), file=sys.stderr, disable=args.no_progress, unit="ex") as bar:
     if ranking:
       cand_ids = [[list(tokenizer.encode(c)) for c in g] for g in candidates]

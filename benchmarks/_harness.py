@@ -57,6 +57,12 @@ def require_reference(script: str, no_hf: bool) -> None:
     )
 
 
+def require_module(what: str, module: str) -> None:
+  """Exits with one line when `module` (a test extra) is not installed."""
+  if importlib.util.find_spec(module) is None:
+    sys.exit(f"{what}: error: {module} not installed: run `make setup-test` first")
+
+
 def machine_state() -> str:
   """One line: CPU count, load average, and whether OMP_WAIT_POLICY is set in this environment."""
   load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -121,7 +127,7 @@ def run_worker(
 def worker_args(passthrough: list[str], kind: str, ckpt: str, env: dict[str, str]) -> list[str]:
   """The argv of one worker process: the user's flags, its kind, the weights, torch's threads."""
   wa = [*passthrough, f"--_worker={kind}", f"--_ckpt={ckpt}"]
-  if kind.endswith("torch"):
+  if kind.endswith("torch") or kind == "ct2":
     wa.append(f"--_nthreads={env['OMP_NUM_THREADS']}")
   return wa
 

@@ -60,7 +60,18 @@ def parse_args(argv=None):
   p.add_argument("--calls", type=int, default=3, help="timed calls per method per process")
   p.add_argument("--repeats", type=int, default=2, help="fresh processes per variant (best kept)")
   p.add_argument("--matmul", type=int, default=1, choices=(0, 1), help="time the matmuls alone")
-  H.add_common_args(p, ("t5jax", "torch", "mm_xla", "mm_torch"))
+  p.add_argument(
+    "--quantize",
+    default="none",
+    help="comma-separated t5jax weight precisions: none (--dtype), int8, bf16 (t5jax.quantize)",
+  )
+  p.add_argument(
+    "--peer",
+    default="",
+    choices=("", "ctranslate2"),
+    help="also decode with CTranslate2 (converted from the same folder) at each precision",
+  )
+  H.add_common_args(p, ("t5jax", "torch", "mm_xla", "mm_torch", "ct2"))
   return p.parse_args(argv)
 
 
@@ -92,6 +103,12 @@ def worker_t5jax(args) -> dict:
   config, params = t5jax.load_hf(args._ckpt, scan_layers=bool(args.scan_layers))
   config = config.replace(dtype=args.dtype, dropout_rate=0.0)
   params = jax.device_put(params)
+  precision = os.environ.get(_PRECISION_VAR, "none")
+  if precision == "int8":
+    params = t5jax.quantize(params, config, "int8")
+  elif precision == "bf16":
+    config = config.replace(dtype="bfloat16")
+    params = t5jax.quantize(params, config, "bfloat16")
   tokens = make_tokens(config, args)
   res = {}
   for method in args.methods.split(","):
@@ -109,6 +126,83 @@ def worker_t5jax(args) -> dict:
     seqs = np.asarray(out).reshape(args.batch, -1)[:, : args.new_tokens]
     res[method] = dict(time=best, compile_s=first - best, seqs=seqs.tolist())
   return dict(methods=res, versions=f"jax {jax.__version__}")
+
+
+# Which precision a t5jax, matmul or CTranslate2 worker runs at: set in its job's environment.
+_PRECISION_VAR = "T5JAX_BENCH_PRECISION"
+# t5jax precision -> CTranslate2 compute type (its CPU build here has no bfloat16).
+CT2_COMPUTE = {"none": "float32", "int8": "int8"}
+
+
+class _IdVocabulary:
+  """What CTranslate2's T5 converter reads from a tokenizer, for a folder without one: token i
+  is spelled `<i>`, so both sides decode the same ids."""
+
+  def __init__(self, config):
+    self._vocab = {f"<{i}>": i for i in range(config.vocab_size)}
+    self.pad_token = f"<{config.pad_token_id}>"
+    self.eos_token = f"<{config.eos_token_id}>"
+    self.unk_token = "<2>"
+
+  def get_vocab(self):
+    return dict(self._vocab)
+
+  def convert_ids_to_tokens(self, i):
+    return f"<{i}>"
+
+
+def convert_ct2(hf_folder: str, out: str, compute_type: str) -> None:
+  """The exported HF folder converted with CTranslate2's converter (`quantization=compute_type`)."""
+  from ctranslate2.converters import TransformersConverter
+
+  import t5jax
+
+  config = t5jax.load_hf(hf_folder)[0]
+
+  class Converter(TransformersConverter):
+    def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+      return _IdVocabulary(config)
+
+  Converter(hf_folder).convert(out, quantization=compute_type, force=True)
+
+
+def ct2_folder(ckpt: str, compute_type: str) -> str:
+  return f"{ckpt}-ct2-{compute_type}"
+
+
+def worker_ct2(args) -> dict:
+  import ctranslate2
+
+  import t5jax
+
+  config = t5jax.load_hf(args._ckpt)[0]
+  compute = CT2_COMPUTE[os.environ.get(_PRECISION_VAR, "none")]
+  translator = ctranslate2.Translator(
+    ct2_folder(args._ckpt, compute), device="cpu", compute_type=compute,
+    intra_threads=args._nthreads, inter_threads=1,
+  )  # fmt: skip
+  source = [[f"<{t}>" for t in row] for row in make_tokens(config, args).tolist()]
+  res = {}
+  for method in args.methods.split(","):
+    beams = args.num_beams if method == "beam" else 1
+    kw = dict(
+      beam_size=beams, max_decoding_length=args.new_tokens, min_decoding_length=args.new_tokens,
+      max_batch_size=0, return_scores=False,
+    )  # fmt: skip
+    if method == "sample":
+      kw.update(sampling_topk=0, beam_size=1)
+
+    def run(kw=kw):
+      return translator.translate_batch(source, **kw)
+
+    run()
+    best, out = _best(run, args.calls)
+    seqs = [[int(t[1:-1]) for t in r.hypotheses[0]] for r in out]
+    res[method] = dict(time=best, compile_s=None, seqs=seqs)
+  return dict(
+    methods=res,
+    versions=f"ctranslate2 {ctranslate2.__version__} {compute}, {args._nthreads} threads",
+  )
 
 
 def worker_torch(args) -> dict:
@@ -212,8 +306,21 @@ def worker_mm(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    ws, lm = matmul_weights(config, rng, lambda a: jnp.asarray(a, dt))
+    from t5jax.quantize import QuantizedWeight, int8_matmul
+
+    precision = os.environ.get(_PRECISION_VAR, "none")
+    dt = jnp.bfloat16 if args.dtype == "bfloat16" or precision == "bf16" else jnp.float32
+    mm = jnp.dot
+    if precision == "int8":  # int8 weights and per-row int8 activations, as t5jax.quantize
+      dt = jnp.float32
+
+      def store(a):
+        return QuantizedWeight(jnp.asarray(a * 20, jnp.int8), jnp.full((1, a.shape[1]), 0.05))
+
+      ws, lm = matmul_weights(config, rng, store)
+      mm = lambda x, w: int8_matmul(x, w, jnp.float32)
+    else:
+      ws, lm = matmul_weights(config, rng, lambda a: jnp.asarray(a, dt))
 
     def loop(step, y, n):
       return jax.lax.fori_loop(0, n, lambda i, y: step(y), y)
@@ -224,7 +331,7 @@ def worker_mm(args) -> dict:
       y = jnp.ones((n, config.d_model), dt)
       f = jax.jit(
         lambda x, y, ws, lm: matmul_passes(
-          x, y, ws, lm, args.new_tokens, jnp.dot, lambda a: a.max(-1, keepdims=True), loop
+          x, y, ws, lm, args.new_tokens, mm, lambda a: a.max(-1, keepdims=True), loop
         )
       )
 
@@ -233,7 +340,7 @@ def worker_mm(args) -> dict:
 
       run()
       res[method] = _best(run, args.calls)[0]
-    version = f"jax {jax.__version__}"
+    version = f"jax {jax.__version__}, {precision}"
   else:
     import torch
 
@@ -276,13 +383,14 @@ def worker_mm(args) -> dict:
 def main():
   args = parse_args()
   if args._worker:
-    fns = dict(t5jax=worker_t5jax, torch=worker_torch, mm_xla=worker_mm, mm_torch=worker_mm)
+    fns = dict(
+      t5jax=worker_t5jax, torch=worker_torch, mm_xla=worker_mm, mm_torch=worker_mm, ct2=worker_ct2
+    )
     H.write_result(args._out, fns[args._worker](args))
     return
   H.require_reference("benchmarks/decode.py", args.no_hf)
 
   import jax
-  import numpy as np
 
   import t5jax
 
@@ -312,14 +420,37 @@ def main():
     f"--num_beams={args.num_beams}", f"--methods={args.methods}", f"--dtype={args.dtype}",
     f"--calls={args.calls}", f"--seed={args.seed}", f"--scan_layers={args.scan_layers}",
   ]  # fmt: skip
+  if args.peer:
+    H.require_module("benchmarks/decode.py --peer ctranslate2", "ctranslate2")
+  precisions = [x for x in args.quantize.split(",") if x]
+  if not precisions or any(x not in ("none", "int8", "bf16") for x in precisions):
+    sys.exit(f"benchmarks/decode.py: error: --quantize: none, int8, bf16; got {args.quantize!r}")
   with tempfile.TemporaryDirectory() as tmp:
     ckpt = os.path.join(tmp, "model")
     t5jax.save_hf(config, params, ckpt)
-    jobs = [(f"t5jax xla={v}", "t5jax", H.xla_variant_env(v)) for v in variants]
+    jobs = []
+    for q in precisions:
+      tag = "" if q == "none" else f" {q}"
+      env = {_PRECISION_VAR: q}
+      jobs += [(f"t5jax{tag} xla={v}", "t5jax", {**H.xla_variant_env(v), **env}) for v in variants]
     if not args.no_hf:
       jobs += [(f"torch {n} thr", "torch", H.thread_env(n)) for n in threads]
+    if args.peer == "ctranslate2":
+      for q in precisions:
+        if q not in CT2_COMPUTE or args.dtype != "float32":
+          print(f"ctranslate2: no {q if q != 'none' else args.dtype} on this CPU build; skipped")
+          continue
+        convert_ct2(ckpt, ct2_folder(ckpt, CT2_COMPUTE[q]), CT2_COMPUTE[q])
+        jobs += [
+          (f"ct2 {CT2_COMPUTE[q]} {n} thr", "ct2", {**H.thread_env(n), _PRECISION_VAR: q})
+          for n in threads
+        ]
     if args.matmul:
-      jobs += [("matmuls xla", "mm_xla", H.xla_variant_env("default"))]
+      for q in precisions:
+        tag = "" if q == "none" else f" {q}"
+        jobs += [
+          (f"matmuls xla{tag}", "mm_xla", {**H.xla_variant_env("default"), _PRECISION_VAR: q})
+        ]
       if not args.no_hf:
         jobs += [(f"matmuls torch {n} thr", "mm_torch", H.thread_env(n)) for n in threads]
     results = H.run_jobs(
@@ -342,29 +473,44 @@ def main():
         f"{method:8} {name:18} {comp} {r['time']:8.3f} {n_tok / r['time']:10.1f}"
         f"  {results[name][0]['versions']}"
       )
-    ours = min(
-      (n for n in best if n.startswith("t5jax")), key=lambda n: best[n]["time"], default=None
-    )
-    theirs = [n for n in best if n.startswith("torch")]
-    if not theirs or ours is None:
-      continue
-    ref = min(theirs, key=lambda n: best[n]["time"])
-    same = ""
-    if method != "sample":
-      a, b = np.asarray(best[ours]["seqs"]), np.asarray(best[ref]["seqs"])
-      n = min(a.shape[1], b.shape[1])
-      same = f"; same tokens: {np.mean(np.all(a[:, :n] == b[:, :n], axis=1)) * 100:.0f}% of rows"
-    extra = ""
-    if ours != "t5jax xla=default" and "t5jax xla=default" in best:
-      extra = f" (xla=default: {best[ref]['time'] / best['t5jax xla=default']['time']:.2f}x)"
-    print(
-      f"{method:8} {'speed-up':18} {best[ref]['time'] / best[ours]['time']:>28.2f}x  {ours} vs"
-      f" {ref}{extra}, load {args.load}{same}",
-      flush=True,
-    )
+    for q in precisions:
+      _print_ratios(method, q, best, args)
   if mm:
     _print_matmul_floor(mm, results, methods)
   print(f"machine after: {H.machine_state()}")
+
+
+def _same_rows(a, b) -> str:
+  import numpy as np
+
+  a, b = np.asarray(a), np.asarray(b)
+  n = min(a.shape[1], b.shape[1])
+  return f"{np.mean(np.all(a[:, :n] == b[:, :n], axis=1)) * 100:.0f}%"
+
+
+def _print_ratios(method: str, precision: str, best: dict, args) -> None:
+  """t5jax at `precision` (its best XLA variant) against transformers at its best (float32) and
+  CTranslate2 at the same precision: time ratios and rows with the same tokens."""
+  tag = "t5jax" if precision == "none" else f"t5jax {precision} "
+  ours = [n for n in best if n.startswith(tag) and (precision != "none" or n.count(" ") == 1)]
+  if not ours:
+    return
+  ours = min(ours, key=lambda n: best[n]["time"])
+  peers = [[n for n in best if n.startswith("torch")]]
+  if precision in CT2_COMPUTE:
+    peers.append([n for n in best if n.startswith(f"ct2 {CT2_COMPUTE[precision]} ")])
+  for names in peers:
+    if not names:
+      continue
+    ref = min(names, key=lambda n: best[n]["time"])
+    same = ""
+    if method != "sample":
+      same = f"; same tokens: {_same_rows(best[ours]['seqs'], best[ref]['seqs'])} of rows"
+    print(
+      f"{method:8} {'speed-up':18} {best[ref]['time'] / best[ours]['time']:>28.2f}x  {ours} vs"
+      f" {ref}, load {args.load}{same}",
+      flush=True,
+    )
 
 
 def _seconds(r) -> float:
@@ -385,10 +531,10 @@ def _print_matmul_floor(mm, results, methods):
       if n.startswith("torch") and rs
     ]
     ceiling = ""
-    if ref and "matmuls xla" in best:
-      ceiling = (
-        f"  {min(ref) / best['matmuls xla']:.2f}x (best transformers generate / XLA matmuls alone)"
-      )
+    xla = [n for n in best if n.startswith("matmuls xla")]
+    if ref and xla:
+      each = ", ".join(f"{n[8:]} {min(ref) / best[n]:.2f}x" for n in xla)
+      ceiling = f"  {each} (best transformers generate / XLA matmuls alone)"
     print(f"{method:8} " + " ".join(f"{best[n]:20.3f}" for n in names) + ceiling)
 
 

@@ -31,6 +31,7 @@ from t5jax.model import (
   param_axes,
   shift_right,
 )
+from t5jax.quantize import QuantizedWeight, quantize
 
 __all__ = [
   "PRESETS",
@@ -39,6 +40,7 @@ __all__ = [
   "GenerateConfig",
   "GenerateOutput",
   "RankOutput",
+  "QuantizedWeight",
   "ScoreOutput",
   "check_token_ids",
   "decode_step",
@@ -51,6 +53,7 @@ __all__ = [
   "init_self_cache",
   "load_hf",
   "param_axes",
+  "quantize",
   "rank",
   "save_hf",
   "score",

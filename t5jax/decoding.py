@@ -73,11 +73,40 @@ def top_k_filter(logits: jax.Array, top_k: int, min_tokens_to_keep: int = 1) -> 
   return jnp.where(logits < kth_largest, -jnp.inf, logits)
 
 
-def top_p_filter(logits: jax.Array, top_p: float, min_tokens_to_keep: int = 1) -> jax.Array:
-  """Nucleus filter: drops the tokens whose ascending cumulative probability is <= 1 - top_p.
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`a + b` as `(s, e)` with `s = fl(a + b)` and `s + e` exactly `a + b` (Knuth's TwoSum)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
 
-  Tokens are sorted ascending with a stable sort (among equal logits the lower id counts as smaller,
-  so it is dropped first, as in transformers on CPU); the `min_tokens_to_keep` largest always stay.
+
+def _cumsum_wide(x: jax.Array) -> jax.Array:
+  """float32 cumulative sum along the last axis, each prefix rounded once from a wide sum.
+
+  transformers' nucleus filter takes `cumsum` of float32 probabilities on the CPU, which
+  accumulates in float64 and rounds every prefix to float32; a float32 scan rounds at every
+  addition, and the rounding errors tip prefixes that lie exactly on `1 - top_p` (a flat row of
+  40 tokens at top_p = 0.5 kept 21 tokens instead of 20). Each prefix here is a float32 pair
+  (sum, error) combined with TwoSum, ~48 significant bits, then rounded to float32.
+  """
+
+  def add(a, b):
+    s, e = _two_sum(a[0], b[0])
+    e = e + a[1] + b[1]
+    hi = s + e  # renormalise so that the pair stays (rounded sum, small remainder)
+    return hi, e - (hi - s)
+
+  hi, lo = jax.lax.associative_scan(add, (x, jnp.zeros_like(x)), axis=-1)
+  return hi + lo
+
+
+def top_p_filter(logits: jax.Array, top_p: float, min_tokens_to_keep: int = 1) -> jax.Array:
+  """Nucleus filter in transformers' order: sort ascending, drop the tokens whose cumulative
+  probability is <= 1 - top_p, always keep the `min_tokens_to_keep` largest.
+
+  The sort is stable (among equal logits the lower id counts as smaller, so it is dropped first,
+  as in transformers on CPU) and the cumulative sum rounds each prefix once, as transformers'
+  float64 accumulation does (`_cumsum_wide`), so kept sets are the same at exact boundaries.
 
   Args:
     logits: [..., V].
@@ -93,8 +122,8 @@ def top_p_filter(logits: jax.Array, top_p: float, min_tokens_to_keep: int = 1) -
     return logits
   order = jnp.argsort(logits, axis=-1, stable=True)
   sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1), axis=-1)
-  remove_sorted = cumulative <= (1.0 - top_p)
+  cumulative = _cumsum_wide(jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1))
+  remove_sorted = cumulative <= np.float32(1.0 - top_p)
   vocab = logits.shape[-1]
   keep_tail = jnp.arange(vocab) >= vocab - min_tokens_to_keep
   remove_sorted = remove_sorted & ~keep_tail
@@ -144,7 +173,7 @@ def typical_filter(logits: jax.Array, typical_p: float, min_tokens_to_keep: int 
   order = jnp.argsort(shifted, axis=-1, stable=True)
   sorted_shifted = jnp.take_along_axis(shifted, order, axis=-1)
   sorted_logits = jnp.take_along_axis(logits.astype(jnp.float32), order, axis=-1)
-  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+  cumulative = _cumsum_wide(jax.nn.softmax(sorted_logits, axis=-1))
   vocab = logits.shape[-1]
   last = jnp.minimum(jnp.sum(cumulative < typical_p, axis=-1, keepdims=True), vocab - 1)
   remove_sorted = sorted_shifted > jnp.take_along_axis(sorted_shifted, last, axis=-1)

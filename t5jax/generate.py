@@ -38,6 +38,7 @@ import numpy as np
 
 from t5jax import decoding, model
 from t5jax.config import T5Config
+from t5jax.quantize import QuantizedWeight
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -237,11 +238,15 @@ def compute_dtype_params(params: Any, config: T5Config) -> Any:
 
   def cast(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
+    if isinstance(x, QuantizedWeight):  # int8 with float32 scales (t5jax.quantize)
+      return x
     if name in _FLOAT32_PARAMS or not jnp.issubdtype(x.dtype, jnp.floating):
       return x
     return x.astype(dtype)
 
-  return jax.tree_util.tree_map_with_path(cast, params)
+  return jax.tree_util.tree_map_with_path(
+    cast, params, is_leaf=lambda x: isinstance(x, QuantizedWeight)
+  )
 
 
 def check_token_ids(tokens: Any, vocab_size: int, name: str = "tokens") -> None:
@@ -301,11 +306,16 @@ def _tokens(x: Any, name: str, ndim: int, shape: str, xp: Any = jnp) -> Any:
 
 
 def _check_params(params: Any) -> None:
-  """Every parameter is a floating-point array (integer weights decode nothing sensible)."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
+  """Every parameter is a floating-point array (integer weights decode nothing sensible), or a
+  `QuantizedWeight` of `t5jax.quantize` (int8 values with their float scales)."""
+  leaves = jax.tree_util.tree_leaves_with_path(
+    params, is_leaf=lambda x: isinstance(x, QuantizedWeight)
+  )
   if not leaves:
     raise TypeError("params is empty: pass the model parameters (t5jax.init_params, load_hf)")
   for path, leaf in leaves:
+    if isinstance(leaf, QuantizedWeight):
+      continue
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5jax.config import ACTIVATIONS, T5Config, on_cuda
+from t5jax.quantize import QuantizedWeight, int8_matmul
 
 NEG_INF = float(np.finfo(np.float32).min)
 
@@ -133,16 +134,30 @@ class RelativePositionBias(nn.Module):
 # --- norm, attention, feed-forward -----------------------------------------------------------
 
 
-def dense(x: jax.Array, w_IO: jax.Array, **kwargs) -> jax.Array:
+def dense(x: jax.Array, w_IO, dtype=None, **kwargs) -> jax.Array:
   """`x [..., I] @ w [I, O] -> [..., O]` as one 2-D matmul over the flattened leading axes.
+
+  The one place a stored weight becomes a product: `w_IO` is a float array (cast to `dtype` when
+  given) or a `t5jax.quantize.QuantizedWeight` (its int8 product, `int8_matmul`, in `dtype`, or
+  in `preferred_element_type` when given).
 
   Contracting `[B, T]` as two axes (an einsum "btd,df->btf"'s weight gradient), XLA:CPU
   transposed the `[B, T, O]` cotangent into a copy before every weight-gradient product; flattened
   to `[B*T, I]` the products read their operands as they are. `kwargs` go to `jnp.matmul`
   (`preferred_element_type`).
   """
-  y = jnp.matmul(x.reshape(-1, x.shape[-1]), w_IO, **kwargs)
+  x_MI = x.reshape(-1, x.shape[-1])
+  if isinstance(w_IO, QuantizedWeight):
+    out_dtype = kwargs.get("preferred_element_type") or dtype or x.dtype
+    y = int8_matmul(x_MI, w_IO, out_dtype)
+  else:
+    y = jnp.matmul(x_MI, w_IO if dtype is None else w_IO.astype(dtype), **kwargs)
   return y.reshape(x.shape[:-1] + (w_IO.shape[-1],))
+
+
+def as_matrix(w, rows: int, cols: int):
+  """A stored weight (float array or `QuantizedWeight`) as `[rows, cols]` for `dense`."""
+  return w.matrix(rows, cols) if isinstance(w, QuantizedWeight) else w.reshape(rows, cols)
 
 
 class RMSNorm(nn.Module):
@@ -424,7 +439,7 @@ class Attention(nn.Module):
     # weights first and XLA:CPU then transposes the weights at every call.
     w_DHK = getattr(self, _ATTENTION_WEIGHTS[name])
     d, h, k = w_DHK.shape
-    y = dense(x_BTD, w_DHK.astype(self.config.dtype).reshape(d, h * k))
+    y = dense(x_BTD, as_matrix(w_DHK, d, h * k), self.config.dtype)
     y = self._lora(name, x_BTD, y, deterministic)
     return _to_axes(y.reshape(y.shape[:-1] + (h, k)), "bthk", axes)
 
@@ -442,7 +457,7 @@ class Attention(nn.Module):
   def output(self, o_BTHK: jax.Array, deterministic: bool = True) -> jax.Array:
     h, k, d = self.out.shape
     o = o_BTHK.reshape(o_BTHK.shape[:-2] + (h * k,))
-    y = dense(o, self.out.astype(self.config.dtype).reshape(h * k, d))
+    y = dense(o, as_matrix(self.out, h * k, d), self.config.dtype)
     return self._lora("o", o, y, deterministic)
 
   def __call__(self, x_q, k, v, bias, mask, deterministic: bool):
@@ -484,7 +499,7 @@ class MLP(nn.Module):
     lora_dropout = nn.Dropout(cfg.lora_dropout)
 
     def project(x, w, name, ins, outs):
-      y = dense(x, w.astype(dt))
+      y = dense(x, w, dt)
       if name not in adapted:
         return y
       pair = lora_params(self, name, (ins[0],), (ins[1],), (outs[0],), (outs[1],))

@@ -45,6 +45,7 @@ from t5jax.layers import (
   param,
 )
 from t5jax.partitioning import STACKED, with_logical_constraint
+from t5jax.quantize import QuantizedWeight
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
@@ -332,6 +333,8 @@ class T5(nn.Module):
       self.prompt = param(self, "prompt", (cfg.prompt_length, cfg.d_model), (None, "embed"))
 
   def embed(self, tokens):
+    if isinstance(self.shared, QuantizedWeight):  # a quantized tied output layer
+      return self.shared.take_rows(tokens, self.config.dtype)
     return jnp.take(self.shared, tokens, axis=0).astype(self.config.dtype)
 
   def encoder_valid(self, tokens_BS, segment_ids=None):
@@ -360,7 +363,7 @@ class T5(nn.Module):
       w_DV = self.shared.T
     else:
       w_DV = self.lm_head
-    logits_BTV = dense(y_BTD, w_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    logits_BTV = dense(y_BTD, w_DV, cfg.dtype, preferred_element_type=jnp.float32)
     return with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
 
   def encode(self, tokens_BS, segment_ids=None, positions=None, deterministic=True):

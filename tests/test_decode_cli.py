@@ -12,6 +12,7 @@ from hf_utils_decoding import make_hf_model, save_hf_model
 
 from t5jax.generate import generate, rank
 from t5jax.hf import load_hf
+from t5jax.quantize import quantize
 from t5jax.tokenizer import ByteTokenizer, load_tokenizer, train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +46,12 @@ def write(tmp_path, name, content, mode="w"):
   return str(path)
 
 
-def expected_outputs(checkpoint, texts, max_input_length, **kwargs):
-  """Each input decoded alone (batch 1, padded to max_input_length) through the library."""
+def expected_outputs(checkpoint, texts, max_input_length, prepare=None, **kwargs):
+  """Each input decoded alone (batch 1, padded to max_input_length) through the library;
+  `prepare(config, params) -> (config, params)` changes the model first."""
   config, params = load_hf(checkpoint)
+  if prepare is not None:
+    config, params = prepare(config, params)
   tok = load_tokenizer(checkpoint)
   outs = []
   for text in texts:
@@ -73,6 +77,26 @@ def test_text_in_order_batched_bucketed_truncated(checkpoint, tmp_path, capsys):
     got = f.read().split("\n")
   assert got[-1] == "" and len(got) == len(TEXTS) + 1
   assert got[:-1] == expected_outputs(checkpoint, TEXTS, 16, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_quantize_decodes_as_the_library_does(checkpoint, tmp_path, capsys, mode):
+  inp = write(tmp_path, "in.txt", "\n".join(TEXTS) + "\n")
+  args = ["--checkpoint", checkpoint, "--input_file", inp, "--quantize", mode, "--no_progress"]
+  args += ["--batch_size", "3", "--max_new_tokens", "6", "--max_input_length", "64"]
+  if mode == "int8":
+    args += ["--float_output_layer"]
+  code, stdout, err = run_cli(args, capsys)
+  assert code == 0, err
+
+  def prepare(config, params):
+    if mode == "bf16":
+      return config.replace(dtype="bfloat16"), quantize(params, config, "bfloat16")
+    return config, quantize(params, config, output_layer=False)
+
+  assert stdout.split("\n")[:-1] == expected_outputs(
+    checkpoint, TEXTS, 64, prepare=prepare, max_new_tokens=6
+  )
 
 
 def test_jsonl_beam_with_tsv_input(checkpoint, tmp_path, capsys):
@@ -243,6 +267,8 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
     (["--method", "sample", "--min_p", "1.5"], "--min_p must be in [0, 1]"),
     (["--method", "sample", "--typical_p", "0"], "--typical_p must be in (0, 1]"),
     (["--candidates", "/nonexistent/c.txt"], "cannot read"),
+    (["--float_output_layer"], "--float_output_layer applies only with --quantize"),
+    (["--quantize", "bf16", "--dtype", "float32"], "--quantize bf16 computes in bfloat16"),
   ],
 )
 def test_incompatible_flags(checkpoint, tmp_path, capsys, flags, message):

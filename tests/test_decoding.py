@@ -289,6 +289,22 @@ def test_warpers_match_transformers(temperature, top_k, top_p, min_keep):
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-6)
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.25, 0.4, 0.6, 0.75, 0.525])
+def test_top_p_flat_row_at_exact_boundary_matches_transformers(top_p):
+  # 40 equal logits: every probability is float32(1/40) and the cumulative sums cross
+  # 1 - top_p exactly at a token. transformers sums in float64 and rounds each prefix, so
+  # 20 * 0.025f rounds to 0.5 <= 0.5 and 20 tokens go at top_p = 0.5; summed in float32
+  # the prefix came out above 0.5 and 21 tokens were kept. Which of the equal tokens stay is
+  # the order of torch's sort, which is not stable beyond 16 elements (it keeps ids 20-39 and
+  # others at other widths; t5jax's stable sort keeps the highest ids), so the sizes are compared.
+  logits = np.zeros((1, 40), np.float32)
+  theirs = hf_warp(logits, 1.0, 0, top_p)
+  ours = np.asarray(decoding.top_p_filter(jnp.asarray(logits), top_p))
+  if top_p == 0.5:
+    assert np.isfinite(theirs).sum() == 20
+  assert np.isfinite(ours).sum() == np.isfinite(theirs).sum()
+
+
 def test_sampling_frequencies_match_filtered_distribution():
   logits = np.array([2.0, 1.5, 1.5, 1.0, 0.2, -1.0, 0.0, 3.0], np.float32)
   temperature, top_k, top_p = 1.5, 6, 0.8
