@@ -41,7 +41,7 @@ from t5jax.errors import ConfigError
 from t5jax.errors import TrainingError as TrainingError  # its home is t5jax.errors
 from t5jax.evaluate import evaluate
 from t5jax.generate import GenerateConfig
-from t5jax.tokenizer import Tokenizer
+from t5jax.tokenizer import BYT5_MARKER, SPM_FILENAME, Tokenizer
 from t5jax.train_config import TrainConfig
 
 # --- set-up ----------------------------------------------------------------------------------
@@ -134,7 +134,17 @@ def _tokenizer_and_model(config: TrainConfig, workdir: str) -> tuple[Tokenizer, 
   was already saved; checks the vocabulary and a saved run's architecture."""
   tok_dir = os.path.join(workdir, "tokenizer")
   tok_saved = os.path.isdir(tok_dir) and bool(os.listdir(tok_dir))
-  tokenizer = data.build_tokenizer(config.data, workdir if tok_saved else None, config.seed)
+  data_cfg = config.data
+  if config.init_from and not data_cfg.tokenizer and not tok_saved:
+    # A pretrained model's ids are its own tokenizer's: never train a new one for it.
+    folder = config.init_from
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in (SPM_FILENAME, BYT5_MARKER)):
+      raise TrainingError(
+        f"--config.init_from={folder} holds no tokenizer ({SPM_FILENAME}); set "
+        "--config.data.tokenizer to the model's own (a .model file, a folder or byt5)"
+      )
+    data_cfg = data_cfg.replace(tokenizer=folder)
+  tokenizer = data.build_tokenizer(data_cfg, workdir if tok_saved else None, config.seed)
   model_cfg = model_config_from(config, tokenizer)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise TrainingError(

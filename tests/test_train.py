@@ -335,3 +335,25 @@ def test_resume_accepts_a_new_attention_impl_and_refuses_a_new_architecture(tmp_
   wider = tiny_run_config(tmp_path, num_train_steps=4, **{"model.d_ff": 2 * TINY["d_ff"]})
   with pytest.raises(TrainingError, match="incompatible model config.*d_ff"):
     train_and_evaluate(wider, workdir)
+
+
+def test_init_from_takes_the_folders_tokenizer_or_refuses(tmp_path):
+  """A pretrained model's ids are its own tokenizer's: with no data.tokenizer, a run takes the
+  init_from folder's, and a folder without one is an error naming the flag (a new SentencePiece
+  model trained on the data would silently give the weights meaningless ids)."""
+  from t5jax import train as train_lib
+  from t5jax.tokenizer import train_sentencepiece
+
+  folder = tmp_path / "hf"
+  cfg = get_model_config("t5-v1_1-small", vocab_size=512, **TINY)
+  hf.save_hf(cfg, model.init_params(cfg, jax.random.PRNGKey(0)), str(folder))
+  base = {
+    "init_from": str(folder),
+    "model": {},
+    "data": {"kind": "tsv", "train_file": write_tsv(tmp_path / "t.tsv", 20)},
+  }
+  with pytest.raises(TrainingError, match=r"holds no tokenizer .*--config.data.tokenizer"):
+    train_lib._tokenizer_and_model(from_config_dict(base), str(tmp_path / "wd"))
+  own = train_sentencepiece([f"word{i} more text {i}" for i in range(300)], 300, str(folder))
+  tok, _, _ = train_lib._tokenizer_and_model(from_config_dict(base), str(tmp_path / "wd"))
+  assert tok.fingerprint() == own.fingerprint()
