@@ -17,6 +17,7 @@ encoder/decoder_segment_ids and _positions [B,S]/[B,T] when packed. Shapes are f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -179,8 +180,7 @@ def span_corrupt(
 
 
 def _corrupted_lengths(tokens_length: int, density: float, mean_span: float) -> tuple[int, int]:
-  num_noise = min(max(int(round(tokens_length * density)), 1), tokens_length - 1)
-  num_spans = min(max(int(round(num_noise / mean_span)), 1), num_noise, tokens_length - num_noise)
+  num_noise, num_spans = _noise_counts(tokens_length, density, mean_span)
   return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
 
@@ -670,9 +670,7 @@ def _raw_chunk_length(data_cfg: DataConfig, tokenizer: Tokenizer) -> int:
     data_cfg.noise_density,
     data_cfg.mean_noise_span_length,
   )
-  num_noise = min(max(int(round(raw * data_cfg.noise_density)), 1), raw - 1)
-  num_spans = _corrupted_lengths(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length)[1]
-  num_spans -= num_noise + 1
+  _, num_spans = _noise_counts(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length)
   if num_spans > getattr(tokenizer, "extra_ids", 0):
     raise DataError(f"span corruption needs {num_spans} sentinels; the tokenizer has fewer")
   return raw
@@ -739,6 +737,13 @@ def _task_stream(
   return streams.ChunkTokens(ds, tokenize, raw, shard=host)
 
 
+@functools.lru_cache(maxsize=64)
+def _count_records(spec: str, fmt: str, fields: sources.Fields) -> int:
+  """`sources.count_records`, once per spec: a line scan of every file (make_datasets builds its
+  stream twice: the in-process first batch, then the run's)."""
+  return sources.count_records(spec, fmt, fields)
+
+
 def _rates(tasks: list[_Task], data_cfg: DataConfig) -> list[float]:
   """Each task's sampling weight: its rate, or min(examples, mixture_cap)."""
   out = []
@@ -751,7 +756,7 @@ def _rates(tasks: list[_Task], data_cfg: DataConfig) -> list[float]:
     elif task.kind == "builtin":
       n = data_cfg.builtin_train_size
     else:
-      n = sources.count_records(task.cfg.train_file, task.fmt, _fields(task.cfg))
+      n = _count_records(task.cfg.train_file, task.fmt, _fields(task.cfg))
     out.append(float(min(n, data_cfg.mixture_cap) if data_cfg.mixture_cap else n))
   if not any(out):
     raise DataError("every task of the mixture has no training records")

@@ -122,10 +122,6 @@ def detect_format(path: str, fmt: str = "auto") -> str:
   return split_extension(path)[0]
 
 
-def is_random_access(path: str, fmt: str = "auto") -> bool:
-  return detect_format(path, fmt) == "arrayrecord"
-
-
 def _open_binary(path: str) -> io.BufferedIOBase:
   compression = split_extension(path)[1]
   if compression == "gzip":
