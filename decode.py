@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -46,16 +44,13 @@ from collections.abc import Sequence
 import jax
 from tqdm import tqdm
 
-from t5jax import inference, sharding
-from t5jax.errors import CheckpointError, ConfigError
-from t5jax.generate import GenerateConfig, check_token_ids
-from t5jax.inference import bucket_length as bucket_length  # noqa: F401 (decode.bucket_length)
-from t5jax.inference import make_batches as make_batches  # noqa: F401 (decode.make_batches)
-from t5jax.quantize import quantize
-from t5jax.train_config import INPUT_COLUMNS, MeshConfig
+from t5jax import inference, inputs, sharding, workdir
+from t5jax.errors import USER_ERRORS, ConfigError
+from t5jax.generate import GenerateConfig
+from t5jax.inference import TokenizerNotFound
+from t5jax.sources import INPUT_COLUMNS
 
 PROG = "decode.py"
-DEFAULT_COLUMNS = INPUT_COLUMNS  # the names a training TSV's header row may use too
 # GenerateConfig fields with a flag, and decode.py's own defaults for some of them.
 GENERATE_FLAGS = [f for f in dataclasses.fields(GenerateConfig) if f.metadata.get("flag", True)]
 FLAG_DEFAULTS = {"max_new_tokens": 64}
@@ -104,13 +99,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--output_file", help="default: stdout")
   p.add_argument(
     "--input_format",
-    choices=("auto", "text", "tsv", "jsonl"),
+    choices=inputs.FORMATS,
     default="auto",
     help="auto: a file by its extension (.tsv, .jsonl/.json, else text); stdin by its first line "
     "(a JSON object: jsonl; tab-separated with a field named as the input column, i.e. a "
     "header: tsv; else text, one prompt per line)",
   )
-  p.add_argument("--input_column", help=f"TSV/JSONL field (default: first of {DEFAULT_COLUMNS})")
+  p.add_argument("--input_column", help=f"TSV/JSONL field (default: first of {INPUT_COLUMNS})")
   p.add_argument("--output_format", choices=("text", "jsonl"), default="text")
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--max_input_length", type=int, default=512)
@@ -176,467 +171,148 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
     raise CLIError(re.sub(rf"\b({names})\b", r"--\1", str(e))) from e
 
 
-# --- input -----------------------------------------------------------------------------------
+# Flags that only generation reads: rank classification (--candidates) refuses them.
+NOT_RANKING = [f.name for f in GENERATE_FLAGS] + ["seed", "decoder_prefix_column"]
 
 
-def read_lines(path: str | None) -> tuple[list[str], str]:
-  """Lines of a file (or stdin) as strings; invalid UTF-8 is an error naming its line."""
-  name = path or "<stdin>"
-  try:
-    if path is None:
-      data = sys.stdin.buffer.read()
-    else:
-      with open(path, "rb") as f:
-        data = f.read()
-  except OSError as e:
-    raise CLIError(f"cannot read {name}: {e.strerror or e}") from e
-  lines = []
-  for number, raw in enumerate(data.split(b"\n"), start=1):
-    raw = raw.removesuffix(b"\r")
-    try:
-      lines.append(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-      raise CLIError(f"{name}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})") from e
-  if lines and lines[-1] == "":
-    lines.pop()  # the final newline ends the last line; it does not start an empty one
-  if lines:
-    lines[0] = lines[0].removeprefix("\ufeff")  # a UTF-8 byte order mark is not input
-  return lines, name
-
-
-def _pick_column(columns: Sequence[str], wanted: str | None, where: str) -> str:
-  if wanted is not None:
-    if wanted not in columns:
-      raise CLIError(f"{where}: no column {wanted!r} (have {list(columns)})")
-    return wanted
-  for c in DEFAULT_COLUMNS:
-    if c in columns:
-      return c
-  raise CLIError(f"{where}: no input column among {list(columns)}; pass --input_column")
-
-
-def detect_format(lines: list[str], name: str, column: str | None) -> str:
-  """What --input_format auto means: a file's extension (.tsv; .jsonl or .json; else text); on
-  stdin, the first non-blank line: a JSON object -> jsonl; tab-separated fields one of which is
-  the input column's name (--input_column, else one of DEFAULT_COLUMNS) -> tsv; else text."""
-  if name != "<stdin>":
-    ext = os.path.splitext(name)[1].lower()
-    return {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(ext, "text")
-  first = next((line for line in lines if line.strip()), "")
-  try:
-    if isinstance(json.loads(first), dict):
-      return "jsonl"
-  except ValueError:
-    pass
-  names = (column,) if column is not None else DEFAULT_COLUMNS
-  if "\t" in first and any(field in names for field in first.split("\t")):
-    return "tsv"
-  return "text"
-
-
-def parse_inputs(lines: list[str], name: str, fmt: str, column: str | None) -> list[str]:
-  """The input texts, in order, from text / TSV (header row) / JSONL lines (`fmt` as
-  `detect_format` resolves "auto")."""
-  if fmt == "text":
-    texts = lines
-  elif fmt == "tsv":
-    if not lines:
-      raise CLIError(f"{name}: empty input (no header row)")
-    header = lines[0].split("\t")
-    col = header.index(_pick_column(header, column, name))
-    texts = []
-    for number, line in enumerate(lines[1:], start=2):
-      fields = line.split("\t")
-      if len(fields) != len(header):
-        raise CLIError(f"{name}:{number}: {len(fields)} fields, header has {len(header)}")
-      texts.append(fields[col])
-  else:
-    texts = []
-    for number, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except ValueError as e:
-        raise CLIError(f"{name}:{number}: invalid JSON ({e})") from e
-      if not isinstance(obj, dict):
-        raise CLIError(f"{name}:{number}: expected a JSON object")
-      key = _pick_column(list(obj), column, f"{name}:{number}")
-      if not isinstance(obj[key], str):
-        raise CLIError(f"{name}:{number}: field {key!r} is not a string")
-      texts.append(obj[key])
-  if not texts:
-    raise CLIError(f"{name}: empty input (no lines to decode)")
-  return texts
-
-
-def encode_inputs(tokenizer, texts, max_len: int, strict: bool) -> list[list[int]]:
-  """Token ids per text, truncated to `max_len` (keeping the final EOS) or rejected if strict."""
-  out, long_lines = [], []
-  for number, text in enumerate(texts, start=1):
-    ids = list(tokenizer.encode(text))
-    if len(ids) > max_len:
-      long_lines.append(number)
-      ids = ids[: max_len - 1] + [ids[-1]]
-    out.append(ids)
-  if long_lines and strict:
-    raise CLIError(
-      f"input {long_lines[0]} is longer than --max_input_length {max_len} tokens "
-      f"({len(long_lines)} inputs in all; drop --strict to truncate)"
-    )
-  if long_lines:
-    print(
-      f"{PROG}: warning: truncated {len(long_lines)} of {len(texts)} inputs to "
-      f"--max_input_length {max_len} tokens",
-      file=sys.stderr,
-    )
-  return out
-
-
-# --- devices ---------------------------------------------------------------------------------
-
-
-def make_mesh(args: argparse.Namespace):
-  """The `("data", "fsdp", "tensor")` mesh over this process's devices, from the --mesh_* flags."""
-  devices = jax.local_devices()
-  try:
-    return sharding.create_mesh(
-      MeshConfig(args.mesh_data, args.mesh_fsdp, args.mesh_tensor), devices
-    )
-  except ConfigError as e:
-    raise CLIError(
-      f"bad --mesh_data/--mesh_fsdp/--mesh_tensor ({len(devices)} "
-      f"{devices[0].platform} devices): {e}"
-    ) from e
-
-
-def round_batch_size(batch_size: int, mesh) -> int:
-  """--batch_size rounded up to a multiple of the batch shards (data x fsdp), with a warning."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  rounded = -(-batch_size // shards) * shards
-  if rounded != batch_size:
-    print(
-      f"{PROG}: warning: --batch_size {batch_size} rounded up to {rounded}, a multiple of the "
-      f"{shards} batch shards (mesh data x fsdp)",
-      file=sys.stderr,
-    )
-  return rounded
-
-
-# --- output ----------------------------------------------------------------------------------
-
-
-class Output:
-  """Where the outputs go: stdout, or `--output_file` through a temporary file in its folder
-  (opened before decoding, so an unwritable path fails first), renamed over it once complete."""
-
-  def __init__(self, path: str | None):
-    self.path, self.tmp, self._fh = path, None, None
-    if path is None:
-      return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-      raise CLIError(f"output folder does not exist: {folder}")
-    if os.path.isdir(path):
-      raise CLIError(f"--output_file {path} is a folder")
-    self.tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    try:
-      self._fh = open(self.tmp, "w", encoding="utf-8")
-    except OSError as e:
-      raise CLIError(f"cannot write {path}: {e.strerror or e}") from e
-
-  def commit(self, body: str) -> None:
-    if self.path is None:
-      sys.stdout.write(body)
-      sys.stdout.flush()
-      return
-    try:
-      self._fh.write(body)
-      self._fh.flush()
-      os.fsync(self._fh.fileno())
-      self._fh.close()
-      os.replace(self.tmp, self.path)
-    except OSError as e:
-      raise CLIError(f"cannot write {self.path}: {e.strerror or e} (left unchanged)") from e
-    self.tmp = None
-
-  def discard(self) -> None:
-    """Removes the temporary file of an unfinished run (the old output stays as it was)."""
-    if self._fh is not None and not self._fh.closed:
-      self._fh.close()
-    if self.tmp is not None:
-      try:
-        os.remove(self.tmp)
-      except OSError:
-        pass
-      self.tmp = None
-
-
-def open_output(output_file: str | None, input_file: str | None) -> Output:
-  """The `Output` of --output_file, refusing the input file itself."""
-  if output_file and input_file and os.path.exists(output_file):
-    if os.path.samefile(output_file, input_file):
-      raise CLIError(f"--output_file {output_file} is the input file; write elsewhere")
-  return Output(output_file)
-
-
-def _device_bytes() -> int:
-  """Memory of one local device (its allocator's limit; a CPU: the machine's RAM)."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  return stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-# The defaults of the flags that size the decoder cache: the one raised furthest above its default
-# is the one an error names.
-_CACHE_DEFAULTS = dict(batch_size=16, num_beams=4, num_return_sequences=1, max_new_tokens=64)
-
-
-def check_memory(config, gen_cfg: GenerateConfig, batch_size: int, given=frozenset()) -> None:
-  """Refuses a decoder cache that cannot fit in one device's memory, naming the flag (of those
-  given) that makes it too large: --max_new_tokens, --num_beams, --num_return_sequences or
-  --batch_size."""
-  factors = {"batch_size": batch_size}
-  if gen_cfg.method == "beam":
-    factors["num_beams"] = gen_cfg.num_beams
-  elif gen_cfg.method == "sample":
-    factors["num_return_sequences"] = gen_cfg.num_return_sequences
-  factors["max_new_tokens"] = gen_cfg.max_new_tokens
-  # Self-attention keys and values of every decoder layer, float32, per row and position.
-  unit = config.num_decoder_layers * 2 * config.num_heads * config.d_kv * 4
-  need = unit * math.prod(factors.values())
-  limit = _device_bytes()
-  if need <= limit:
-    return
-  raised = [f for f in factors if f in given and factors[f] > 1] or ["max_new_tokens"]
-  lead = max(raised, key=lambda f: factors[f] / _CACHE_DEFAULTS[f])
-  most = max(1, limit // (need // factors[lead]))
-  sizes = " x ".join(f"--{f} {v}" for f, v in factors.items())
-  raise CLIError(
-    f"--{lead} {factors[lead]} cannot be allocated: the decoder cache of {sizes} would take "
-    f"{need / 2**30:.1f} GiB of the device's {limit / 2**30:.1f} GiB (at most {most} with the "
-    "other settings as they are)"
-  )
-
-
-def check_input_memory(config, token_ids, batch_size: int, max_input_length: int, given) -> None:
-  """Refuses inputs whose encoder attention cannot fit in one device's memory: the scores of one
-  layer (float32 [batch, heads, S, S]), the position bias ([heads, S, S]) and the decoder's cross-
-  attention keys and values, at S the longest input's bucket (at most --max_input_length)."""
-  longest = max(len(ids) for ids in token_ids)
-  s = bucket_length(longest, max_input_length)
-  cross = batch_size * config.num_decoder_layers * 2 * config.num_heads * config.d_kv * 4
-
-  def need(n: int) -> int:
-    return 4 * config.num_heads * (batch_size + 1) * n * n + cross * n
-
-  limit = _device_bytes()
-  if need(s) <= limit:
-    return
-  most = s
-  while most > 1 and need(most) > limit:
-    most = int(most * 0.9)
-  blame_batch = "batch_size" in given and "max_input_length" not in given
-  lead = f"--batch_size {batch_size}" if blame_batch else f"--max_input_length {max_input_length}"
-  raise CLIError(
-    f"{lead} cannot be allocated: the encoder's attention over {s} tokens (the longest input has "
-    f"{longest}) at --batch_size {batch_size} would take {need(s) / 2**30:.1f} GiB of the "
-    f"device's {limit / 2**30:.1f} GiB (about {most} tokens fit; a lower --max_input_length "
-    "truncates longer inputs)"
-  )
-
-
-def check_ids(token_lists, vocab_size: int, what: str) -> None:
-  """`t5jax.generate.check_token_ids` on each input's token list (numbered from 1)."""
-  for number, ids in enumerate(token_lists, start=1):
-    try:
-      check_token_ids(ids, vocab_size, f"{what} {number}: token")
-    except (TypeError, ValueError) as e:
-      raise CLIError(f"{e} (is the tokenizer the model's?)") from e
-
-
-# --- main --------------------------------------------------------------------------------------
+def _flags(message: str, args: argparse.Namespace) -> str:
+  """A library message in terms of the flags: each name of one of decode.py's options becomes
+  `--name`."""
+  names = "|".join(sorted(vars(args), key=len, reverse=True))
+  return re.sub(rf"(?<![-\w'])({names})(?![\w'])", r"--\1", message)
 
 
 def load(args: argparse.Namespace):
-  """(config, params, tokenizer) of --checkpoint (`t5jax.inference.load`), errors as CLIError."""
+  """(config, params, tokenizer) of --checkpoint (`t5jax.inference.load`), --dtype applied."""
   try:
     config, params, tokenizer = inference.load(args.checkpoint, args.tokenizer)
-  except inference.TokenizerNotFound as e:
+  except TokenizerNotFound as e:
     raise CLIError(f"{e}{'' if args.tokenizer else '; pass --tokenizer'}") from e
-  except CheckpointError as e:
-    raise CLIError(str(e)) from e
+  dtype = args.dtype
   if args.quantize == "bf16":
     if args.dtype == "float32":
       raise CLIError("--quantize bf16 computes in bfloat16; drop --dtype float32")
-    return config.replace(dtype="bfloat16"), params, tokenizer
-  return (config.replace(dtype=args.dtype) if args.dtype else config), params, tokenizer
-
-
-def quantize_params(args: argparse.Namespace, config, params):
-  """--quantize: the placed parameters converted once (`t5jax.quantize`), or as they are."""
-  if args.float_output_layer and not args.quantize:
-    raise CLIError("--float_output_layer applies only with --quantize")
-  if not args.quantize:
-    return params
-  mode = "bfloat16" if args.quantize == "bf16" else "int8"
-  return quantize(params, config, mode, output_layer=not args.float_output_layer)
-
-
-def read_candidates(args: argparse.Namespace, lines: list[str], name: str, n: int):
-  """Candidate texts per input from --candidates FILE (tab-separated) or --candidates_column."""
-  if args.candidates and args.candidates_column:
-    raise CLIError("pass --candidates or --candidates_column, not both")
-  if args.candidates:
-    cand_lines, cand_name = read_lines(args.candidates)
-    groups = [line.split("\t") for line in cand_lines]
-    where = lambda i: f"{cand_name}:{i + 1}"
-  else:
-    groups, where = [], lambda i: f"{name}:{i + 1}"
-    for number, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
-      try:
-        value = json.loads(line).get(args.candidates_column)
-      except (ValueError, AttributeError) as e:
-        raise CLIError(f"{name}:{number}: invalid JSON object ({e})") from e
-      if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        raise CLIError(
-          f"{name}:{number}: field {args.candidates_column!r} is not a list of strings"
-        )
-      groups.append(value)
-  if len(groups) != n:
-    raise CLIError(f"{len(groups)} candidate lines for {n} inputs")
-  for i, g in enumerate(groups):
-    if not g or any(c == "" for c in g):
-      raise CLIError(f"{where(i)}: empty candidate list or empty candidate")
-  return groups
-
-
-def _drop_eos(ids: list[int], eos: int = 1) -> list[int]:
-  return ids[:-1] if ids and ids[-1] == eos else ids
-
-
-# Flags that only generation reads: rank classification (--candidates) refuses them.
-NOT_RANKING = [f.name for f in GENERATE_FLAGS] + ["seed", "decoder_prefix_column"]
-COLUMN_FLAGS = ("input_column", "decoder_prefix_column", "candidates_column")
+    dtype = "bfloat16"
+  return (config.replace(dtype=dtype) if dtype else config), params, tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
   given = getattr(args, "given", set())
   ranking = bool(args.candidates or args.candidates_column)
-  if ranking:
-    for flag in NOT_RANKING:
-      if flag in given:
-        raise CLIError(
-          f"--{flag} does not apply to rank classification (--candidates / "
-          "--candidates_column score the candidates given; nothing is generated)"
-        )
-  gen_cfg = generate_config(args)
-  lines, name = read_lines(args.input_file)
-  fmt = args.input_format
-  if fmt == "auto":  # decided once, by the input column (the prefix column is another)
-    fmt = detect_format(lines, name, args.input_column)
-  if fmt == "text":  # one input per line: a column flag would be ignored (or misread)
-    for flag in COLUMN_FLAGS:
-      if getattr(args, flag):
-        why = ""
-        if args.input_format == "auto" and name == "<stdin>":
-          why = " (its first line is neither a JSON object nor a TSV header naming the input)"
-        raise CLIError(
-          f"--{flag} {getattr(args, flag)}: {name} is read as plain text, one input per line with "
-          f"no columns{why}; give a TSV with a header row or JSONL (.tsv / .jsonl, or "
-          "--input_format tsv|jsonl)"
-        )
-  texts = parse_inputs(lines, name, fmt, args.input_column)
-  candidates = read_candidates(args, lines, name, len(texts)) if ranking else None
-  prefixes = None
-  if args.decoder_prefix_column:
-    prefixes = parse_inputs(lines, name, fmt, args.decoder_prefix_column)
-  output = open_output(args.output_file, args.input_file)
-  try:
-    return _decode_and_write(args, gen_cfg, texts, output, candidates, prefixes)
-  finally:
-    output.discard()
-
-
-def _decode_and_write(
-  args, gen_cfg: GenerateConfig, texts: list[str], output: Output, candidates, prefixes
-) -> int:
-  ranking = candidates is not None
-  mesh = make_mesh(args)
-  batch_size = round_batch_size(args.batch_size, mesh)
-  config, params, tokenizer = load(args)
-  given = getattr(args, "given", set())
-  if not ranking:
-    check_memory(config, gen_cfg, batch_size, given)
-  ids = [t for w in gen_cfg.bad_words_ids or () for t in w] + list(gen_cfg.suppress_tokens or ())
-  if any(t >= config.vocab_size for t in ids):
-    raise CLIError(
-      f"--bad_words_ids/--suppress_tokens: ids must be < the vocabulary size {config.vocab_size}"
-    )
-  token_ids = encode_inputs(tokenizer, texts, args.max_input_length, args.strict)
-  check_ids(token_ids, config.vocab_size, "input")
-  check_input_memory(config, token_ids, batch_size, args.max_input_length, given)
-  params = jax.device_put(params, sharding.param_shardings(config, mesh))
-  params = quantize_params(args, config, params)
-  with tqdm(total=len(texts), file=sys.stderr, disable=args.no_progress, unit="ex") as bar:
-    if ranking:
-      cand_ids = [[list(tokenizer.encode(c)) for c in g] for g in candidates]
-      check_ids(cand_ids, config.vocab_size, "candidates of input")
-      rank_scores, best = inference.rank_all(
-        params, config, token_ids, cand_ids, batch_size=batch_size,
-        max_len=args.max_input_length, on_batch=bar.update,
-      )  # fmt: skip
-    else:
-      prefix_ids = None
-      if prefixes is not None:
-        prefix_ids = [_drop_eos(list(tokenizer.encode(t))) for t in prefixes]
-        check_ids(prefix_ids, config.vocab_size, "prefix of input")
-      token_scores: list = []
-      sequences, scores = inference.generate_all(
-        params, config, token_ids, gen_cfg, batch_size=batch_size, max_len=args.max_input_length,
-        rng=jax.random.key(args.seed or 0), mesh=mesh, on_batch=bar.update, prefixes=prefix_ids,
-        token_scores=token_scores if gen_cfg.return_token_scores else None,
-      )  # fmt: skip
-  if ranking:
-    if args.output_format == "text":
-      body = "".join(g[b].replace("\n", " ") + "\n" for g, b in zip(candidates, best, strict=True))
-    else:
-      body = "".join(
-        json.dumps(
-          {"input": t, "candidates": g, "scores": s.tolist(), "best": b}, ensure_ascii=False
-        )
-        + "\n"
-        for t, g, s, b in zip(texts, candidates, rank_scores, best, strict=True)
+  for flag in NOT_RANKING if ranking else ():
+    if flag in given:
+      raise CLIError(
+        f"--{flag} does not apply to rank classification (--candidates / --candidates_column "
+        "score the candidates given; nothing is generated)"
       )
-    output.commit(body)
-    return 0
-  results = [
-    ([tokenizer.decode(s.tolist()).replace("\n", " ") for s in seqs], sc.tolist())
-    for seqs, sc in zip(sequences, scores, strict=True)
-  ]
-
-  if args.output_format == "text":
-    body = "".join(outputs[0] + "\n" for outputs, _ in results)
-  else:
-    records = []
-    for i, (t, (o, s)) in enumerate(zip(texts, results, strict=True)):
-      record = {"input": t, "outputs": o, "scores": s}
-      if gen_cfg.return_token_scores:  # each output's generated tokens, EOS included
-        record["token_scores"] = [
-          ts[: len(inference_length(seq))].tolist()
-          for seq, ts in zip(sequences[i], token_scores[i], strict=True)
-        ]
-      records.append(json.dumps(record, ensure_ascii=False) + "\n")
-    body = "".join(records)
-  output.commit(body)
+  if args.float_output_layer and not args.quantize:
+    raise CLIError("--float_output_layer applies only with --quantize")
+  gen_cfg = generate_config(args)
+  columns = ("input_column", "decoder_prefix_column", "candidates", "candidates_column")
+  requests = inputs.read_requests(
+    args.input_file, args.input_format, **{c: getattr(args, c) for c in columns}
+  )
+  if args.output_file and args.input_file and workdir.same_file(args.output_file, args.input_file):
+    raise CLIError(f"--output_file {args.output_file} is the input file; write elsewhere")
+  try:
+    output = workdir.AtomicFile(args.output_file) if args.output_file else None
+  except OSError as e:
+    raise CLIError(f"cannot write {args.output_file}: {e.strerror or e}") from e
+  try:
+    body = _decode(args, gen_cfg, requests)
+    if output is None:
+      sys.stdout.write(body)
+      sys.stdout.flush()
+      return 0
+    try:
+      output.file.write(body)
+      output.commit()
+    except OSError as e:
+      raise CLIError(f"cannot write {args.output_file}: {e.strerror or e} (left unchanged)") from e
+  finally:
+    if output is not None:
+      output.discard()
   return 0
 
 
-def inference_length(seq) -> list[int]:
-  """The generated tokens of a returned sequence: up to and including the first EOS."""
-  seq = list(seq)
-  return seq[: seq.index(1) + 1] if 1 in seq else seq
+def _decode(args, gen_cfg: GenerateConfig, requests: inputs.Requests) -> str:
+  """The output file's text: one line (or JSON object) per input."""
+  texts, candidates = requests.texts, requests.candidates
+  devices = jax.local_devices()
+  try:
+    mesh_cfg = sharding.MeshConfig(args.mesh_data, args.mesh_fsdp, args.mesh_tensor)
+    mesh = sharding.create_mesh(mesh_cfg, devices)
+  except ConfigError as e:
+    n = f"{len(devices)} {devices[0].platform} devices"
+    raise CLIError(f"bad --mesh_data/--mesh_fsdp/--mesh_tensor ({n}): {e}") from e
+  shards = sharding.batch_shards(mesh)
+  batch_size = -(-args.batch_size // shards) * shards
+  if batch_size != args.batch_size:
+    print(
+      f"{PROG}: warning: --batch_size {args.batch_size} rounded up to {batch_size}, a multiple "
+      f"of the {shards} batch shards (mesh data x fsdp)",
+      file=sys.stderr,
+    )
+  config, params, tokenizer = load(args)
+  given = getattr(args, "given", set())
+  if candidates is None:
+    inference.check_memory(config, gen_cfg, batch_size, given)
+    try:
+      gen_cfg.check_vocab(config.vocab_size)
+    except ValueError as e:
+      raise CLIError(_flags(str(e), args)) from e
+  token_ids, cut = inference.encode_texts(
+    tokenizer, texts, args.max_input_length, strict=args.strict
+  )
+  if cut:
+    print(
+      f"{PROG}: warning: truncated {cut} of {len(texts)} inputs to --max_input_length "
+      f"{args.max_input_length} tokens",
+      file=sys.stderr,
+    )
+  inference.check_ids(token_ids, config.vocab_size, "input")
+  inference.check_input_memory(config, token_ids, batch_size, args.max_input_length, given)
+  quantize = {"int8": "int8", "bf16": "bfloat16"}.get(args.quantize or "", "")
+  params = inference.place(
+    params, config, mesh, quantize=quantize, output_layer=not args.float_output_layer
+  )
+  kw = dict(batch_size=batch_size, max_len=args.max_input_length)
+  with tqdm(total=len(texts), file=sys.stderr, disable=args.no_progress, unit="ex") as bar:
+    if candidates is not None:
+      cand_ids = [[list(tokenizer.encode(c)) for c in g] for g in candidates]
+      inference.check_ids(cand_ids, config.vocab_size, "candidates of input")
+      scores, best = inference.rank_all(params, config, token_ids, cand_ids, **kw,
+                                        on_batch=bar.update)  # fmt: skip
+      rows = zip(texts, candidates, scores, best, strict=True)
+      if args.output_format == "text":
+        return "".join(g[b].replace("\n", " ") + "\n" for _, g, _, b in rows)
+      return "".join(
+        json.dumps({"input": t, "candidates": g, "scores": s.tolist(), "best": b},
+                   ensure_ascii=False) + "\n"
+        for t, g, s, b in rows
+      )  # fmt: skip
+    prefix_ids = None
+    if requests.prefixes is not None:
+      prefix_ids = [inference.drop_eos(tokenizer.encode(t)) for t in requests.prefixes]
+      inference.check_ids(prefix_ids, config.vocab_size, "prefix of input")
+    token_scores: list | None = [] if gen_cfg.return_token_scores else None
+    sequences, scores = inference.generate_all(
+      params, config, token_ids, gen_cfg, **kw, rng=jax.random.key(args.seed or 0), mesh=mesh,
+      on_batch=bar.update, prefixes=prefix_ids, token_scores=token_scores,
+    )  # fmt: skip
+  outputs = [[tokenizer.decode(s.tolist()).replace("\n", " ") for s in seqs] for seqs in sequences]
+  if args.output_format == "text":
+    return "".join(o[0] + "\n" for o in outputs)
+  records = []
+  for i, text in enumerate(texts):
+    record = {"input": text, "outputs": outputs[i], "scores": scores[i].tolist()}
+    if token_scores is not None:  # each output's generated tokens, EOS included
+      record["token_scores"] = [
+        ts[: inference.generated_length(seq)].tolist()
+        for seq, ts in zip(sequences[i], token_scores[i], strict=True)
+      ]
+    records.append(json.dumps(record, ensure_ascii=False) + "\n")
+  return "".join(records)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -644,8 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return run(args)
   except CLIError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+    message = str(e)
+  except USER_ERRORS as e:  # the library's, in its own names: as the flags
+    message = _flags(str(e), args)
+  print(f"{PROG}: error: {message}", file=sys.stderr)
+  return 2
 
 
 if __name__ == "__main__":

@@ -1,18 +1,6 @@
-"""Orbax checkpoints of a training run, its export, and loading a workdir for inference.
+"""Orbax checkpoints of a training run: saving, restoring the newest readable one, and export.
 
-A workdir holds:
-  train_config.json      the run's full configuration (ml_collections, as JSON)
-  model_config.json      the `T5Config` of the model
-  tokenizer/             the tokenizer (SentencePiece model or the ByT5 marker)
-  checkpoints/<step>/    orbax: `state` (step, params, optimizer state, sharded) and `data`
-                         (the input pipeline's position, per process)
-  checkpoints_best/      optionally, the best checkpoint by an eval metric
-  export/hf/             a HuggingFace folder written at the end of training (and on demand)
-  peft.json              parameter-efficient runs: the base the checkpoints' adapters / prompt
-                         belong to (the checkpoints hold only those and their optimizer state);
-                         their export adds `export/peft/` (LoRA in PEFT's format) and
-                         `export/hf/` holds the merged weights (none for a soft prompt)
-  metrics.jsonl, events.out.tfevents.*   training and eval metrics
+The workdir's layout and file names are `t5jax.workdir.Paths`'s.
 
 Saves are asynchronous; orbax writes each step to a temporary folder and renames it when
 complete, so a kill during a save leaves the previous checkpoint intact and the partial one is
@@ -28,7 +16,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -36,10 +24,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save
 
-from t5jax import distributed, hf, model, orbax_errors, peft
+from t5jax import distributed, hf, orbax_errors, peft
 from t5jax.config import T5Config
-from t5jax.errors import CheckpointError
-from t5jax.workdir import atomic_copy, atomic_open
+from t5jax.errors import USER_ERRORS, CheckpointError
+from t5jax.workdir import Paths, atomic_copy, atomic_open
 
 
 def committed_steps(directory: str) -> list[int]:
@@ -66,8 +54,8 @@ class CheckpointManager:
     best_mode: str = "max",
     async_save: bool = True,
   ):
-    workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(workdir, "checkpoints")
+    paths = Paths(os.path.abspath(workdir))
+    self.directory = paths.checkpoints
     self._in_flight: dict[str, int] = {}  # manager ("last", "best") -> its save not waited for
     self._failed = False
     self._quiet = orbax_errors.HoldOrbaxErrors()
@@ -81,7 +69,7 @@ class CheckpointManager:
     self.best_metric = best_metric
     if best_metric:
       self._best = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints_best"),
+        paths.checkpoints_best,
         options=ocp.CheckpointManagerOptions(
           max_to_keep=1,
           best_fn=lambda m: m[best_metric],
@@ -191,12 +179,6 @@ class CheckpointManager:
     self._close_orbax()
 
 
-def has_checkpoints(workdir: str) -> bool:
-  """True when `workdir/checkpoints` lists a step (committed or not)."""
-  d = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
-
-
 def short_error(e: BaseException) -> str:
   """`Type: first line` of an exception, without TensorStore's appended spec dump."""
   text = str(e).splitlines()[0] if str(e) else ""
@@ -207,7 +189,7 @@ def readable(workdir: str, step: int) -> bool:
   """True when checkpoint `step`'s whole state restores into its own saved structure (on one
   device): a restore into a run's state that fails on a readable checkpoint is a config
   mismatch, not damage."""
-  mgr = _reader(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  mgr = _reader(Paths(os.path.abspath(workdir)).checkpoints)
   try:
     with orbax_errors.dropping_failed_reads() as reads:
       try:
@@ -224,14 +206,15 @@ def move_damaged(workdir: str, steps: list[int]) -> str:
   """Moves unreadable checkpoints out of orbax's sight, into `checkpoints_damaged/<step>` (a later
   save of the same step would otherwise collide with them); nothing is deleted. Process 0 moves;
   every process waits for it. Returns the folder."""
-  dest = os.path.join(workdir, "checkpoints_damaged")
+  paths = Paths(workdir)
+  dest = paths.checkpoints_damaged
   if distributed.is_main_process():
     os.makedirs(dest, exist_ok=True)
     for step in steps:
       target, n = os.path.join(dest, str(step)), 1
       while os.path.exists(target):
         target, n = os.path.join(dest, f"{step}.{n}"), n + 1
-      shutil.move(os.path.join(workdir, "checkpoints", str(step)), target)
+      shutil.move(os.path.join(paths.checkpoints, str(step)), target)
   distributed.barrier("t5jax: damaged checkpoints moved")
   return dest
 
@@ -242,12 +225,8 @@ def save_json(path: str, obj: Any) -> None:
     json.dump(obj, fh, indent=2, sort_keys=True)
 
 
-def _model_config(workdir: str) -> str:
-  return os.path.join(workdir, "model_config.json")
-
-
 def load_model_config(workdir: str) -> T5Config:
-  path = _model_config(workdir)
+  path = Paths(workdir).model_config
   try:
     with open(path) as fh:
       d = json.load(fh)
@@ -258,6 +237,35 @@ def load_model_config(workdir: str) -> T5Config:
     raise CheckpointError(f"{path}: unreadable model config ({e})") from e
 
 
+def restore_newest(
+  steps: list[int],
+  restore: Callable[[int], Any],
+  *,
+  mismatch: Callable[[int, Exception], bool] | None = None,
+) -> tuple[int | None, Any, list[tuple[int, BaseException]]]:
+  """`(step, restore(step), skipped)` for the newest of `steps` that restores.
+
+  Steps are tried newest first; one whose restore raises is skipped and kept in `skipped` as
+  `(step, reason)`, the reason without its traceback (a t5jax error's cause where it has one);
+  `step` is None when every one failed. `mismatch(step, error)` True means the checkpoint is not
+  damaged but does not fit what the caller restores into (another optimizer): that error is
+  raised at once. Meanwhile orbax's reports of the abandoned reads are dropped
+  (`orbax_errors.dropping_failed_reads`). The one loop over damaged checkpoints: training's
+  resume and `restore_params` both use it.
+  """
+  skipped: list[tuple[int, BaseException]] = []
+  with orbax_errors.dropping_failed_reads() as reads:
+    for step in sorted(steps, reverse=True):
+      try:
+        return step, restore(step), skipped
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
+        if mismatch is not None and mismatch(step, e):
+          raise
+        wrapped = isinstance(e, USER_ERRORS) and e.__cause__ is not None
+        skipped.append((step, reads.failure(e.__cause__ if wrapped else e)))
+  return None, None, skipped
+
+
 def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
   """Parameters alone (on the first local device) from the latest (or given) checkpoint.
 
@@ -265,32 +273,23 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
   needed, and every array is placed on one device whatever mesh saved it. Without `step`, an
   unreadable newest checkpoint is skipped with a warning naming it (the next newest is tried).
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = Paths(os.path.abspath(workdir)).checkpoints
   mgr = _reader(directory)
   try:
-    steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
+    steps = list(mgr.all_steps()) if step is None else [step]
     if not steps:
       raise FileNotFoundError(f"{directory}: no checkpoint")
-    skipped = []
-    with orbax_errors.dropping_failed_reads() as reads:
-      for s in steps:
-        try:
-          params = _restore_state_at(mgr, s)["params"]
-        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
-          skipped.append(f"{s} ({short_error(reads.failure(e))})")
-          continue
-        break
-      else:
-        s = None
-    if s is None:
-      raise CheckpointError(f"{directory}: no readable checkpoint: {'; '.join(skipped)}")
+    found, params, skipped = restore_newest(steps, lambda s: _restore_state_at(mgr, s)["params"])
+    failures = [f"{s} ({short_error(e)})" for s, e in skipped]
+    if found is None:
+      raise CheckpointError(f"{directory}: no readable checkpoint: {'; '.join(failures)}")
     if skipped:
       print(
-        f"warning: {directory}: skipped unreadable checkpoint {', '.join(skipped)}; "
-        f"using checkpoint {s}",
+        f"warning: {directory}: skipped unreadable checkpoint {', '.join(failures)}; "
+        f"using checkpoint {found}",
         file=sys.stderr,
       )
-    return s, params
+    return found, params
   finally:
     mgr.close()
 
@@ -319,64 +318,14 @@ def _cpu_sharding():
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def load_for_inference(
-  workdir: str, step: int | None = None, *, scan_layers: bool | None = None
-) -> tuple[T5Config, Any, str]:
-  """`(config, params, tokenizer_path)` of a t5jax training workdir (see `t5jax.inference.load`).
-
-  Uses checkpoint `step` (default the latest) when there is one, else the exported HuggingFace
-  folder. `scan_layers` (None: as trained) returns the parameters per layer or stacked over
-  layers whatever the run used (`t5jax.model.convert_params`).
-  """
-  config, params, tok = _load_for_inference(workdir, step)
-  if scan_layers is not None and scan_layers != config.scan_layers:
-    config = config.replace(scan_layers=scan_layers)
-    params = model.convert_params(params, config)
-  return config, params, tok
-
-
-def _load_for_inference(workdir: str, step: int | None) -> tuple[T5Config, Any, str]:
-  tok = os.path.join(workdir, "tokenizer")
-  if not os.path.isdir(tok) or not os.listdir(tok):
-    raise FileNotFoundError(f"{workdir}: no tokenizer/ folder in this t5jax workdir")
-  pointer = peft.read_pointer(workdir)
-  ckpt = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
-    _, params = restore_params(workdir, step)
-    config = load_model_config(workdir)
-    if pointer is not None:  # adapters / prompt alone: over the base they were trained on
-      params = peft.combine(_peft_base(pointer["base"], config, workdir), params)
-    return config, params, tok
-  hf_dir = os.path.join(workdir, "export", "hf")
-  if os.path.isfile(os.path.join(hf_dir, "config.json")):
-    # The run's own config (dtype, scan_layers, ...) over the folder's architecture.
-    config = load_model_config(workdir) if os.path.isfile(_model_config(workdir)) else None
-    if config is not None:
-      config = config.without_peft()  # a LoRA run's export holds the merged weights
-    config, params = hf.load_hf(hf_dir, config=config)
-    return config, params, tok
-  raise FileNotFoundError(f"{workdir}: no checkpoints/ and no export/hf/ with weights")
-
-
-def _peft_base(base: str, config: T5Config, workdir: str):
-  """The frozen base of a PEFT workdir's checkpoints (a HuggingFace folder), in `config`'s
-  layer layout."""
-  if not os.path.isfile(os.path.join(base, "config.json")):
-    raise CheckpointError(
-      f"{workdir}/{peft.PEFT_FILE}: the base model {base} is gone (its checkpoints hold only "
-      "the adapters / prompt); restore that folder"
-    )
-  return hf.load_hf(base, config=config)[1]
-
-
 def export_files(workdir: str, model_cfg: T5Config) -> list[str]:
   """The files `export` writes for `model_cfg` (all present: the export is complete)."""
-  out = os.path.join(workdir, "export")
-  files = [os.path.join(out, "params.safetensors")]
+  paths = Paths(workdir)
+  files = [paths.export_params]
   if not model_cfg.prompt_length:
-    files.append(os.path.join(out, "hf", "config.json"))
+    files.append(os.path.join(paths.export_hf, "config.json"))
   if model_cfg.lora_rank:
-    files.append(os.path.join(out, "peft", "adapter_config.json"))
+    files.append(os.path.join(paths.export_peft, "adapter_config.json"))
   return files
 
 
@@ -396,24 +345,24 @@ def export(workdir: str, model_cfg: T5Config, params, *, peft_base: str = "") ->
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
   if not distributed.is_main_process():
     return
-  out = os.path.join(workdir, "export")
-  os.makedirs(out, exist_ok=True)
+  paths = Paths(workdir)
+  os.makedirs(paths.export, exist_ok=True)
   flat = {
     "/".join(str(getattr(k, "key", k)) for k in path): v
     for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
   }
-  with atomic_open(os.path.join(out, "params.safetensors"), "wb") as fh:
+  with atomic_open(paths.export_params, "wb") as fh:
     fh.write(save(flat))
   hf_cfg = model_cfg
   if peft_base:
     if model_cfg.lora_rank:
-      peft.save_peft(model_cfg, params, os.path.join(out, "peft"), base_model=peft_base)
+      peft.save_peft(model_cfg, params, paths.export_peft, base_model=peft_base)
     if model_cfg.prompt_length:
       return
     base = hf.load_hf(peft_base, config=model_cfg)[1]
     hf_cfg, params = peft.merge(peft.combine(base, params), model_cfg)
-  hf.save_hf(hf_cfg, params, os.path.join(out, "hf"))
-  tok = os.path.join(workdir, "tokenizer")
+  hf.save_hf(hf_cfg, params, paths.export_hf)
+  tok = paths.tokenizer
   for name in os.listdir(tok) if os.path.isdir(tok) else []:
     dst = "spiece.model" if name.endswith(".model") else name
-    atomic_copy(os.path.join(tok, name), os.path.join(out, "hf", dst))
+    atomic_copy(os.path.join(tok, name), os.path.join(paths.export_hf, dst))

@@ -37,6 +37,7 @@ from t5jax.tasks import (  # noqa: F401  (number_to_words re-exported)
 )
 from t5jax.tokenizer import EOS_ID, Tokenizer, load_tokenizer, train_sentencepiece
 from t5jax.train_config import DataConfig, TaskConfig
+from t5jax.workdir import Paths
 
 # Background preprocessing: a few threads and a short buffer (grain's default, 16 threads and 500
 # elements, makes the first batch and every restore slow on a small CPU host).
@@ -510,7 +511,7 @@ def build_tokenizer(data_cfg: DataConfig, workdir: str | None = None, seed: int 
     if data_cfg.tokenizer:
       extra_ids = None if data_cfg.tokenizer == "byt5" else data_cfg.extra_ids
       return load_tokenizer(data_cfg.tokenizer, extra_ids=extra_ids)
-    out_dir = os.path.join(workdir, "tokenizer") if workdir else None
+    out_dir = Paths(workdir).tokenizer if workdir else None
     if out_dir and os.path.isdir(out_dir) and os.listdir(out_dir):
       return load_tokenizer(out_dir)
     prepared = [t.manifest for t in _tasks(data_cfg) if t.manifest is not None]

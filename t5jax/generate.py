@@ -202,6 +202,15 @@ class GenerateConfig:
   def replace(self, **changes: Any) -> GenerateConfig:
     return dataclasses.replace(self, **changes)
 
+  def check_vocab(self, vocab_size: int) -> None:
+    """Raises ValueError when bad_words_ids or suppress_tokens name an id the model does not
+    have (`generate` checks this; a caller can before loading anything more)."""
+    ids = [t for w in self.bad_words_ids or () for t in w] + list(self.suppress_tokens or ())
+    if any(t >= vocab_size for t in ids):
+      raise ValueError(
+        f"bad_words_ids/suppress_tokens: ids must be < the vocabulary size {vocab_size}"
+      )
+
   def processors(self) -> decoding.Processors:
     """The logits processors' settings (`decoding.Processors`; all off by default)."""
     return decoding.Processors(
@@ -492,11 +501,7 @@ def generate(
     rng = jax.random.key(0)
   tokens = _tokens(encoder_input_tokens, "encoder_input_tokens", 2, "[B, S]")
   _check_params(params)
-  ids = [t for w in g.bad_words_ids or () for t in w] + list(g.suppress_tokens or ())
-  if any(t >= config.vocab_size for t in ids):
-    raise ValueError(
-      f"bad_words_ids / suppress_tokens hold ids >= the vocabulary size ({config.vocab_size})"
-    )
+  g.check_vocab(config.vocab_size)
   prefix = _prefix(decoder_prefix, decoder_prefix_lengths, tokens.shape[0])
   if tokens.shape[0] == 0:  # nothing to decode: empty outputs of the usual shapes
     return _empty_output(g)
@@ -593,25 +598,11 @@ class RankOutput:
   best: jax.Array
 
 
-def _rank_logits(module, encoder_input_tokens, candidates_NT):
-  """Decoder logits [B*C, T, V] of C candidates per input: the encoder and each layer's
-  cross-attention keys/values run once per input (B rows) and serve its C candidates, as the
-  cached decoder shares them among beams."""
-  cfg = module.config
-  encoded = module.encode(encoder_input_tokens)
-  inputs = model.shift_right(candidates_NT, cfg.decoder_start_token_id)
-  t = inputs.shape[1]
-  self_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-  cross_mask = module.encoder_valid(encoder_input_tokens)[:, None, None, :]
-  y = module.decoder(module.embed(inputs), encoded, self_mask, cross_mask, None, True)
-  return module.logits(y)
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
 def _rank(params, encoder_input_tokens, candidates, mask, valid, *, config: T5Config):
   b, c, t = candidates.shape
   flat = candidates.reshape(b * c, t)
-  logits = model._apply(params, config, _rank_logits, encoder_input_tokens, flat)
+  logits = model.candidate_logits(params, config, encoder_input_tokens, flat)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   token_scores = jnp.take_along_axis(log_probs, flat[..., None], axis=-1)[..., 0]
   scores = jnp.where(mask.reshape(b * c, t), token_scores, 0.0).sum(-1).reshape(b, c)

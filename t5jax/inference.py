@@ -1,7 +1,13 @@
 """A model to decode with, and generation over lists of token ids (decode.py and evaluation).
 
 * `load(path)`: `(T5Config, params, tokenizer)` from a HuggingFace folder or a t5jax training
-  workdir (its latest checkpoint, or a given step, else its `export/hf`).
+  workdir (its latest checkpoint, or a given step, else its `export/hf`; `load_workdir`).
+* `place(params, config, mesh, quantize=...)`: parameters on a device mesh, optionally converted
+  to int8 or bfloat16 (`t5jax.quantize`).
+* `encode_texts` / `check_ids`: texts to token lists (truncated or refused past a length) and
+  their ids checked against the vocabulary.
+* `check_memory` / `check_input_memory`: refuse a decoder cache or an encoder attention that one
+  device cannot hold, naming the setting to lower.
 * `make_batches` / `bucket_length`: token lists into fixed-shape int32 batches, grouped by
   power-of-two length buckets (decode.py) or all at one length in order (evaluation), so
   `generate` compiles once per bucket.
@@ -10,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -17,11 +24,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from t5jax import checkpoint, hf, sharding
+from t5jax import checkpoint, hf, model, peft, sharding
 from t5jax.config import T5Config, usable_attention_impls
-from t5jax.errors import CheckpointError
-from t5jax.generate import GenerateConfig, generate, rank
+from t5jax.errors import CheckpointError, ConfigError
+from t5jax.generate import GenerateConfig, check_token_ids, generate, rank
+from t5jax.quantize import quantize as quantize_params
 from t5jax.tokenizer import Tokenizer, load_tokenizer
+from t5jax.workdir import Paths
 
 
 class TokenizerNotFound(CheckpointError):
@@ -65,9 +74,7 @@ def load(
     found_tokenizer = path
   else:
     try:
-      config, params, found_tokenizer = checkpoint.load_for_inference(
-        path, step, scan_layers=scan_layers
-      )
+      config, params, found_tokenizer = load_workdir(path, step, scan_layers=scan_layers)
     except (OSError, ValueError, KeyError) as e:
       raise CheckpointError(f"cannot load t5jax workdir: {e}") from e
   source = tokenizer or found_tokenizer
@@ -84,6 +91,192 @@ def load(
     # XLA (the impl is how attention is computed, not what; it is no part of the parameters).
     config = config.replace(attention_impl="dot_product")
   return config, params, tok
+
+
+def load_workdir(
+  workdir: str, step: int | None = None, *, scan_layers: bool | None = None
+) -> tuple[T5Config, Any, str]:
+  """`(config, params, tokenizer_path)` of a t5jax training workdir (see `load`).
+
+  Uses checkpoint `step` (default the latest) when there is one, else the exported HuggingFace
+  folder. `scan_layers` (None: as trained) returns the parameters per layer or stacked over
+  layers whatever the run used (`t5jax.model.convert_params`).
+  """
+  config, params, tok = _load_workdir(workdir, step)
+  if scan_layers is not None and scan_layers != config.scan_layers:
+    config = config.replace(scan_layers=scan_layers)
+    params = model.convert_params(params, config)
+  return config, params, tok
+
+
+def _load_workdir(workdir: str, step: int | None) -> tuple[T5Config, Any, str]:
+  paths = Paths(workdir)
+  if not paths.has_tokenizer():
+    raise FileNotFoundError(f"{workdir}: no tokenizer/ folder in this t5jax workdir")
+  tok = paths.tokenizer
+  pointer = peft.read_pointer(workdir)
+  if paths.has_checkpoints():
+    _, params = checkpoint.restore_params(workdir, step)
+    config = checkpoint.load_model_config(workdir)
+    if pointer is not None:  # adapters / prompt alone: over the base they were trained on
+      params = peft.combine(_peft_base(pointer["base"], config, workdir), params)
+    return config, params, tok
+  hf_dir = paths.export_hf
+  if os.path.isfile(os.path.join(hf_dir, "config.json")):
+    # The run's own config (dtype, scan_layers, ...) over the folder's architecture.
+    has_config = os.path.isfile(paths.model_config)
+    config = checkpoint.load_model_config(workdir) if has_config else None
+    if config is not None:
+      config = config.without_peft()  # a LoRA run's export holds the merged weights
+    config, params = hf.load_hf(hf_dir, config=config)
+    return config, params, tok
+  raise FileNotFoundError(f"{workdir}: no checkpoints/ and no export/hf/ with weights")
+
+
+def _peft_base(base: str, config: T5Config, workdir: str):
+  """The frozen base of a PEFT workdir's checkpoints (a HuggingFace folder), in `config`'s
+  layer layout."""
+  if not os.path.isfile(os.path.join(base, "config.json")):
+    raise CheckpointError(
+      f"{Paths(workdir).peft_pointer}: the base model {base} is gone (its checkpoints hold only "
+      "the adapters / prompt); restore that folder"
+    )
+  return hf.load_hf(base, config=config)[1]
+
+
+# --- placing, encoding and checking ---------------------------------------------------------
+
+
+def place(params: Any, config: T5Config, mesh, *, quantize: str = "", output_layer: bool = True):
+  """`params` on `mesh` (`t5jax.sharding.param_shardings`), then with `quantize` ("int8" or
+  "bfloat16") converted once by `t5jax.quantize` (`output_layer`: the output layer too)."""
+  params = jax.device_put(params, sharding.param_shardings(config, mesh))
+  if not quantize:
+    return params
+  return quantize_params(params, config, quantize, output_layer=output_layer)
+
+
+def encode_texts(
+  tokenizer: Tokenizer, texts: Sequence[str], max_len: int, *, strict: bool = False
+) -> tuple[list[list[int]], int]:
+  """`(token lists, number truncated)`: each text's ids, cut to `max_len` keeping the final EOS.
+
+  Raises ConfigError naming the first input (numbered from 1) longer than `max_len` if `strict`.
+  """
+  out, long_rows = [], []
+  for number, text in enumerate(texts, start=1):
+    ids = list(tokenizer.encode(text))
+    if len(ids) > max_len:
+      long_rows.append(number)
+      ids = ids[: max_len - 1] + [ids[-1]]
+    out.append(ids)
+  if long_rows and strict:
+    raise ConfigError(
+      f"input {long_rows[0]} is longer than max_input_length {max_len} tokens "
+      f"({len(long_rows)} inputs in all; drop strict to truncate)"
+    )
+  return out, len(long_rows)
+
+
+def check_ids(token_lists: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
+  """`t5jax.generate.check_token_ids` on each token list, numbered from 1 in the message
+  (`what` names them: "input", "prefix of input")."""
+  for number, ids in enumerate(token_lists, start=1):
+    try:
+      check_token_ids(ids, vocab_size, f"{what} {number}: token")
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"{e} (is the tokenizer the model's?)") from e
+
+
+def drop_eos(ids: Sequence[int], eos: int = 1) -> list[int]:
+  """A token list without its final EOS (a decoder prefix continues where the text ends)."""
+  ids = list(ids)
+  return ids[:-1] if ids and ids[-1] == eos else ids
+
+
+def generated_length(sequence: Sequence[int], eos: int = 1) -> int:
+  """How many tokens a returned sequence generated: up to and including its first EOS."""
+  sequence = list(sequence)
+  return sequence.index(eos) + 1 if eos in sequence else len(sequence)
+
+
+def device_bytes() -> int:
+  """Memory of one local device (its allocator's limit; a CPU: the machine's RAM)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# The defaults of the settings that size the decoder cache: the one raised furthest above its
+# default is the one an error names.
+_CACHE_DEFAULTS = dict(batch_size=16, num_beams=4, num_return_sequences=1, max_new_tokens=64)
+
+
+def check_memory(
+  config: T5Config,
+  gen_cfg: GenerateConfig,
+  batch_size: int,
+  given: frozenset[str] | set[str] = frozenset(),
+  limit: int | None = None,
+) -> None:
+  """Refuses a decoder cache that cannot fit in one device's memory (`limit`, default
+  `device_bytes()`) with a `ConfigError` naming the setting (of those `given` by the user) that
+  makes it too large: max_new_tokens, num_beams, num_return_sequences or batch_size."""
+  factors = {"batch_size": batch_size}
+  if gen_cfg.method == "beam":
+    factors["num_beams"] = gen_cfg.num_beams
+  elif gen_cfg.method == "sample":
+    factors["num_return_sequences"] = gen_cfg.num_return_sequences
+  factors["max_new_tokens"] = gen_cfg.max_new_tokens
+  # Self-attention keys and values of every decoder layer, float32, per row and position.
+  unit = config.num_decoder_layers * 2 * config.num_heads * config.d_kv * 4
+  need = unit * math.prod(factors.values())
+  limit = device_bytes() if limit is None else limit
+  if need <= limit:
+    return
+  raised = [f for f in factors if f in given and factors[f] > 1] or ["max_new_tokens"]
+  lead = max(raised, key=lambda f: factors[f] / _CACHE_DEFAULTS[f])
+  most = max(1, limit // (need // factors[lead]))
+  sizes = " x ".join(f"{f} {v}" for f, v in factors.items())
+  raise ConfigError(
+    f"{lead} {factors[lead]} cannot be allocated: the decoder cache of {sizes} would take "
+    f"{need / 2**30:.1f} GiB of the device's {limit / 2**30:.1f} GiB (at most {most} with the "
+    "other settings as they are)"
+  )
+
+
+def check_input_memory(
+  config: T5Config,
+  token_ids: Sequence[Sequence[int]],
+  batch_size: int,
+  max_input_length: int,
+  given: frozenset[str] | set[str] = frozenset(),
+  limit: int | None = None,
+) -> None:
+  """Refuses inputs whose encoder attention cannot fit in one device's memory: the scores of one
+  layer (float32 [batch, heads, S, S]), the position bias ([heads, S, S]) and the decoder's cross-
+  attention keys and values, at S the longest input's bucket (at most `max_input_length`). The
+  `ConfigError` names batch_size when only it was `given`, else max_input_length."""
+  longest = max(len(ids) for ids in token_ids)
+  s = bucket_length(longest, max_input_length)
+  cross = batch_size * config.num_decoder_layers * 2 * config.num_heads * config.d_kv * 4
+
+  def need(n: int) -> int:
+    return 4 * config.num_heads * (batch_size + 1) * n * n + cross * n
+
+  limit = device_bytes() if limit is None else limit
+  if need(s) <= limit:
+    return
+  most = s
+  while most > 1 and need(most) > limit:
+    most = int(most * 0.9)
+  blame_batch = "batch_size" in given and "max_input_length" not in given
+  lead = f"batch_size {batch_size}" if blame_batch else f"max_input_length {max_input_length}"
+  raise ConfigError(
+    f"{lead} cannot be allocated: the encoder's attention over {s} tokens (the longest input has "
+    f"{longest}) at batch_size {batch_size} would take {need(s) / 2**30:.1f} GiB of the "
+    f"device's {limit / 2**30:.1f} GiB (about {most} tokens fit; a lower max_input_length "
+    "truncates longer inputs)"
+  )
 
 
 # --- batching ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from t5jax.errors import TrainingError
-from t5jax.workdir import atomic_write
+from t5jax.workdir import Paths, atomic_write
 
 
 class MetricWriter:
@@ -27,7 +27,7 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool, resume_step: int = 0):
     self.enabled, self._workdir, self._failed = enabled, workdir, False
     if enabled:
-      path = os.path.join(workdir, "metrics.jsonl")
+      path = Paths(workdir).metrics
       _drop_rows_after(path, resume_step)
       self._tb = EventFileWriter(workdir)  # a new file per start: one never appended to again
       # "Restarted here": TensorBoard drops the points past `resume_step` that earlier files hold

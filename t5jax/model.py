@@ -403,6 +403,17 @@ class T5(nn.Module):
     y, cache = self.decoder.step(self.embed(tokens_N[:, None]), cache, cross, step)
     return self.logits(y)[:, 0], cache
 
+  def candidate_logits(self, enc_tokens_BS, candidates_NT):
+    """Logits of N = B*C teacher-forced candidates, C per input: the encoder and each layer's
+    cross-attention keys/values run once per input and serve its C candidates."""
+    encoded = self.encode(enc_tokens_BS)
+    inputs = shift_right(candidates_NT, self.config.decoder_start_token_id)
+    t = inputs.shape[1]
+    self_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    cross_mask = self.encoder_valid(enc_tokens_BS)[:, None, None, :]
+    y = self.decoder(self.embed(inputs), encoded, self_mask, cross_mask, None, True)
+    return self.logits(y)
+
 
 # --- public pure functions -------------------------------------------------------------------
 
@@ -584,6 +595,16 @@ def decode_step(
   """
   step = jnp.asarray(step, jnp.int32)
   return _apply(params, config, T5.decode_step, tokens, cache, cross, step)
+
+
+def candidate_logits(
+  params: Params, config: T5Config, encoder_input_tokens: jax.Array, candidates: jax.Array
+) -> jax.Array:
+  """Float32 decoder logits `[B*C, T, V]` of C candidate outputs per input (`candidates` int
+  `[B*C, T]`, input b's candidates in rows `b*C .. b*C+C-1`), teacher-forced. The encoder runs
+  once per input (B rows) and its cross-attention keys/values serve that input's C candidates, as
+  the cached decoder shares them among beams (`t5jax.generate.rank`). Not jitted."""
+  return _apply(params, config, T5.candidate_logits, encoder_input_tokens, candidates)
 
 
 def convert_params(params: Params, config: T5Config) -> Params:

@@ -28,7 +28,7 @@ from t5jax import model
 from t5jax.config import T5Config
 from t5jax.layers import init_std
 from t5jax.partitioning import STACKED
-from t5jax.workdir import atomic_open, atomic_write
+from t5jax.workdir import Paths, atomic_open, atomic_write
 
 Params = dict[str, Any]
 
@@ -37,7 +37,6 @@ Params = dict[str, Any]
 COMPUTE_DTYPE_WEIGHTS = (
   "query", "key", "value", "out", "wi", "wi_0", "wi_1", "wo", "shared", "lm_head",
 )  # fmt: skip
-PEFT_FILE = "peft.json"  # in a workdir: the base the checkpoints' adapters / prompt go with
 
 
 def is_trainable(name: str) -> bool:
@@ -235,12 +234,12 @@ def write_pointer(workdir: str, base: str, config: T5Config) -> None:
     "lora_targets": list(config.lora_targets),
     "prompt_length": config.prompt_length,
   }
-  atomic_write(os.path.join(workdir, PEFT_FILE), json.dumps(info, indent=2))
+  atomic_write(Paths(workdir).peft_pointer, json.dumps(info, indent=2))
 
 
 def read_pointer(workdir: str) -> dict[str, Any] | None:
   """`peft.json` of a workdir, or None when the run trained every parameter."""
-  path = os.path.join(workdir, PEFT_FILE)
+  path = Paths(workdir).peft_pointer
   if not os.path.isfile(path):
     return None
   try:

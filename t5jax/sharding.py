@@ -20,6 +20,7 @@ The rule-table names (`DEFAULT_RULES`, `logical_to_spec`, `logical_to_sharding`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +40,26 @@ from t5jax.partitioning import is_axes_leaf as is_axes_leaf
 from t5jax.partitioning import logical_to_sharding as logical_to_sharding
 from t5jax.partitioning import logical_to_spec as logical_to_spec
 from t5jax.partitioning import with_logical_constraint as with_logical_constraint
-from t5jax.train_config import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """`config.mesh`: sizes of the `("data", "fsdp", "tensor")` mesh axes (see `t5jax.sharding`).
+
+  Their product is the number of devices; one of them may be -1, the devices left over.
+  """
+
+  data: int = -1  # Data-parallel replicas; -1 = all devices left over by the other axes.
+  fsdp: int = 1  # Parameter/optimizer-state sharding along `embed`; the batch is split over it too.
+  tensor: int = 1  # Tensor parallelism over heads, mlp and vocab; keep it within a host.
+
+  def replace(self, **changes: Any) -> MeshConfig:
+    return dataclasses.replace(self, **changes)
+
+  def __post_init__(self):
+    sizes = [self.data, self.fsdp, self.tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ConfigError(f"mesh sizes must be positive with at most one -1, got {sizes}")
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -153,6 +173,12 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   batch_rule = next((m for logical, m in rules if logical == "batch"), None)
   axes = tuple(a for a in _as_tuple(batch_rule) if a in mesh.shape)
   return NamedSharding(mesh, P(axes if axes else None))
+
+
+def batch_shards(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+  """How many pieces a batch is split into (the product of the `batch` rule's mesh axes: data x
+  fsdp by default); a global batch size must be a multiple of it."""
+  return math.prod(mesh.shape[a] for a in _as_tuple(batch_sharding(mesh, rules).spec[0]))
 
 
 def _local_batch_slices(mesh: Mesh, axes: tuple[str, ...]) -> int:

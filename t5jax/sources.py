@@ -18,6 +18,7 @@ resume at any record and errors say `file:line:`. `value` is an `(input, target)
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
@@ -141,7 +142,12 @@ def _decode(raw: bytes, path: str, line: int) -> str:
 
 
 def iter_lines(
-  path: str, start: int = 0, offset: int | None = None, progress: dict | None = None
+  path: str,
+  start: int = 0,
+  offset: int | None = None,
+  progress: dict | None = None,
+  *,
+  file: io.BufferedIOBase | None = None,
 ) -> Iterator[tuple[int, str]]:
   """`(line index, text)` of every line from line `start` on (newline, CR and BOM dropped).
 
@@ -153,14 +159,15 @@ def iter_lines(
       decompressed from their start (the lines before `start` skipped without decoding).
     progress: a dict whose "offset" is kept at the byte offset after the last yielded line
       (None for compressed files).
+    file: read this binary file (stdin) instead of opening `path`, which then only names it.
 
   Raises DataError `file:line:` on invalid UTF-8 and `file:` on corrupt compression.
   """
-  compressed = bool(split_extension(path)[1])
+  compressed = file is None and bool(split_extension(path)[1])
   n, pos = -1, 0
   if progress is not None:
     progress["offset"] = None
-  with _open_binary(path) as f:
+  with contextlib.nullcontext(file) if file is not None else _open_binary(path) as f:
     if offset is not None and not compressed and start > 0:
       f.seek(offset)
       n, pos = start - 1, offset
@@ -220,7 +227,7 @@ def _field(obj: dict, name: str, where: str) -> str:
   return value
 
 
-def _json_object(text: str, where: str) -> dict:
+def json_object(text: str, where: str) -> dict:
   try:
     obj = json.loads(text)
   except json.JSONDecodeError as e:
@@ -255,7 +262,7 @@ def _read_line_format(
         continue
       yield n, _tsv_pair(line, where)
     elif fmt == "jsonl":
-      yield n, _from_object(_json_object(line, where), kind, fields, where)
+      yield n, _from_object(json_object(line, where), kind, fields, where)
     else:  # text
       if kind != "text":
         raise DataError(f"{path}: plain text holds documents, not input/target pairs")
@@ -333,7 +340,7 @@ class ArrayRecordFile:
 
 def parse_arrayrecord(raw: bytes, kind: str, fields: Fields, where: str) -> Any:
   """A raw ArrayRecord record (a UTF-8 JSON object) as a pair or a document."""
-  return _from_object(_json_object(_decode(raw, where, 0), where), kind, fields, where)
+  return _from_object(json_object(_decode(raw, where, 0), where), kind, fields, where)
 
 
 def _read_arrayrecord(path: str, kind: str, fields: Fields, start: int):

@@ -28,7 +28,6 @@ from t5jax import (
   distributed,
   hf,
   optim,
-  orbax_errors,
   peft,
   sharding,
   train_config,
@@ -132,8 +131,8 @@ def _check_compatible(saved: T5Config, now: T5Config, workdir: str) -> None:
 def _tokenizer_and_model(config: TrainConfig, workdir: str) -> tuple[Tokenizer, T5Config, bool]:
   """The run's tokenizer (the workdir's if saved), its model config, and whether the tokenizer
   was already saved; checks the vocabulary and a saved run's architecture."""
-  tok_dir = os.path.join(workdir, "tokenizer")
-  tok_saved = os.path.isdir(tok_dir) and bool(os.listdir(tok_dir))
+  paths = workdir_lib.Paths(workdir)
+  tok_saved = paths.has_tokenizer()
   data_cfg = config.data
   if config.init_from and not data_cfg.tokenizer and not tok_saved:
     # A pretrained model's ids are its own tokenizer's: never train a new one for it.
@@ -151,7 +150,7 @@ def _tokenizer_and_model(config: TrainConfig, workdir: str) -> tuple[Tokenizer, 
       f"tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size is "
       f"{model_cfg.vocab_size}; raise --config.model.vocab_size or use a smaller tokenizer"
     )
-  if os.path.exists(os.path.join(workdir, "model_config.json")):
+  if os.path.exists(paths.model_config):
     _check_compatible(checkpoint.load_model_config(workdir), model_cfg, workdir)
   return tokenizer, model_cfg, tok_saved
 
@@ -180,11 +179,11 @@ def _restore(ckpt, step: int, abstract, datasets, workdir: str, *, close_on_erro
 
 def _record(run_config: TrainConfig, workdir: str, tokenizer, tok_saved: bool, model_cfg) -> None:
   """Writes what the run is, once it can go ahead (process 0)."""
+  paths = workdir_lib.Paths(workdir)
   if not tok_saved:
-    tokenizer.save(os.path.join(workdir, "tokenizer"))
-  checkpoint.save_json(os.path.join(workdir, "model_config.json"), model_cfg.to_dict())
-  # Not "config.json": decode.py takes a folder holding one for a HuggingFace model.
-  checkpoint.save_json(os.path.join(workdir, "train_config.json"), run_config.to_dict())
+    tokenizer.save(paths.tokenizer)
+  checkpoint.save_json(paths.model_config, model_cfg.to_dict())
+  checkpoint.save_json(paths.train_config, run_config.to_dict())
   if run_config.is_peft:  # the checkpoints hold the adapters / prompt: where is their base
     peft.write_pointer(workdir, run_config.init_from, model_cfg)
 
@@ -222,24 +221,17 @@ def _restore_newest_readable(ckpt, abstract, datasets, workdir: str):
   """`(step, state)` of the newest checkpoint that restores; unreadable newer ones are moved to
   `checkpoints_damaged/` with a warning. A checkpoint that reads but does not fit this config's
   state (another optimizer) is not damage: that error is raised at once."""
-  steps = sorted(ckpt.all_steps(), reverse=True)
-  skipped = []
-  with orbax_errors.dropping_failed_reads() as reads:
-    for step in steps:
-      try:
-        state = _restore(ckpt, step, abstract, datasets, workdir, close_on_error=False)
-      except TrainingError as e:  # not into this config's state: a mismatch, or damage?
-        if checkpoint.readable(workdir, step):
-          ckpt.close()
-          raise
-        skipped.append((step, reads.failure(e.__cause__ or e)))
-        continue
-      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception on bad files
-        skipped.append((step, reads.failure(e)))
-        continue
-      break
-    else:
-      step = None
+
+  def restore(step):
+    return _restore(ckpt, step, abstract, datasets, workdir, close_on_error=False)
+
+  def mismatch(step, e):  # not into this config's state: a mismatch, or damage?
+    if isinstance(e, TrainingError) and checkpoint.readable(workdir, step):
+      ckpt.close()
+      return True
+    return False
+
+  step, state, skipped = checkpoint.restore_newest(ckpt.all_steps(), restore, mismatch=mismatch)
   if step is not None:
     if skipped:
       names = ", ".join(str(s) for s, _ in skipped)
@@ -292,7 +284,7 @@ def setup(config: TrainConfig, workdir: str) -> Run:
     process_count=jax.process_count(),
   )
   init_params = None
-  if config.init_from and (config.is_peft or not checkpoint.has_checkpoints(workdir)):
+  if config.init_from and (config.is_peft or not workdir_lib.Paths(workdir).has_checkpoints()):
     # Read before any write. A PEFT run reads its frozen base at every start (the checkpoints
     # hold only what is trained).
     _, init_params = hf.load_hf(config.init_from, config=model_cfg)

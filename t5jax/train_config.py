@@ -25,6 +25,7 @@ except ImportError:  # a bare accelerator image (benchmarks/gpu.py): only config
 
 from t5jax import losses
 from t5jax.errors import ConfigError
+from t5jax.sharding import MeshConfig
 
 # Names a TSV header row gives its columns: decode.py takes the first of INPUT_COLUMNS a header
 # (or JSONL object) has; a training TSV whose first line names an input and a target column (these
@@ -317,23 +318,6 @@ class PromptConfig(_Value):
       raise ConfigError(f"--config.prompt.length={self.length} must be >= 0 (0 = none)")
     if self.init not in PROMPT_INITS:
       raise ConfigError(f"--config.prompt.init={self.init!r}: use 'vocab' or 'random'")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig(_Value):
-  """`config.mesh`: sizes of the `("data", "fsdp", "tensor")` mesh axes (see `t5jax.sharding`).
-
-  Their product is the number of devices; one of them may be -1, the devices left over.
-  """
-
-  data: int = -1  # Data-parallel replicas; -1 = all devices left over by the other axes.
-  fsdp: int = 1  # Parameter/optimizer-state sharding along `embed`; the batch is split over it too.
-  tensor: int = 1  # Tensor parallelism over heads, mlp and vocab; keep it within a host.
-
-  def __post_init__(self):
-    sizes = [self.data, self.fsdp, self.tensor]
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-      raise ConfigError(f"mesh sizes must be positive with at most one -1, got {sizes}")
 
 
 @dataclasses.dataclass(frozen=True)

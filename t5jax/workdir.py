@@ -1,8 +1,25 @@
-"""Safe writes to a workdir: atomic file replacement and the lock a training run holds.
+"""A training workdir: where its files live, safe writes to them, and the lock a run holds.
 
-* `atomic_write(path, data)` / `atomic_open(path)`: the new content goes to a temporary file in
-  the same folder, is flushed and fsync'ed, then renamed over `path` (and the folder fsync'ed). A
-  crash, a full disk or an exception mid-write leaves the old file (or none) and never a torn one.
+* `Paths(workdir)`: the one place the workdir's file names are written. A workdir holds:
+
+    train_config.json      the run's full configuration (ml_collections, as JSON)
+    model_config.json      the `T5Config` of the model
+    tokenizer/             the tokenizer (SentencePiece model or the ByT5 marker)
+    checkpoints/<step>/    orbax: `state` (step, params, optimizer state, sharded) and `data`
+                           (the input pipeline's position, per process); `t5jax.checkpoint`
+    checkpoints_best/      optionally, the best checkpoint by an eval metric
+    checkpoints_damaged/   unreadable checkpoints moved out of orbax's sight on resume
+    export/                `params.safetensors` (the parameters alone), `hf/` (a HuggingFace
+                           folder), `peft/` (LoRA adapters in PEFT's format)
+    peft.json              parameter-efficient runs: the base the checkpoints' adapters / prompt
+                           belong to (the checkpoints hold only those and their optimizer state)
+    metrics.jsonl, events.out.tfevents.*   training and eval metrics
+    train.lock             the running train.py's lock (below)
+
+* `atomic_write(path, data)` / `atomic_open(path)` / `AtomicFile(path)`: the new content goes to
+  a temporary file in the same folder, is flushed and fsync'ed, then renamed over `path` (and the
+  folder fsync'ed). A crash, a full disk or an exception mid-write leaves the old file (or none)
+  and never a torn one. decode.py writes its --output_file this way too.
 * `WorkdirLock(workdir)`: an exclusive POSIX record lock (`fcntl.lockf`) on `<workdir>/train.lock`,
   held for the process lifetime. The kernel (or, on NFS, the server's lock manager) releases it
   when the process dies, so a killed run leaves no stale lock; the file records who holds it
@@ -18,18 +35,88 @@ Imports nothing of t5jax but `errors`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
 import os
 import socket
 import sys
-from collections.abc import Iterator
 from typing import IO
 
 from t5jax.errors import TrainingError
 
 LOCK_NAME = "train.lock"
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+  """The files of workdir `root` (see the module docstring); nothing is created."""
+
+  root: str
+
+  def _join(self, *names: str) -> str:
+    return os.path.join(self.root, *names)
+
+  @property
+  def train_config(self) -> str:  # not "config.json": decode.py reads a folder with one as HF
+    return self._join("train_config.json")
+
+  @property
+  def model_config(self) -> str:
+    return self._join("model_config.json")
+
+  @property
+  def tokenizer(self) -> str:
+    return self._join("tokenizer")
+
+  @property
+  def checkpoints(self) -> str:
+    return self._join("checkpoints")
+
+  @property
+  def checkpoints_best(self) -> str:
+    return self._join("checkpoints_best")
+
+  @property
+  def checkpoints_damaged(self) -> str:
+    return self._join("checkpoints_damaged")
+
+  @property
+  def export(self) -> str:
+    return self._join("export")
+
+  @property
+  def export_params(self) -> str:
+    return self._join("export", "params.safetensors")
+
+  @property
+  def export_hf(self) -> str:
+    return self._join("export", "hf")
+
+  @property
+  def export_peft(self) -> str:
+    return self._join("export", "peft")
+
+  @property
+  def peft_pointer(self) -> str:
+    return self._join("peft.json")
+
+  @property
+  def metrics(self) -> str:
+    return self._join("metrics.jsonl")
+
+  @property
+  def lock(self) -> str:
+    return self._join(LOCK_NAME)
+
+  def has_tokenizer(self) -> bool:
+    return os.path.isdir(self.tokenizer) and bool(os.listdir(self.tokenizer))
+
+  def has_checkpoints(self) -> bool:
+    """True when `checkpoints/` lists a step (committed or not)."""
+    d = self.checkpoints
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
 def _fsync_dir(folder: str) -> None:
@@ -45,22 +132,67 @@ def _fsync_dir(folder: str) -> None:
     os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
-  """A file handle whose content replaces `path` only when the block ends without an exception."""
-  folder = os.path.dirname(os.path.abspath(path))
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-  try:
-    with open(tmp, mode, **kwargs) as fh:
-      yield fh
-      fh.flush()
-      os.fsync(fh.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-  _fsync_dir(folder)
+class AtomicFile:
+  """A file whose content replaces `path` only on `commit()`.
+
+  It is written to a temporary file in `path`'s folder, created at once (so a path that cannot be
+  written fails before any work is done); `commit` flushes, fsyncs and renames it over `path`
+  (and fsyncs the folder); `discard` removes it, leaving `path` as it was. As a context manager
+  it commits when the block ends without an exception and discards otherwise.
+
+  Raises OSError on open: the folder does not exist, `path` is a folder, or no permission.
+  """
+
+  def __init__(self, path: str, mode: str = "w", **kwargs):
+    self.path = path
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(errno.ENOENT, f"folder {folder} does not exist")
+    if os.path.isdir(path):
+      raise IsADirectoryError(errno.EISDIR, "it is a folder")
+    self._folder = folder
+    self._tmp: str | None = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    self.file: IO = open(self._tmp, mode, **kwargs)
+
+  def commit(self) -> None:
+    try:
+      self.file.flush()
+      os.fsync(self.file.fileno())
+      self.file.close()
+      os.replace(self._tmp, self.path)
+    except BaseException:
+      self.discard()
+      raise
+    self._tmp = None
+    _fsync_dir(self._folder)
+
+  def discard(self) -> None:
+    if not self.file.closed:
+      self.file.close()
+    if self._tmp is not None:
+      with contextlib.suppress(OSError):
+        os.remove(self._tmp)
+      self._tmp = None
+
+  def __enter__(self) -> IO:
+    return self.file
+
+  def __exit__(self, kind, value, tb) -> None:
+    if kind is None:
+      self.commit()
+    else:
+      self.discard()
+
+
+def atomic_open(path: str, mode: str = "w", **kwargs) -> AtomicFile:
+  """A context manager whose file handle's content replaces `path` only when the block ends
+  without an exception (`AtomicFile`)."""
+  return AtomicFile(path, mode, **kwargs)
+
+
+def same_file(a: str, b: str) -> bool:
+  """True when both paths exist and are one file (a write to `a` would destroy `b`)."""
+  return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def atomic_write(path: str, data: bytes | str) -> None:
@@ -78,7 +210,7 @@ class WorkdirLock:
   """The exclusive lock of a training run on its workdir (see the module docstring)."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_NAME)
+    self.path = Paths(workdir).lock
     self._fd: int | None = None
     self._before: tuple[bytes, os.stat_result] | None = None  # the file as it was (for `undo`)
 

@@ -8,16 +8,16 @@ import sys
 
 import numpy as np
 import pytest
+from cli import run_script
 from hf_utils_decoding import make_hf_model, save_hf_model
 
+from t5jax import inference
 from t5jax.generate import generate, rank
 from t5jax.hf import load_hf
 from t5jax.quantize import quantize
 from t5jax.tokenizer import ByteTokenizer, load_tokenizer, train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import decode  # noqa: E402
 
 TEXTS = ["hi", "hello there", "a much longer input line of text here", "", "b", "ünïcode ✓", "xyz"]
 
@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory):
 
 
 def run_cli(args, capsys):
-  code = decode.main(args)
+  code = run_script("decode.py", args)
   captured = capsys.readouterr()
   return code, captured.out, captured.err
 
@@ -307,9 +307,9 @@ def test_strict_rejects_long_inputs(checkpoint, tmp_path, capsys):
 
 
 def test_bucketing_shapes():
-  assert [decode.bucket_length(n, 512) for n in (1, 8, 9, 100, 600)] == [8, 8, 16, 128, 512]
+  assert [inference.bucket_length(n, 512) for n in (1, 8, 9, 100, 600)] == [8, 8, 16, 128, 512]
   ids = [[5] * n + [1] for n in (3, 20, 4, 30, 2)]
-  batches = list(decode.make_batches(ids, batch_size=2, max_len=64))
+  batches = list(inference.make_batches(ids, batch_size=2, max_len=64))
   shapes = {b.shape for _, b in batches}
   assert shapes == {(2, 8), (2, 32)}
   seen = sorted(i for idx, _ in batches for i in idx if i >= 0)
@@ -334,10 +334,10 @@ def test_output_is_written_atomically_never_over_the_input(
   assert open(inp).read() == "hello\nworld\n"
 
   # An unwritable output path is reported before the checkpoint is even loaded.
-  def no_load(args):
+  def no_load(*args, **kwargs):
     raise AssertionError("loaded before the output path was checked")
 
-  monkeypatch.setattr(decode, "load", no_load)
+  monkeypatch.setattr("t5jax.inference.load", no_load)
   for bad in ("/proc/t5jax_cannot_write_here.txt", str(tmp_path)):
     line = _error(["--checkpoint", checkpoint, "--input_file", inp, "--output_file", bad], capsys)
     assert bad in line, line
@@ -349,9 +349,9 @@ def test_output_is_written_atomically_never_over_the_input(
   def fail(*args, **kwargs):
     raise RuntimeError("simulated failure during decoding")
 
-  monkeypatch.setattr(decode.inference, "generate_all", fail)
+  monkeypatch.setattr("t5jax.inference.generate_all", fail)
   with pytest.raises(RuntimeError, match="simulated"):
-    decode.main(["--checkpoint", checkpoint, "--input_file", inp, "--output_file", out])
+    run_script("decode.py", ["--checkpoint", checkpoint, "--input_file", inp, "--output_file", out])
   monkeypatch.undo()
   assert open(out).read() == "OLD\n"
   assert sorted(os.listdir(tmp_path)) == ["in.txt", "link.txt", "out.txt"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -12,6 +11,7 @@ import peft as hf_peft
 import pytest
 import torch
 import transformers
+from cli import run_script
 from hf_models import make_hf_model
 from test_train import BASE, write_tsv
 
@@ -19,10 +19,9 @@ from t5jax import checkpoint, inference, model, peft, trainer
 from t5jax.errors import ConfigError
 from t5jax.train import train_and_evaluate
 from t5jax.train_config import LoraConfig, from_config_dict
+from t5jax.workdir import Paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import decode  # noqa: E402
 
 TOL = dict(atol=1e-4, rtol=1e-5)
 
@@ -82,7 +81,7 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path, bas
   names = {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]}
   assert names and all(peft.is_trainable(n) for n in names), names
   assert "wi_0_lora_a" in names and "wi_1_lora_b" in names  # "wi" of a gated MLP: both
-  with open(os.path.join(whole, peft.PEFT_FILE)) as fh:
+  with open(Paths(whole).peft_pointer) as fh:
     assert json.load(fh)["base"] == os.path.abspath(base_folder)
   # The adapters moved (B left zero) and the base did not.
   b = [x for p, x in jax.tree_util.tree_flatten_with_path(saved)[0] if "lora_b" in str(p[-1])]
@@ -120,8 +119,9 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path, bas
   inputs = tmp_path / "in.txt"
   inputs.write_text("ab cd\nef\n")
   out = tmp_path / "out.txt"
-  assert decode.main(["--checkpoint", whole, "--input_file", str(inputs), "--output_file",
-                      str(out), "--max_new_tokens", "6"]) == 0  # fmt: skip
+  args = ["--checkpoint", whole, "--input_file", inputs, "--output_file", out]
+  args += ["--max_new_tokens", 6]
+  assert run_script("decode.py", args) == 0
   rows = np.zeros((2, 8), np.int32)
   for i, text in enumerate(["ab cd", "ef"]):
     enc = tok.encode(text)

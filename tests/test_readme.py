@@ -27,7 +27,7 @@ import pytest
 from hf_utils_decoding import make_hf_model, save_hf_model
 
 import t5jax
-from t5jax import train_config
+from t5jax import sharding, train_config
 from t5jax.generate import GenerateConfig
 from t5jax.tokenizer import ByteTokenizer, train_sentencepiece
 
@@ -173,7 +173,7 @@ def test_every_config_field_is_documented():
     train_config.AdafactorConfig,
     train_config.AdamWConfig,
     train_config.LossConfig,
-    train_config.MeshConfig,
+    sharding.MeshConfig,
     train_config.LoraConfig,
     train_config.PromptConfig,
     t5jax.T5Config,

@@ -16,7 +16,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from t5jax import optim, sharding
-from t5jax.train_config import AdafactorConfig, MeshConfig, OptimizerConfig
+from t5jax.sharding import MeshConfig
+from t5jax.train_config import AdafactorConfig, OptimizerConfig
 
 SIZES = {"data": 2, "fsdp": 2, "tensor": 2}
 

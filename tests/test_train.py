@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from t5jax import checkpoint, data, hf, model, optim, sharding, trainer
+from t5jax import checkpoint, data, hf, inference, model, optim, sharding, trainer
 from t5jax.config import get_config as get_model_config
+from t5jax.sharding import MeshConfig
 from t5jax.train import TrainingError, train_and_evaluate
-from t5jax.train_config import AdamWConfig, MeshConfig, OptimizerConfig, from_config_dict
+from t5jax.train_config import AdamWConfig, OptimizerConfig, from_config_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,7 +257,7 @@ def test_interrupted_run_reproduces_the_uninterrupted_one(tmp_path):
   _, params = checkpoint.restore_params(whole)
   _, exported = hf.load_hf(os.path.join(whole, "export", "hf"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, exported)
-  cfg_loaded, params_inf, tok_dir = checkpoint.load_for_inference(whole)
+  cfg_loaded, params_inf, tok_dir = inference.load_workdir(whole)
   assert cfg_loaded.d_model == 32 and os.path.isdir(tok_dir)
 
 

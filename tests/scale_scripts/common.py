@@ -11,7 +11,8 @@ import numpy as np
 
 from t5jax import optim, trainer
 from t5jax.config import get_config
-from t5jax.train_config import AdafactorConfig, LossConfig, MeshConfig, OptimizerConfig
+from t5jax.sharding import MeshConfig
+from t5jax.train_config import AdafactorConfig, LossConfig, OptimizerConfig
 
 B, S, T = 16, 12, 8  # global rows (divisible by data * fsdp on every mesh), source, target
 
