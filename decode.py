@@ -2,34 +2,17 @@
 
   python decode.py --checkpoint DIR [--input_file F] [--output_file G] [--method greedy|beam|sample]
 
-DIR is a HuggingFace model folder (config.json + model.safetensors, tokenizer spiece.model / a
-.model / ByT5 marker) or a t5jax training workdir (both through `t5jax.inference.load`).
-Inputs: one per line (text), or a named column of a TSV file with a header row or of JSONL
-objects; a file's extension says which, on stdin its first line does (a JSON object: JSONL; a
-tab-separated line with a field named as the input column: a TSV header; else text). Outputs:
-the best sequence per line (text), or JSON objects with every returned sequence and its score
-(jsonl). Inputs are grouped into power-of-two length buckets and fixed-size batches
-(the last one padded), so the decoder compiles once per bucket.
+DIR is a HuggingFace model folder or a t5jax training workdir (`t5jax.inference.load`). Inputs
+(`t5jax.inputs`): one per line, a TSV column or a JSONL field, from a file or stdin. Outputs: the
+best sequence per line (text) or JSON objects with every returned sequence and its score. Greedy,
+beam search, sampling and rank classification (`t5jax.inference`), on one device or a mesh of
+this process's devices, optionally int8 or bfloat16 (`--quantize`). Every flag, format and method
+in detail: docs/decoding.md.
 
-`--quantize int8` decodes with int8 weights (per output channel, converted once after loading,
-`t5jax.quantize`), `--quantize bf16` with bfloat16 weights and products; docs/quantization.md
-has their accuracy and speed.
-
-Several devices: the parameters are placed on a `("data", "fsdp", "tensor")` mesh of this
-process's devices (`--mesh_data/--mesh_fsdp/--mesh_tensor`, `t5jax.sharding`; default plain data
-parallelism over all of them, a no-op on one device) and each batch's rows are split over
-data x fsdp, so a model too large for one device still decodes. Outputs equal a one-device run.
-
-A decoder prefix (--decoder_prefix_column, a TSV/JSONL field) is forced as the start of that
-row's output, and the output printed is what the model generates after it (the prefix is not
-repeated, as `t5jax.generate` leaves it out of its sequences).
-
-Bad input (missing or unreadable files, invalid UTF-8, no inputs, a checkpoint without weights or
-tokenizer, a column flag on plain-text input, flags that the method or rank classification would
-ignore, a length, beam count or batch whose memory cannot be allocated, a mesh that does not fit
-the devices) exits with status 2 and a one-line error naming the flag, file or line.
---output_file is written to a temporary file (opened before the model loads, so an unwritable path
-fails first) and renamed over it at the end; the input file itself is refused.
+This file is flags and I/O only. Bad input exits with status 2 and one line naming the flag, file
+or line (the library's messages name its parameters; they are printed as the flags).
+--output_file is written through `t5jax.workdir.AtomicFile`: opened before the model loads, so an
+unwritable path fails first, and renamed over the old file only when complete.
 """
 
 from __future__ import annotations
@@ -74,17 +57,6 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     choices = list(choices) if choices else None
     p.add_argument(f"--{f.name}", type=kind, choices=choices, default=default,
                    help=f.metadata["help"] + only)  # fmt: skip
-
-
-def _token_lists(flag: str, text: str, kind: str):
-  """'5 7;9' -> ((5, 7), (9,)) for kind "seqs", '5 7' -> (5, 7) for "ids" (commas allowed)."""
-  try:
-    seqs = [tuple(int(t) for t in part.replace(",", " ").split()) for part in text.split(";")]
-  except ValueError as e:
-    raise CLIError(f"--{flag}: token ids must be integers, got {text!r}") from e
-  if kind == "ids":
-    return tuple(t for seq in seqs for t in seq)
-  return tuple(seqs) if any(seqs) else ()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -158,17 +130,10 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
       raise CLIError(f"--{name} must be >= 1")
   if getattr(args, "return_token_scores", None) and args.output_format != "jsonl":
     raise CLIError("--return_token_scores needs --output_format jsonl (text output has no scores)")
-  given = {f.name: getattr(args, f.name) for f in GENERATE_FLAGS}
-  for f in GENERATE_FLAGS:  # flag spellings of non-string values, e.g. --early_stopping true
-    if isinstance(f.metadata.get("choices"), dict) and given[f.name] is not None:
-      given[f.name] = f.metadata["choices"][given[f.name]]
-    if f.metadata.get("parse") and given[f.name] is not None:
-      given[f.name] = _token_lists(f.name, given[f.name], f.metadata["parse"])
   try:
-    return GenerateConfig(**{k: v for k, v in given.items() if v is not None})
+    return GenerateConfig.from_strings({f.name: getattr(args, f.name) for f in GENERATE_FLAGS})
   except ValueError as e:
-    names = "|".join(f.name for f in GENERATE_FLAGS)
-    raise CLIError(re.sub(rf"\b({names})\b", r"--\1", str(e))) from e
+    raise CLIError(_flags(str(e), args)) from e
 
 
 # Flags that only generation reads: rank classification (--candidates) refuses them.

@@ -202,6 +202,34 @@ class GenerateConfig:
   def replace(self, **changes: Any) -> GenerateConfig:
     return dataclasses.replace(self, **changes)
 
+  @classmethod
+  def from_strings(cls, values: dict[str, Any]) -> GenerateConfig:
+    """The config of command-line spellings: None keeps a field's default; a field with a
+    choices table takes its key (early_stopping "true"); a token-list field its text
+    (bad_words_ids "5 7;9", suppress_tokens "5 7"; commas allowed). Raises ValueError naming
+    the field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+      if value is None:
+        continue
+      meta = fields[name].metadata
+      if isinstance(meta.get("choices"), dict):
+        value = meta["choices"][value]
+      if meta.get("parse"):
+        try:
+          seqs = [
+            tuple(int(t) for t in part.replace(",", " ").split()) for part in value.split(";")
+          ]
+        except ValueError as e:
+          raise ValueError(f"{name}: token ids must be integers, got {value!r}") from e
+        if meta["parse"] == "ids":
+          value = tuple(t for seq in seqs for t in seq)
+        else:
+          value = tuple(seqs) if any(seqs) else ()
+      kwargs[name] = value
+    return cls(**kwargs)
+
   def check_vocab(self, vocab_size: int) -> None:
     """Raises ValueError when bad_words_ids or suppress_tokens name an id the model does not
     have (`generate` checks this; a caller can before loading anything more)."""

@@ -1,5 +1,6 @@
 """decode.py end to end on a tiny HuggingFace-layout checkpoint, including every bad input."""
 
+import gzip
 import io
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import zstandard
 from cli import run_script
 from hf_utils_decoding import make_hf_model, save_hf_model
 
@@ -112,6 +114,28 @@ def test_jsonl_beam_with_tsv_input(checkpoint, tmp_path, capsys):
   for r in records:
     assert len(r["outputs"]) == 2 and len(r["scores"]) == 2
     assert r["scores"][0] >= r["scores"][1]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_compressed_input_decodes_as_the_plain_file(checkpoint, tmp_path, capsys, compression):
+  """decode.py reads inputs through the training data's line reader: a .tsv.gz / .tsv.zst file is
+  the same input as its .tsv (same outputs), and a corrupt one is one line naming the file."""
+  rows = ("id\tinputs\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(TEXTS[:3]))).encode()
+  plain = write(tmp_path, "in.tsv", rows, "wb")
+  if compression == "gzip":
+    packed, ext = gzip.compress(rows), ".gz"
+  else:
+    packed, ext = zstandard.ZstdCompressor().compress(rows), ".zst"
+  squeezed = write(tmp_path, "in.tsv" + ext, packed, "wb")
+  args = ["--checkpoint", checkpoint, "--max_new_tokens", "5", "--no_progress"]
+  outs = []
+  for inp in (plain, squeezed):
+    code, stdout, err = run_cli(args + ["--input_file", inp], capsys)
+    assert code == 0, err
+    outs.append(stdout)
+  assert outs[0] == outs[1] and len(outs[0].splitlines()) == 3
+  broken = write(tmp_path, "broken.tsv" + ext, packed[: len(packed) // 2], "wb")
+  assert "broken.tsv" + ext in _error(args + ["--input_file", broken], capsys)
 
 
 def test_jsonl_input_sampling_deterministic(checkpoint, tmp_path, capsys):
