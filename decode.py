@@ -213,71 +213,57 @@ def _decode(args, gen_cfg: GenerateConfig, requests: inputs.Requests) -> str:
   shards = sharding.batch_shards(mesh)
   batch_size = -(-args.batch_size // shards) * shards
   if batch_size != args.batch_size:
-    print(
-      f"{PROG}: warning: --batch_size {args.batch_size} rounded up to {batch_size}, a multiple "
-      f"of the {shards} batch shards (mesh data x fsdp)",
-      file=sys.stderr,
-    )
+    warn(f"--batch_size {args.batch_size} rounded up to {batch_size}, a multiple of the {shards} "
+         "batch shards (mesh data x fsdp)")  # fmt: skip
   config, params, tokenizer = load(args)
-  given = getattr(args, "given", set())
-  if candidates is None:
-    inference.check_memory(config, gen_cfg, batch_size, given)
-    try:
-      gen_cfg.check_vocab(config.vocab_size)
-    except ValueError as e:
-      raise CLIError(_flags(str(e), args)) from e
-  token_ids, cut = inference.encode_texts(
-    tokenizer, texts, args.max_input_length, strict=args.strict
-  )
-  if cut:
-    print(
-      f"{PROG}: warning: truncated {cut} of {len(texts)} inputs to --max_input_length "
-      f"{args.max_input_length} tokens",
-      file=sys.stderr,
-    )
-  inference.check_ids(token_ids, config.vocab_size, "input")
-  inference.check_input_memory(config, token_ids, batch_size, args.max_input_length, given)
+  enc = inference.encode_requests(
+    tokenizer, config, texts, batch_size=batch_size, max_len=args.max_input_length,
+    generate_config=None if candidates else gen_cfg, prefixes=requests.prefixes,
+    candidates=candidates, strict=args.strict, given=getattr(args, "given", set()),
+  )  # fmt: skip
+  if enc.truncated:
+    warn(f"truncated {enc.truncated} of {len(texts)} inputs to --max_input_length "
+         f"{args.max_input_length} tokens")  # fmt: skip
   quantize = {"int8": "int8", "bf16": "bfloat16"}.get(args.quantize or "", "")
-  params = inference.place(
-    params, config, mesh, quantize=quantize, output_layer=not args.float_output_layer
-  )
+  params = inference.place(params, config, mesh, quantize=quantize,
+                           output_layer=not args.float_output_layer)  # fmt: skip
   kw = dict(batch_size=batch_size, max_len=args.max_input_length)
   with tqdm(total=len(texts), file=sys.stderr, disable=args.no_progress, unit="ex") as bar:
     if candidates is not None:
-      cand_ids = [[list(tokenizer.encode(c)) for c in g] for g in candidates]
-      inference.check_ids(cand_ids, config.vocab_size, "candidates of input")
-      scores, best = inference.rank_all(params, config, token_ids, cand_ids, **kw,
+      scores, best = inference.rank_all(params, config, enc.inputs, enc.candidates, **kw,
                                         on_batch=bar.update)  # fmt: skip
-      rows = zip(texts, candidates, scores, best, strict=True)
-      if args.output_format == "text":
-        return "".join(g[b].replace("\n", " ") + "\n" for _, g, _, b in rows)
-      return "".join(
-        json.dumps({"input": t, "candidates": g, "scores": s.tolist(), "best": b},
-                   ensure_ascii=False) + "\n"
-        for t, g, s, b in rows
+    else:
+      token_scores: list | None = [] if gen_cfg.return_token_scores else None
+      sequences, scores = inference.generate_all(
+        params, config, enc.inputs, gen_cfg, **kw, rng=jax.random.key(args.seed or 0), mesh=mesh,
+        on_batch=bar.update, prefixes=enc.prefixes, token_scores=token_scores,
       )  # fmt: skip
-    prefix_ids = None
-    if requests.prefixes is not None:
-      prefix_ids = [inference.drop_eos(tokenizer.encode(t)) for t in requests.prefixes]
-      inference.check_ids(prefix_ids, config.vocab_size, "prefix of input")
-    token_scores: list | None = [] if gen_cfg.return_token_scores else None
-    sequences, scores = inference.generate_all(
-      params, config, token_ids, gen_cfg, **kw, rng=jax.random.key(args.seed or 0), mesh=mesh,
-      on_batch=bar.update, prefixes=prefix_ids, token_scores=token_scores,
-    )  # fmt: skip
+  if candidates is not None:
+    rows = zip(texts, candidates, scores, best, strict=True)
+    if args.output_format == "text":
+      return "".join(g[b].replace("\n", " ") + "\n" for _, g, _, b in rows)
+    keys = ("input", "candidates", "scores", "best")
+    return "".join(_json(dict(zip(keys, row, strict=True))) for row in rows)
   outputs = [[tokenizer.decode(s.tolist()).replace("\n", " ") for s in seqs] for seqs in sequences]
   if args.output_format == "text":
     return "".join(o[0] + "\n" for o in outputs)
   records = []
   for i, text in enumerate(texts):
-    record = {"input": text, "outputs": outputs[i], "scores": scores[i].tolist()}
+    record = {"input": text, "outputs": outputs[i], "scores": scores[i]}
     if token_scores is not None:  # each output's generated tokens, EOS included
-      record["token_scores"] = [
-        ts[: inference.generated_length(seq)].tolist()
-        for seq, ts in zip(sequences[i], token_scores[i], strict=True)
-      ]
-    records.append(json.dumps(record, ensure_ascii=False) + "\n")
+      pairs = zip(sequences[i], token_scores[i], strict=True)
+      record["token_scores"] = [ts[: inference.generated_length(seq)] for seq, ts in pairs]
+    records.append(_json(record))
   return "".join(records)
+
+
+def _json(record) -> str:
+  """One JSONL line; numpy arrays as lists."""
+  return json.dumps(record, ensure_ascii=False, default=lambda a: a.tolist()) + "\n"
+
+
+def warn(message: str) -> None:
+  print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

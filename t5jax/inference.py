@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -424,3 +425,59 @@ def rank_all(
     if on_batch is not None:
       on_batch(sum(i >= 0 for i in idx))
   return scores, best
+
+
+# --- texts in ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedRequests:
+  """What `encode_requests` returns: token lists per input (EOS-terminated, at most `max_len`),
+  per input its decoder prefix (no EOS) or candidates' token lists where given, and how many
+  inputs were cut to `max_len`."""
+
+  inputs: list[list[int]]
+  prefixes: list[list[int]] | None
+  candidates: list[list[list[int]]] | None
+  truncated: int
+
+
+def encode_requests(
+  tokenizer: Tokenizer,
+  config: T5Config,
+  texts: Sequence[str],
+  *,
+  batch_size: int,
+  max_len: int,
+  generate_config: GenerateConfig | None = None,
+  prefixes: Sequence[str] | None = None,
+  candidates: Sequence[Sequence[str]] | None = None,
+  strict: bool = False,
+  given: frozenset[str] | set[str] = frozenset(),
+) -> EncodedRequests:
+  """Texts to the token lists `generate_all` (with `generate_config`) or `rank_all` (with
+  `candidates`) take, every check done first: the decoder cache (`check_memory`) and the
+  options' token ids (`GenerateConfig.check_vocab`) when generating; inputs cut to `max_len`
+  (refused with `strict`, `encode_texts`), every id in the vocabulary (`check_ids`), the encoder's
+  attention within memory (`check_input_memory`). `given` names the settings a user chose, which
+  a memory error blames first.
+
+  Raises ConfigError (one line) for a request that cannot be decoded.
+  """
+  if generate_config is not None:
+    check_memory(config, generate_config, batch_size, given)
+    try:
+      generate_config.check_vocab(config.vocab_size)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  token_ids, cut = encode_texts(tokenizer, texts, max_len, strict=strict)
+  check_ids(token_ids, config.vocab_size, "input")
+  check_input_memory(config, token_ids, batch_size, max_len, given)
+  prefix_ids = cand_ids = None
+  if prefixes is not None:
+    prefix_ids = [drop_eos(tokenizer.encode(t)) for t in prefixes]
+    check_ids(prefix_ids, config.vocab_size, "prefix of input")
+  if candidates is not None:
+    cand_ids = [[list(tokenizer.encode(c)) for c in group] for group in candidates]
+    check_ids(cand_ids, config.vocab_size, "candidates of input")
+  return EncodedRequests(token_ids, prefix_ids, cand_ids, cut)
