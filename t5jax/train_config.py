@@ -26,11 +26,6 @@ except ImportError:  # a bare accelerator image (benchmarks/gpu.py): only config
 from t5jax import losses
 from t5jax.errors import ConfigError
 from t5jax.sharding import MeshConfig
-
-# Names a TSV header row gives its columns: decode.py takes the first of INPUT_COLUMNS a header
-# (or JSONL object) has; a training TSV whose first line names an input and a target column (these
-# or input_field / target_field) has a header row, which is skipped. Their home is t5jax.sources.
-from t5jax.sources import INPUT_COLUMNS, TARGET_COLUMNS  # noqa: F401
 from t5jax.tasks import BUILTIN_TASKS
 
 DATA_KINDS = ("builtin", "tsv", "jsonl", "pairs", "span_corruption")
@@ -89,7 +84,7 @@ class DataConfig(_Value):
   """`config.data`: what `data.make_datasets` and `data.build_tokenizer` read."""
 
   # "builtin" (generated demo tasks), "tsv" (input<TAB>target lines, after an optional header row
-  # naming the columns: see INPUT_COLUMNS), "jsonl" (one object per line with input_field /
+  # naming the columns: see sources.INPUT_COLUMNS), "jsonl" (one object per line with input_field /
   # target_field), "pairs" (input/target pairs in any format: by extension or `format`) or
   # "span_corruption" (T5 pretraining on documents: text lines, or text_field of JSONL, Parquet or
   # ArrayRecord records).
