@@ -49,66 +49,30 @@ from t5jax.errors import TrainingError
 LOCK_NAME = "train.lock"
 
 
+def _under_root(*names: str) -> property:
+  return property(lambda self: os.path.join(self.root, *names), doc="/".join(names))
+
+
 @dataclasses.dataclass(frozen=True)
 class Paths:
   """The files of workdir `root` (see the module docstring); nothing is created."""
 
   root: str
 
-  def _join(self, *names: str) -> str:
-    return os.path.join(self.root, *names)
-
-  @property
-  def train_config(self) -> str:  # not "config.json": decode.py reads a folder with one as HF
-    return self._join("train_config.json")
-
-  @property
-  def model_config(self) -> str:
-    return self._join("model_config.json")
-
-  @property
-  def tokenizer(self) -> str:
-    return self._join("tokenizer")
-
-  @property
-  def checkpoints(self) -> str:
-    return self._join("checkpoints")
-
-  @property
-  def checkpoints_best(self) -> str:
-    return self._join("checkpoints_best")
-
-  @property
-  def checkpoints_damaged(self) -> str:
-    return self._join("checkpoints_damaged")
-
-  @property
-  def export(self) -> str:
-    return self._join("export")
-
-  @property
-  def export_params(self) -> str:
-    return self._join("export", "params.safetensors")
-
-  @property
-  def export_hf(self) -> str:
-    return self._join("export", "hf")
-
-  @property
-  def export_peft(self) -> str:
-    return self._join("export", "peft")
-
-  @property
-  def peft_pointer(self) -> str:
-    return self._join("peft.json")
-
-  @property
-  def metrics(self) -> str:
-    return self._join("metrics.jsonl")
-
-  @property
-  def lock(self) -> str:
-    return self._join(LOCK_NAME)
+  # Not "config.json": decode.py takes a folder holding one for a HuggingFace model.
+  train_config = _under_root("train_config.json")
+  model_config = _under_root("model_config.json")
+  tokenizer = _under_root("tokenizer")
+  checkpoints = _under_root("checkpoints")
+  checkpoints_best = _under_root("checkpoints_best")
+  checkpoints_damaged = _under_root("checkpoints_damaged")
+  export = _under_root("export")
+  export_params = _under_root("export", "params.safetensors")
+  export_hf = _under_root("export", "hf")
+  export_peft = _under_root("export", "peft")
+  peft_pointer = _under_root("peft.json")
+  metrics = _under_root("metrics.jsonl")
+  lock = _under_root(LOCK_NAME)
 
   def has_tokenizer(self) -> bool:
     return os.path.isdir(self.tokenizer) and bool(os.listdir(self.tokenizer))
