@@ -27,7 +27,6 @@ from t5jax import (
   data,
   distributed,
   hf,
-  optim,
   peft,
   sharding,
   train_config,
@@ -271,10 +270,9 @@ def setup(config: TrainConfig, workdir: str) -> Run:
   workdir = check_workdir(workdir)
   tokenizer, model_cfg, tok_saved = _tokenizer_and_model(config, workdir)
   mesh = sharding.create_mesh(config.mesh)
-  schedule = optim.make_schedule(config.optimizer)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  state_sh = trainer.state_shardings(model_cfg, tx, mesh)  # PEFT: adapters / prompt only
-  frozen_sh = trainer.frozen_shardings(model_cfg, mesh) if config.is_peft else None
+  steps = trainer.build(  # PEFT: the state holds the adapters / prompt only
+    model_cfg, config.optimizer, config.loss, mesh, num_microbatches=config.num_microbatches
+  )
   datasets = data.make_datasets(
     config.data,
     tokenizer,
@@ -300,35 +298,28 @@ def setup(config: TrainConfig, workdir: str) -> Run:
     )
     last_saved = ckpt.latest_step()
     if last_saved is not None:
-      abstract = trainer.abstract_state(model_cfg, tx, state_sh)
-      last_saved, state = _restore_newest_readable(ckpt, abstract, datasets, workdir)
+      last_saved, state = _restore_newest_readable(ckpt, steps.abstract_state(), datasets, workdir)
     elif config.is_peft:
       trainable = peft.init_trainable(
         model_cfg, init_params, config.seed, prompt_init=config.prompt.init
       )
-      state = trainer.state_from_params(trainable, tx, state_sh)
+      state = steps.state_from_params(trainable)
     elif init_params is not None:
-      state = trainer.state_from_params(init_params, tx, state_sh)
+      state = steps.state_from_params(init_params)
     else:
-      rng = jax.random.PRNGKey(config.seed)
-      state = trainer.init_state_sharded(model_cfg, tx, mesh, rng, state_sh)
+      state = steps.init_state(jax.random.PRNGKey(config.seed))
     if distributed.is_main_process():  # the run can go ahead: record what it is
       _record(config, workdir, tokenizer, tok_saved, model_cfg)
   except BaseException:
     if lock is not None:
       lock.release(undo=True)  # a start that fails leaves the workdir as it was
     raise
-  step_fn = trainer.make_train_step(
-    model_cfg, tx, schedule, config.loss, num_microbatches=config.num_microbatches
-  )
-  eval_fn = trainer.make_eval_step(model_cfg, config.loss)
-  frozen, params_sh = None, state_sh.params
+  frozen = None
   if config.is_peft:
     # Held in the compute dtype where the model reads it so (exact; `peft.cast_frozen`).
-    frozen = peft.to_device(peft.cast_frozen(init_params, model_cfg), frozen_sh)
-    params_sh = peft.combine(frozen_sh, state_sh.params)
+    frozen = peft.to_device(peft.cast_frozen(init_params, model_cfg), steps.frozen_shardings)
   del init_params
-  jitted_step = trainer.jit_train_step(step_fn, state_sh, mesh, frozen_sh)
+  jitted_step = steps.train_step
   train_step = jitted_step if frozen is None else (lambda s, b, r: jitted_step(s, b, r, frozen))
   return Run(
     config=config,
@@ -340,7 +331,7 @@ def setup(config: TrainConfig, workdir: str) -> Run:
     ckpt=ckpt,
     state=state,
     train_step=train_step,
-    eval_step=trainer.jit_eval_step(eval_fn, params_sh, mesh),
+    eval_step=steps.eval_step,
     dropout_rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
     last_saved=last_saved,
     lock=lock,

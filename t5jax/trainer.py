@@ -9,10 +9,15 @@ Parameter-efficient fine-tuning (`t5jax.peft`): the state's params are the adapt
 alone, and the frozen base is a fourth, non-donated argument `frozen` of the step. Gradients are
 taken with respect to the state's params only, so neither gradients nor optimizer state exist for
 the base.
+
+`build(config, optimizer, loss, mesh)` assembles the whole chain once (schedule -> optimizer ->
+state shardings -> jitted train and eval steps) for the training run, the benchmarks and the tests;
+the pieces below it stay public for a test of one of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5jax import losses, model, peft, sharding
+from t5jax import losses, model, optim, peft, sharding
 from t5jax.config import T5Config
-from t5jax.train_config import LossConfig
+from t5jax.train_config import LossConfig, OptimizerConfig
 
 Batch = dict[str, jax.Array]
 
@@ -225,14 +230,6 @@ def frozen_shardings(config: T5Config, mesh):
   return peft.split(sharding.param_shardings(config, mesh))[1]
 
 
-def init_state_sharded(config: T5Config, tx, mesh, rng: jax.Array, shardings=None) -> TrainState:
-  """Creates the train state directly in its sharded layout (nothing materialises whole)."""
-  shardings = shardings or state_shardings(config, tx, mesh)
-  return jax.jit(
-    lambda r: create_train_state(model.init_params(config, r), tx), out_shardings=shardings
-  )(rng)
-
-
 def state_from_params(params, tx, shardings: TrainState) -> TrainState:
   """A fresh train state around given (e.g. HuggingFace) parameters, placed in `shardings`."""
   params = jax.device_put(jax.tree.map(jnp.asarray, params), shardings.params)
@@ -257,3 +254,80 @@ def jit_eval_step(eval_fn, params_sh, mesh):
   batch_sh = sharding.batch_sharding(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(eval_fn, in_shardings=(params_sh, batch_sh), out_shardings=replicated)
+
+
+# --- the whole chain at once -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """What `build` assembles: the optimizer, the state's shardings and the jitted steps.
+
+  `train_step(state, batch, rng)` (PEFT: `(state, batch, rng, frozen)`) donates the state;
+  `eval_step(params, batch)` returns metric sums and takes the model's whole parameters (PEFT:
+  `peft.combine(frozen, state.params)`). Make the state with `init_state(rng)` (a fresh
+  `model.init_params` at `rng`, made in its sharded layout; jitted once), `state_from_params`, or
+  restore it into `abstract_state()`.
+  """
+
+  config: T5Config
+  mesh: jax.sharding.Mesh
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  state_shardings: TrainState  # PEFT: of the adapters / prompt only
+  frozen_shardings: Any  # PEFT: of the frozen base; else None
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+  eval_step: Callable[[Any, Batch], dict[str, jax.Array]]
+  init_state: Callable[[jax.Array], TrainState]
+
+  def state_from_params(self, params) -> TrainState:
+    """A fresh state around given parameters (PEFT: the trainable part), placed on the mesh."""
+    return state_from_params(params, self.tx, self.state_shardings)
+
+  def abstract_state(self) -> TrainState:
+    """The state's shapes in their shardings (nothing computed): a restore or `lower` target."""
+    return abstract_state(self.config, self.tx, self.state_shardings)
+
+
+def build(
+  config: T5Config,
+  optimizer: OptimizerConfig,
+  loss: LossConfig,
+  mesh: jax.sharding.Mesh,
+  *,
+  num_microbatches: int = 1,
+) -> TrainSetup:
+  """Schedule -> optimizer -> state shardings -> jitted train and eval steps over `mesh`.
+
+  Args:
+    config: the model (with PEFT fields, the state holds the adapters / prompt alone).
+    optimizer: the optimizer and its learning-rate schedule (`optim.make_schedule`).
+    loss: the loss's settings (`LossConfig`).
+    mesh: the device mesh (`sharding.create_mesh`); a one-device mesh for a plain step.
+    num_microbatches: gradient-accumulation steps per batch (the batch splits evenly).
+
+  Returns:
+    A `TrainSetup`; nothing is compiled yet (the steps compile at their first call or `lower`).
+  """
+  schedule = optim.make_schedule(optimizer)
+  tx = optim.make_optimizer(optimizer, schedule)
+  state_sh = state_shardings(config, tx, mesh)
+  frozen_sh = frozen_shardings(config, mesh) if is_peft(config) else None
+  params_sh = state_sh.params if frozen_sh is None else peft.combine(frozen_sh, state_sh.params)
+  step_fn = make_train_step(config, tx, schedule, loss, num_microbatches=num_microbatches)
+  return TrainSetup(
+    config=config,
+    mesh=mesh,
+    schedule=schedule,
+    tx=tx,
+    state_shardings=state_sh,
+    frozen_shardings=frozen_sh,
+    batch_sharding=sharding.batch_sharding(mesh),
+    train_step=jit_train_step(step_fn, state_sh, mesh, frozen_sh),
+    eval_step=jit_eval_step(make_eval_step(config, loss), params_sh, mesh),
+    init_state=jax.jit(
+      lambda r: create_train_state(_trained(model.init_params(config, r), config), tx),
+      out_shardings=state_sh,
+    ),
+  )

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5jax import checkpoint, distributed, sharding, trainer
+from t5jax import checkpoint, distributed, sharding
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scale_scripts")
 sys.path.insert(0, SCRIPTS)
@@ -224,11 +224,10 @@ def test_meshes_train_checkpoint_decode():
 def _reference(steps: int):
   """Single-device losses and final train state of the two-process run's schedule."""
   config = common.tiny_config(dropout_rate=0.1)
-  tx, step_fn = common.train_step_fn(config, "adafactor")
   mesh = sharding.create_mesh(common.mesh_cfg(1, 1, 1), jax.devices()[:1])
-  state_sh = trainer.state_shardings(config, tx, mesh)
-  state = trainer.init_state_sharded(config, tx, mesh, jax.random.key(0), state_sh)
-  train_step = trainer.jit_train_step(step_fn, state_sh, mesh)
+  setup = common.build(config, mesh)
+  state = setup.init_state(jax.random.key(0))
+  train_step = setup.train_step
   losses = []
   for i in range(steps):
     state, metrics = train_step(

@@ -21,9 +21,9 @@ from hf_models import make_hf_model, random_batch
 from test_train import tiny_run_config
 
 import t5jax
-from t5jax import inference, model, optim, partitioning, trainer
+from t5jax import inference, model, optim, partitioning, sharding, trainer
 from t5jax.train import TrainingError, train_and_evaluate
-from t5jax.train_config import AdamWConfig, LossConfig, OptimizerConfig
+from t5jax.train_config import AdamWConfig, LossConfig, MeshConfig, OptimizerConfig
 
 # Shapes that exercise every branch: the shared (T5 1.0/1.1) and per-layer (UMT5) position bias,
 # heads * d_kv != d_model, a decoder deeper than the encoder, tied and untied output layers.
@@ -229,14 +229,13 @@ def test_train_steps_scanned_equal_unrolled(name):
     # near the gradients' scale keeps the update smooth in g, so the comparison stays tight.
     adamw=AdamWConfig(eps=1e-4),
   )  # fmt: skip
-  schedule = optim.make_schedule(ocfg)
-  tx = optim.make_optimizer(ocfg, schedule)
+  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
   enc, dec, labels = _batch(cfg.vocab_size, seed=2)
   batch = dict(encoder_input_tokens=enc, decoder_input_tokens=dec, decoder_target_tokens=labels)
   out = []
   for c, p in ((cfg, params), (scanned, stacked)):
-    step = jax.jit(trainer.make_train_step(c, tx, schedule, LossConfig()))
-    state = trainer.create_train_state(p, tx)
+    steps = trainer.build(c, ocfg, LossConfig(), mesh)
+    step, state = steps.train_step, steps.state_from_params(p)
     for _ in range(2):
       state, metrics = step(state, batch, jax.random.PRNGKey(0))
     out.append((model.convert_params(state.params, cfg), state.opt_state, metrics))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5jax import checkpoint, data, hf, inference, model, optim, sharding, trainer
+from t5jax import checkpoint, data, hf, inference, model, sharding, trainer
 from t5jax.config import get_config as get_model_config
 from t5jax.sharding import MeshConfig
 from t5jax.train import TrainingError, train_and_evaluate
@@ -115,8 +115,8 @@ def _batch(rng: np.random.Generator, lengths, s_len=10, t_len=8, vocab=64):
 
 
 @functools.cache
-def _pieces():
-  """Model config, optimizer, mesh, shardings and a jitted initialiser, shared by the tests."""
+def _step_setup(num_microbatches=1):
+  """(jitted train step, fresh-state initialiser, mesh); cached so tests share compilations."""
   cfg = get_model_config("t5-v1_1-small", vocab_size=64, **TINY)
   # AdamW's first update is lr * g / (|g| + eps): with eps 1e-8, a gradient at rounding level moves
   # a weight by up to lr, so accumulated and whole-batch steps differed by 2.3e-6 in 1 of 512
@@ -128,25 +128,10 @@ def _pieces():
     warmup_steps=0,
     adamw=AdamWConfig(eps=1e-4),
   )
-  schedule = optim.make_schedule(opt)
-  tx = optim.make_optimizer(opt, schedule)
-  mesh = sharding.create_mesh(MeshConfig())
-  state_sh = trainer.state_shardings(cfg, tx, mesh)
-  init = jax.jit(
-    lambda r: trainer.create_train_state(model.init_params(cfg, r), tx), out_shardings=state_sh
-  )
-  return cfg, tx, schedule, mesh, state_sh, lambda: init(jax.random.PRNGKey(0))
-
-
-@functools.cache
-def _step_setup(num_microbatches=1):
-  """(jitted train step, fresh-state initialiser, mesh); cached so tests share compilations."""
-  cfg, tx, schedule, mesh, state_sh, init = _pieces()
   loss_cfg = from_config_dict(BASE.get_config()).loss
-  step = trainer.jit_train_step(
-    trainer.make_train_step(cfg, tx, schedule, loss_cfg, num_microbatches), state_sh, mesh
-  )
-  return step, init, mesh
+  mesh = sharding.create_mesh(MeshConfig())
+  steps = trainer.build(cfg, opt, loss_cfg, mesh, num_microbatches=num_microbatches)
+  return steps.train_step, lambda: steps.init_state(jax.random.PRNGKey(0)), mesh
 
 
 @pytest.mark.slow
@@ -179,7 +164,7 @@ def test_accumulation_equals_the_large_batch():
     np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
   # ...and the step really changed the parameters.
-  p0 = jax.device_get(_pieces()[-1]().params)
+  p0 = jax.device_get(_step_setup()[1]().params)
   assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p0, p1))) > 1e-4
 
 

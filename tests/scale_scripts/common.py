@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from t5jax import optim, trainer
+from t5jax import trainer
 from t5jax.config import get_config
 from t5jax.sharding import MeshConfig
 from t5jax.train_config import AdafactorConfig, LossConfig, OptimizerConfig
@@ -34,25 +34,23 @@ def tiny_config(dropout_rate: float = 0.1):
   )
 
 
-def optimizer(name: str = "adafactor"):
-  """(tx, schedule) with a constant rate big enough to move parameters visibly in one step."""
-  cfg = OptimizerConfig(
+def optimizer_config(name: str = "adafactor") -> OptimizerConfig:
+  """A constant rate big enough to move parameters visibly in one step."""
+  return OptimizerConfig(
     name=name,
     schedule="constant",
     learning_rate=1e-2,
     adafactor=AdafactorConfig(min_dim_size_to_factor=8),  # factor the tiny matrices too
   )
-  schedule = optim.make_schedule(cfg)
-  return optim.make_optimizer(cfg, schedule), schedule
 
 
 def loss_config():
   return LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
 
 
-def train_step_fn(config, name: str = "adafactor"):
-  tx, schedule = optimizer(name)
-  return tx, trainer.make_train_step(config, tx, schedule, loss_config())
+def build(config, mesh, name: str = "adafactor") -> trainer.TrainSetup:
+  """The optimizer, state shardings and jitted steps of `config` over `mesh`."""
+  return trainer.build(config, optimizer_config(name), loss_config(), mesh)
 
 
 def batch(step: int = 0, rows: int = B) -> dict[str, np.ndarray]:

@@ -48,13 +48,14 @@ def _tree_close(a, b, what):
 class Run:
   """Train state, jitted step and shardings of one mesh."""
 
-  def __init__(self, config, tx, step_fn, mesh):
+  def __init__(self, config, mesh):
     self.mesh = mesh
     self.mesh_context = tuple(mesh.shape.values()) in MESH_CONTEXT
-    self.state_sh = trainer.state_shardings(config, tx, mesh)
+    self.setup = common.build(config, mesh)
+    self.state_sh = self.setup.state_shardings
     # As train.py starts: each device creates only its shards.
-    self.state = trainer.init_state_sharded(config, tx, mesh, jax.random.key(0), self.state_sh)
-    self.step = trainer.jit_train_step(step_fn, self.state_sh, mesh)
+    self.state = self.setup.init_state(jax.random.key(0))
+    self.step = self.setup.train_step
 
   def train(self, steps):
     losses = []
@@ -69,9 +70,11 @@ class Run:
     return losses
 
 
-def check_train(config, tx, step_fn, steps=2):
+def check_train(config, steps=2):
   devices = jax.devices()
-  # The reference init does not go through `init_state_sharded`: a change there (another rng,
+  ref = Run(config, sharding.create_mesh(common.mesh_cfg(1, 1, 1), devices[:1]))
+  tx = ref.setup.tx
+  # The reference init does not go through `TrainSetup.init_state`: a change there (another rng,
   # a layout-dependent draw) must show as a difference, not move both sides alike.
   with jax.default_device(devices[0]):
     ref_state0 = jax.device_get(
@@ -79,13 +82,12 @@ def check_train(config, tx, step_fn, steps=2):
         jax.random.key(0)
       )
     )
-  ref = Run(config, tx, step_fn, sharding.create_mesh(common.mesh_cfg(1, 1, 1), devices[:1]))
   _tree_close(ref.state, ref_state0, "(1,1,1) init")
   ref_metrics = ref.train(steps)
   runs = {}
   for shape in MESHES:
     # Sharded init on every mesh: in the target layout, with the single-device init's values.
-    run = Run(config, tx, step_fn, sharding.create_mesh(common.mesh_cfg(*shape)))
+    run = Run(config, sharding.create_mesh(common.mesh_cfg(*shape)))
     for (path, x), sh in zip(
       jax.tree_util.tree_flatten_with_path(run.state)[0], jax.tree.leaves(run.state_sh), strict=True
     ):
@@ -107,11 +109,7 @@ def check_train(config, tx, step_fn, steps=2):
   return ref, runs
 
 
-def _abstract(config, tx, state_sh):
-  return trainer.abstract_state(config, tx, state_sh)
-
-
-def check_checkpoint(config, tx, step_fn, ref, runs):
+def check_checkpoint(config, ref, runs):
   src = runs[(2, 2, 2)]
   saved = jax.device_get(src.state)
   with tempfile.TemporaryDirectory() as workdir:
@@ -124,11 +122,13 @@ def check_checkpoint(config, tx, step_fn, ref, runs):
     ]
     for name, run in targets:
       if run is None:
-        mesh = sharding.create_mesh(common.mesh_cfg(1, 4, 1), jax.devices()[:4])
-        state_sh = trainer.state_shardings(config, tx, mesh)
+        setup = common.build(
+          config, sharding.create_mesh(common.mesh_cfg(1, 4, 1), jax.devices()[:4])
+        )
       else:
-        mesh, state_sh = run.mesh, run.state_sh
-      state, data_state = mgr.restore(_abstract(config, tx, state_sh), 2)
+        setup = run.setup
+      state_sh = setup.state_shardings
+      state, data_state = mgr.restore(setup.abstract_state(), 2)
       assert data_state == {"0": {"pos": 2}}, data_state
       for x, sh in zip(jax.tree.leaves(state), jax.tree.leaves(state_sh), strict=True):
         assert x.sharding.is_equivalent_to(sh, x.ndim), (name, x.sharding, sh)
@@ -177,9 +177,8 @@ def _t():
 def main():
   assert jax.device_count() == 8, jax.devices()
   config = common.tiny_config(dropout_rate=0.1)
-  tx, step_fn = common.train_step_fn(config, "adafactor")
-  ref, runs = check_train(config, tx, step_fn)
-  check_checkpoint(config, tx, step_fn, ref, runs)
+  ref, runs = check_train(config)
+  check_checkpoint(config, ref, runs)
   check_decoding(config.replace(dropout_rate=0.0), runs)
   print("meshes ok", flush=True)
 

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import common  # noqa: E402
 
-from t5jax import checkpoint, distributed, sharding, trainer  # noqa: E402
+from t5jax import checkpoint, distributed, sharding  # noqa: E402
 
 
 def main(port: str, process_id: str, workdir: str, steps: str):
@@ -29,18 +29,16 @@ def main(port: str, process_id: str, workdir: str, steps: str):
   assert jax.process_count() == 2 and jax.local_device_count() == 2, distributed.describe()
   assert jax.device_count() == 4
   config = common.tiny_config(dropout_rate=0.1)
-  tx, step_fn = common.train_step_fn(config, "adafactor")
   mesh = sharding.create_mesh(common.mesh_cfg(2, 2, 1))
-  state_sh = trainer.state_shardings(config, tx, mesh)
-  state = trainer.init_state_sharded(config, tx, mesh, jax.random.key(0), state_sh)
+  setup = common.build(config, mesh)
+  state = setup.init_state(jax.random.key(0))
   half = common.B // 2
   lo = jax.process_index() * half
   batches = [
     sharding.shard_batch({k: v[lo : lo + half] for k, v in common.batch(i).items()}, mesh)
     for i in range(int(steps))
   ]  # each process passes only its own rows
-  train_step = trainer.jit_train_step(step_fn, state_sh, mesh)
-  train_step = train_step.lower(state, batches[0], jax.random.key(7)).compile()
+  train_step = setup.train_step.lower(state, batches[0], jax.random.key(7)).compile()
   # On a loaded machine one process may finish compiling long after the other: meet before the
   # first cross-process collective (gloo waits only ~30 s for its peers).
   distributed.barrier("compiled")
@@ -56,9 +54,7 @@ def main(port: str, process_id: str, workdir: str, steps: str):
   mgr = checkpoint.CheckpointManager(workdir, async_save=False)
   mgr.save(int(steps), state, {"0": {"pos": int(steps)}, "1": {"pos": int(steps)}}, force=True)
   mgr.wait()
-  mesh2 = sharding.create_mesh(common.mesh_cfg(1, 4, 1))
-  sh2 = trainer.state_shardings(config, tx, mesh2)
-  abstract = trainer.abstract_state(config, tx, sh2)
+  abstract = common.build(config, sharding.create_mesh(common.mesh_cfg(1, 4, 1))).abstract_state()
   restored, _ = mgr.restore(abstract, int(steps))
   mgr.close()
   distributed.barrier("restored")
