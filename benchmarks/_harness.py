@@ -1,10 +1,10 @@
 """Shared plumbing for the CPU benchmarks: fresh worker processes, busy-loop load, machine state.
 
-Every measurement runs in its own Python process (`python SCRIPT --_worker ...`) that writes one
-JSON result, so neither side inherits the other's thread pools, allocator state or OpenMP spin
-threads. `--load N` starts N `python -c 'while 1: pass'` processes for the duration of each
-measurement (started before the worker, ended by pid after it), so a "loaded" number is one
-command.
+Every measurement runs in its own Python process (`python -m benchmarks.X --_worker ...`, from
+the directory the benchmark was started in) that writes one JSON result, so neither side
+inherits the other's thread pools, allocator state or OpenMP spin threads. `--load N` starts N
+`python -c 'while 1: pass'` processes for the duration of each measurement (started before the
+worker, ended by pid after it), so a "loaded" number is one command.
 """
 
 from __future__ import annotations
@@ -86,14 +86,14 @@ def stop_load(procs: list[subprocess.Popen]) -> None:
 
 
 def run_worker(
-  script: str,
+  module: str,
   worker_args: list[str],
   *,
   env: dict[str, str] | None = None,
   load: int = 0,
   timeout: float | None = None,
 ) -> dict | None:
-  """Runs `python script --_worker ... --_out FILE` in a fresh process and returns its JSON.
+  """Runs `python -m module --_worker ... --_out FILE` in a fresh process and returns its JSON.
 
   `env` entries are added to (or, with value None, removed from) this process's environment.
   Returns None when the worker runs past `timeout` seconds (it is killed; on a shared CPU,
@@ -108,7 +108,7 @@ def run_worker(
       full_env[k] = v
   with tempfile.TemporaryDirectory() as d:
     out = os.path.join(d, "result.json")
-    cmd = [sys.executable, script, *worker_args, "--_out", out]
+    cmd = [sys.executable, "-m", module, *worker_args, "--_out", out]
     busy = start_load(load)
     try:
       time.sleep(0.2 if load else 0)
@@ -132,14 +132,14 @@ def worker_args(passthrough: list[str], kind: str, ckpt: str, env: dict[str, str
   return wa
 
 
-def run_jobs(script, passthrough, jobs, ckpt, args, report) -> dict[str, list[dict]]:
+def run_jobs(module, passthrough, jobs, ckpt, args, report) -> dict[str, list[dict]]:
   """Every `(name, kind, env)` job `args.repeats` times, interleaved so load drifts hit every
   variant alike; prints `report(result)` per run and returns the results by name."""
   results: dict[str, list[dict]] = {name: [] for name, _, _ in jobs}
   for rep in range(args.repeats):
     for name, kind, env in jobs:
       wa = worker_args(passthrough, kind, ckpt, env)
-      r = run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
+      r = run_worker(module, wa, env=env, load=args.load, timeout=args.worker_timeout)
       tag = f"  [{rep + 1}/{args.repeats}] {name:16}"
       if r is None:
         print(f"{tag} timed out (> {args.worker_timeout:.0f} s)")

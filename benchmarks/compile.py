@@ -1,13 +1,13 @@
 """Ahead-of-time compile time of the train step and of `generate`, scanned vs unrolled layers.
 
-  python benchmarks/compile.py                              # small, base, large, xl; both layouts
-  python benchmarks/compile.py --presets t5-v1_1-small,t5-v1_1-base --limit 300
+  python -m benchmarks.compile                              # small, base, large, xl; both layouts
+  python -m benchmarks.compile --presets t5-v1_1-small,t5-v1_1-base --limit 300
 
 For each preset and layout (`T5Config.scan_layers` True / False), a fresh Python process lowers
 and compiles, on abstract shapes only (`jax.eval_shape` / `jax.ShapeDtypeStruct`: no parameter
 is allocated, so t5-v1_1-xl compiles on a laptop):
 
-* the train step (`trainer.make_train_step`, Adafactor, T5's loss) at `--batch` rows of
+* the train step (`trainer.build`, Adafactor, T5's loss, one device) at `--batch` rows of
   `--input_len` / `--target_len` tokens;
 * greedy `generate` of `--new_tokens` tokens from `--input_len` input tokens.
 
@@ -28,7 +28,6 @@ import sys
 import time
 
 PRESETS = ["t5-v1_1-small", "t5-v1_1-base", "t5-v1_1-large", "t5-v1_1-xl"]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def measure_one(preset: str, scan: bool, args) -> dict[str, float]:
@@ -36,18 +35,16 @@ def measure_one(preset: str, scan: bool, args) -> dict[str, float]:
   import jax
   import numpy as np
 
-  sys.path.insert(0, REPO)
   import t5jax
-  from t5jax import optim, trainer
+  from t5jax import sharding, trainer
   from t5jax.config import get_config
-  from t5jax.train_config import LossConfig, OptimizerConfig
+  from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
 
   jax.config.update("jax_enable_compilation_cache", False)
   cfg = get_config(preset, scan_layers=scan, dtype=args.dtype, remat=args.remat)
-  ocfg = OptimizerConfig()
-  schedule = optim.make_schedule(ocfg)
-  tx = optim.make_optimizer(ocfg, schedule)
-  state = trainer.state_shapes(cfg, tx)
+  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
+  steps = trainer.build(cfg, OptimizerConfig(), LossConfig(), mesh)
+  state = steps.abstract_state()
 
   def tokens(length):
     return jax.ShapeDtypeStruct((args.batch, length), np.int32)
@@ -59,9 +56,8 @@ def measure_one(preset: str, scan: bool, args) -> dict[str, float]:
     "decoder_loss_weights": jax.ShapeDtypeStruct((args.batch, args.target_len), np.float32),
   }
   out = {}
-  step = jax.jit(trainer.make_train_step(cfg, tx, schedule, LossConfig()), donate_argnums=0)
   rng = jax.ShapeDtypeStruct((2,), np.uint32)
-  out.update(_timed("train", lambda: step.lower(state, batch, rng)))
+  out.update(_timed("train", lambda: steps.train_step.lower(state, batch, rng)))
 
   def greedy(params, enc):
     out = t5jax.generate(params, cfg, enc, method="greedy", max_new_tokens=args.new_tokens)
@@ -83,7 +79,7 @@ def _timed(name: str, lower) -> dict[str, float]:
 
 def run_child(preset: str, scan: bool, args) -> dict[str, float] | str:
   cmd = [
-    sys.executable, os.path.abspath(__file__), "--_child", preset, "--_scan", str(int(scan)),
+    sys.executable, "-m", __spec__.name, "--_child", preset, "--_scan", str(int(scan)),
     "--batch", str(args.batch), "--input_len", str(args.input_len),
     "--target_len", str(args.target_len), "--new_tokens", str(args.new_tokens),
     "--dtype", args.dtype, "--remat", args.remat,

@@ -1,8 +1,8 @@
 """Input pipeline at scale: flat memory, throughput against the tokenizer, deep resume.
 
-  python benchmarks/data.py                                  # 5 GB against 50 MB (the targets)
-  python benchmarks/data.py --big_gb 1 --skip baseline       # smaller, without today's figures
-  python benchmarks/data.py --only throughput --tokenizer spiece.model   # T5's own vocabulary
+  python -m benchmarks.data                                  # 5 GB against 50 MB (the targets)
+  python -m benchmarks.data --big_gb 1 --skip baseline       # smaller, without today's figures
+  python -m benchmarks.data --only throughput --tokenizer spiece.model   # T5's own vocabulary
 
 Synthetic corpora (Zipf-distributed words, documents of ~60-900 words, like web text) are written
 under a temporary folder (`--tmp`, removed at the end): text (one document per line, span
@@ -44,7 +44,6 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 BASELINE_COMMIT = "72c5e13"
 TINY = [

@@ -1,10 +1,10 @@
 """Decoding throughput: t5jax.generate next to transformers generate(), same weights, same run.
 
-  python benchmarks/decode.py                      # CPU: t5-v1_1-small, batch 8, 64 in, 32 out
-  python benchmarks/decode.py --load 1             # the same with a CPU-bound busy loop running
-  python benchmarks/decode.py --preset t5-v1_1-base --batch 64 --input_len 512 \\
+  python -m benchmarks.decode                      # CPU: t5-v1_1-small, batch 8, 64 in, 32 out
+  python -m benchmarks.decode --load 1             # the same with a CPU-bound busy loop running
+  python -m benchmarks.decode --preset t5-v1_1-base --batch 64 --input_len 512 \\
       --new_tokens 128 --dtype bfloat16            # accelerator setting
-  python benchmarks/decode.py --scan_layers 1      # layers under one scan (T5Config.scan_layers)
+  python -m benchmarks.decode --scan_layers 1      # layers under one scan (T5Config.scan_layers)
 
 Random weights (t5jax.init_params) written once with t5jax.save_hf and loaded by both sides
 (t5jax.load_hf; transformers from_pretrained), so both decode the same model. Every row
@@ -41,10 +41,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _harness as H  # noqa: E402
+from benchmarks import _harness as H
+from t5jax.config import ATTENTION_IMPLS
 
 
 def parse_args(argv=None):
@@ -57,6 +55,9 @@ def parse_args(argv=None):
   p.add_argument("--methods", default="greedy,beam", help="comma-separated: greedy, beam, sample")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--scan_layers", type=int, default=0, choices=(0, 1), help="T5Config.scan_layers")
+  p.add_argument(
+    "--attention_impl", default="einsum", choices=ATTENTION_IMPLS, help="T5Config.attention_impl"
+  )
   p.add_argument("--calls", type=int, default=3, help="timed calls per method per process")
   p.add_argument("--repeats", type=int, default=2, help="fresh processes per variant (best kept)")
   p.add_argument("--matmul", type=int, default=1, choices=(0, 1), help="time the matmuls alone")
@@ -101,7 +102,7 @@ def worker_t5jax(args) -> dict:
   from t5jax.generate import generate
 
   config, params = t5jax.load_hf(args._ckpt, scan_layers=bool(args.scan_layers))
-  config = config.replace(dtype=args.dtype, dropout_rate=0.0)
+  config = config.replace(dtype=args.dtype, dropout_rate=0.0, attention_impl=args.attention_impl)
   params = jax.device_put(params)
   precision = os.environ.get(_PRECISION_VAR, "none")
   if precision == "int8":
@@ -223,6 +224,8 @@ def worker_torch(args) -> dict:
   for method in args.methods.split(","):
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     kw.update(num_beams=args.num_beams if method == "beam" else 1, do_sample=method == "sample")
+    if method == "sample":  # t5jax samples from the whole distribution; transformers: top-50
+      kw.update(top_k=0, top_p=1.0)
 
     def run(kw=kw):
       with torch.inference_mode():
@@ -388,7 +391,7 @@ def main():
     )
     H.write_result(args._out, fns[args._worker](args))
     return
-  H.require_reference("benchmarks/decode.py", args.no_hf)
+  H.require_reference("benchmarks.decode", args.no_hf)
 
   import jax
 
@@ -409,22 +412,23 @@ def main():
   print(f"machine: {H.machine_state()}; busy-loop load processes: {args.load}")
   print(
     f"model: {args.preset}{' (tiny)' if args.tiny else ''}, dtype {args.dtype}, scan_layers"
-    f" {args.scan_layers}; batch {args.batch},"
+    f" {args.scan_layers}, attention {args.attention_impl}; batch {args.batch},"
     f" input {args.input_len} tokens, {args.new_tokens} new tokens forced, beams {args.num_beams};"
     f" {args.calls} timed calls per method per process, {args.repeats} processes per variant",
     flush=True,
   )
-  script = os.path.abspath(__file__)
+  module = __spec__.name  # benchmarks.decode, also when run as __main__
   passthrough = [
     f"--batch={args.batch}", f"--input_len={args.input_len}", f"--new_tokens={args.new_tokens}",
     f"--num_beams={args.num_beams}", f"--methods={args.methods}", f"--dtype={args.dtype}",
     f"--calls={args.calls}", f"--seed={args.seed}", f"--scan_layers={args.scan_layers}",
+    f"--attention_impl={args.attention_impl}",
   ]  # fmt: skip
   if args.peer:
-    H.require_module("benchmarks/decode.py --peer ctranslate2", "ctranslate2")
+    H.require_module("benchmarks.decode --peer ctranslate2", "ctranslate2")
   precisions = [x for x in args.quantize.split(",") if x]
   if not precisions or any(x not in ("none", "int8", "bf16") for x in precisions):
-    sys.exit(f"benchmarks/decode.py: error: --quantize: none, int8, bf16; got {args.quantize!r}")
+    sys.exit(f"benchmarks.decode: error: --quantize: none, int8, bf16; got {args.quantize!r}")
   with tempfile.TemporaryDirectory() as tmp:
     ckpt = os.path.join(tmp, "model")
     t5jax.save_hf(config, params, ckpt)
@@ -454,7 +458,7 @@ def main():
       if not args.no_hf:
         jobs += [(f"matmuls torch {n} thr", "mm_torch", H.thread_env(n)) for n in threads]
     results = H.run_jobs(
-      script, passthrough, jobs, ckpt, args,
+      module, passthrough, jobs, ckpt, args,
       lambda r: ", ".join(f"{m} {_seconds(r['methods'][m]):.3f} s" for m in methods),
     )  # fmt: skip
   mm = {n: results.pop(n) for n in list(results) if n.startswith("matmuls")}

@@ -1,7 +1,7 @@
 """The accelerator benchmark in one command (about 5-7 minutes on one H100/H200):
 
-  python benchmarks/gpu.py              # on the GPU machine; results also in $OUT/gpu.json if set
-  python benchmarks/gpu.py --smoke      # tiny sizes, any machine (CPU: ~4 min, mostly compiles)
+  python -m benchmarks.gpu              # on the GPU machine; results also in $OUT/gpu.json if set
+  python -m benchmarks.gpu --smoke      # tiny sizes, any machine (CPU: ~1 min, mostly compiles)
 
 1. **cuDNN attention = einsum attention** on a tiny bf16 model (d_kv 64, 2+2 layers, batch 4,
    64/32 tokens, trailing padding, and a packed batch): logits and parameter gradients of
@@ -12,12 +12,13 @@
    than the path it replaces by more than that.
 2. **Train step** at t5-v1_1-base, batch 64, 512/128 tokens, bf16 compute (float32 parameters,
    Adafactor), for a small grid of (attention_impl, scan_layers, remat, loss block_size); model
-   TFLOP/s (t5jax.flops: 3 x forward matmul FLOPs) and MFU against the device's dense bf16 peak
+   TFLOP/s (benchmarks.flops: 3 x forward matmul FLOPs) and MFU against the device's dense bf16 peak
    (989 TFLOP/s for H100/H200 SXM, 835 NVL, 756 H100 PCIe; `--peak_tflops` otherwise), next to
    transformers' eager PyTorch step (bf16 autocast, same optimizer) measured in the same run. A
    grid entry whose T5Config field does not exist in this checkout is skipped with a note.
 3. **Decoding**: greedy, beam-4 and sampling new tokens/s at batch 64, 512 input tokens, 128 new
-   tokens forced (`ignore_eos`), bf16, next to transformers' generate() (bf16 weights).
+   tokens forced (`ignore_eos`), bf16, next to transformers' generate() (bf16 weights): the
+   workers of benchmarks.decode, run in this process, best of `--repeats` timed calls.
 
 Each phase stops cleanly when its time budget is spent (`--budget_s`), printing what was skipped;
 `$OUT/gpu.json` is rewritten after every result, so a run cut short keeps what it measured, and a
@@ -30,11 +31,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import faulthandler
-import importlib.util
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -47,11 +46,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import t5jax  # noqa: E402
-from t5jax import flops, model, optim, sharding, trainer  # noqa: E402
+from benchmarks import decode as bench_decode  # noqa: E402
+from benchmarks import flops  # noqa: E402
+from benchmarks import train as bench_train  # noqa: E402
+from t5jax import model, sharding, trainer  # noqa: E402
 from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig  # noqa: E402
 
 # Dense bf16 peaks (vendor datasheets, without sparsity), the most specific name first: the PCIe
@@ -89,7 +88,7 @@ def parse_args(argv=None):
   p.add_argument("--grid", default=DEFAULT_GRID, help="';'-separated impl,scan,remat,block")
   p.add_argument("--steps", type=int, default=5, help="timed train steps per grid entry")
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--repeats", type=int, default=2, help="timed generate() calls per method")
+  p.add_argument("--repeats", type=int, default=2, help="timed generate() calls per method (best)")
   p.add_argument("--methods", default="greedy,beam,sample")
   p.add_argument("--decode_attention", default="dot_product")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="dense bf16 peak; 0 = by name")
@@ -100,15 +99,6 @@ def parse_args(argv=None):
     args.batch, args.input_len, args.target_len, args.new_tokens = 2, 32, 16, 4
     args.steps, args.warmup, args.repeats = 1, 1, 1
   return args
-
-
-def _bench_train_module():
-  spec = importlib.util.spec_from_file_location(
-    "bench_train", os.path.join(ROOT, "benchmarks", "train.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def _model_config(args, **fields):
@@ -208,15 +198,13 @@ def check_attention(results):
 # --- 2. train step ---------------------------------------------------------------------------
 
 
-def train_grid(args, results, bench_train, peak, deadline):
+def train_grid(args, results, peak, deadline):
   b, s, t = args.batch, args.input_len, args.target_len
   ns = argparse.Namespace(
     seed=0, batch=b, input_len=s, target_len=t, optimizer="adafactor", lr=1e-3, dropout=0.0,
     dtype="bfloat16", warmup=args.warmup, steps=args.steps,
   )  # fmt: skip
   opt_cfg = OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_steps=0)
-  schedule = optim.make_schedule(opt_cfg)
-  tx = optim.make_optimizer(opt_cfg, schedule)
   mesh = sharding.create_mesh(MeshConfig())
   header = f"{'attention':12} {'scan':>4} {'remat':>6} {'block':>5} {'compile s':>9}"
   print(f"\n{header} {'step s':>8} {'TFLOP/s':>8} {'MFU':>6}")
@@ -239,17 +227,12 @@ def train_grid(args, results, bench_train, peak, deadline):
     step_flops = flops.train_step_flops(config, b, s, t)
     batch = bench_train.make_batch(config, ns)
     try:
-      params = jax.jit(lambda r, c=config: model.init_params(c, r))(jax.random.key(0))
       loss_cfg = LossConfig(z_loss=0.0, block_size=int(block))
-      state_sh = trainer.state_shardings(config, tx, mesh)
-      state = trainer.state_from_params(params, tx, state_sh)
-      del params
-      step = trainer.jit_train_step(
-        trainer.make_train_step(config, tx, schedule, loss_cfg), state_sh, mesh
-      )
-      batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+      steps = trainer.build(config, opt_cfg, loss_cfg, mesh)
+      state = steps.init_state(jax.random.key(0))
+      batch = jax.device_put(batch, steps.batch_sharding)
       t0 = time.perf_counter()
-      compiled = step.lower(state, batch, jax.random.key(0)).compile()
+      compiled = steps.train_step.lower(state, batch, jax.random.key(0)).compile()
       compile_s = time.perf_counter() - t0
       times = []
       for _ in range(args.warmup + args.steps):
@@ -307,88 +290,52 @@ def train_grid(args, results, bench_train, peak, deadline):
 
 
 def decode(args, results, deadline):
+  """benchmarks.decode's t5jax and transformers workers, one method at a time (so that the time
+  budget is checked between methods), on random weights written once as a HuggingFace folder."""
   config, why = _model_config(args, attention_impl=args.decode_attention)
   if config is None:
     print(f"decode skipped: {why}")
     return
-  params = model.init_params(config, jax.random.key(0))
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(3, min(config.vocab_size, 32000), (args.batch, args.input_len))
-  tokens[:, -1] = config.eos_token_id
-  tokens = tokens.astype(np.int32)
   n_tok = args.batch * args.new_tokens
-  hf = None
-  if not args.no_hf:
-    import torch
-    import transformers
-
-    with tempfile.TemporaryDirectory() as d:
-      t5jax.save_hf(config, jax.device_get(params), d)
-      hf = transformers.T5ForConditionalGeneration.from_pretrained(d, dtype=torch.bfloat16)
-    hf.generation_config.decoder_start_token_id = 0
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf = hf.to(device).eval()
-    ids = torch.tensor(tokens, dtype=torch.long, device=device)
+  name = f"t5jax ({args.decode_attention})"
   print(f"\n{'decode':8} {'impl':26} {'compile s':>9} {'time s':>8} {'new tokens/s':>12}")
-  for method in args.methods.split(","):
-    if time.perf_counter() > deadline:
-      print(f"{method:8} skipped: time budget spent")
-      continue
-    kw = dict(method=method, max_new_tokens=args.new_tokens, ignore_eos=True, num_beams=4)
-
-    def run(kw=kw):
-      return jax.block_until_ready(t5jax.generate(params, config, tokens, **kw).sequences)
-
-    name = f"t5jax ({args.decode_attention})"
-    row = {"method": method}
-    try:
-      t0 = time.perf_counter()
-      run()
-      first = time.perf_counter() - t0
-      times = []
-      for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-      ours = statistics.median(times)
-      print(
-        f"{method:8} {name:26} {first - ours:9.1f} {ours:8.3f} {n_tok / ours:12.0f}", flush=True
-      )
-      row |= {"t5jax_s": ours, "t5jax_tokens_per_s": n_tok / ours}
-    except Exception as e:  # noqa: BLE001 - a kernel refusal or out of memory: record, go on
-      ours = None
-      row["t5jax_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-      print(f"{method:8} {name:26} failed: {row['t5jax_failed']}", flush=True)
-    results["decode"].append(row)
-    save(results)
-    if hf is not None and time.perf_counter() > deadline:
-      print(f"{method:8} transformers skipped: time budget spent")
-    elif hf is not None:
-      hf_kw = dict(
-        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-        num_beams=4 if method == "beam" else 1, do_sample=method == "sample",
+  with tempfile.TemporaryDirectory() as d:
+    t5jax.save_hf(config, jax.device_get(model.init_params(config, jax.random.key(0))), d)
+    for method in args.methods.split(","):
+      if time.perf_counter() > deadline:
+        print(f"{method:8} skipped: time budget spent")
+        continue
+      worker = argparse.Namespace(
+        _ckpt=d, _nthreads=os.cpu_count() or 1, methods=method, batch=args.batch,
+        input_len=args.input_len, new_tokens=args.new_tokens, num_beams=4, dtype="bfloat16",
+        scan_layers=0, attention_impl=args.decode_attention, calls=args.repeats, seed=0,
       )  # fmt: skip
-      if method == "sample":
-        hf_kw.update(top_k=0, top_p=1.0)
-
-      def run_hf(hf_kw=hf_kw):
-        with torch.inference_mode():
-          hf.generate(input_ids=ids, attention_mask=ids != 0, **hf_kw)
-        if device == "cuda":
-          torch.cuda.synchronize()
-
+      row = {"method": method}
       try:
-        run_hf()
-        times = []
-        for _ in range(args.repeats):
-          t0 = time.perf_counter()
-          run_hf()
-          times.append(time.perf_counter() - t0)
+        r = bench_decode.worker_t5jax(worker)["methods"][method]
+        ours = r["time"]
+        print(
+          f"{method:8} {name:26} {r['compile_s']:9.1f} {ours:8.3f} {n_tok / ours:12.0f}",
+          flush=True,
+        )
+        row |= {"t5jax_s": ours, "t5jax_tokens_per_s": n_tok / ours}
+      except Exception as e:  # noqa: BLE001 - a kernel refusal or out of memory: record, go on
+        ours = None
+        row["t5jax_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        print(f"{method:8} {name:26} failed: {row['t5jax_failed']}", flush=True)
+      results["decode"].append(row)
+      save(results)
+      if args.no_hf:
+        continue
+      if time.perf_counter() > deadline:
+        print(f"{method:8} transformers skipped: time budget spent")
+        continue
+      try:
+        theirs = bench_decode.worker_torch(worker)["methods"][method]["time"]
       except Exception as e:  # noqa: BLE001
         row["transformers_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(f"{method:8} transformers failed: {row['transformers_failed']}", flush=True)
       else:
-        theirs = statistics.median(times)
         ratio = f"   t5jax {theirs / ours:.2f}x" if ours else ""
         print(
           f"{method:8} {'transformers (bf16 eager)':26} {'-':>9} {theirs:8.3f} "
@@ -425,7 +372,7 @@ def main(argv=None):
   try:
     for phase in (
       lambda: check_attention(results),
-      lambda: train_grid(args, results, _bench_train_module(), peak, start + args.budget_s * 0.6),
+      lambda: train_grid(args, results, peak, start + args.budget_s * 0.6),
       lambda: decode(args, results, deadline),
     ):
       try:

@@ -1,7 +1,7 @@
 """The decode floor: the output layer's matmul alone, XLA against torch, at decoding's row counts.
 
-  python benchmarks/matmul_floor.py                    # [rows, 512] x [512, 32128], rows 8 and 32
-  python benchmarks/matmul_floor.py --rows 8,32,256 --d 512 --vocab 32128
+  python -m benchmarks.matmul_floor                    # [rows, 512] x [512, 32128], rows 8 and 32
+  python -m benchmarks.matmul_floor --rows 8,32,256 --d 512 --vocab 32128
 
 One decoding step of t5-v1_1-small at batch 8 multiplies 8 rows (greedy) or 32 (beam-4) by the
 66 MB output matrix; the product reads the whole matrix for a few rows, so it runs at the memory
@@ -19,8 +19,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import machine_state, thread_env  # noqa: E402
+from benchmarks._harness import machine_state, thread_env
 
 
 def _xla_call(matmul, a, w):
@@ -70,7 +69,7 @@ def main() -> None:
   sides = [("xla", "t5jax (XLA)", {})] + [
     ("torch", f"torch {n} thr", thread_env(int(n))) for n in args.threads.split(",")
   ]
-  argv = [sys.executable, __file__, "--rows", args.rows, "--d", str(args.d)]
+  argv = [sys.executable, "-m", __spec__.name, "--rows", args.rows, "--d", str(args.d)]
   argv += ["--vocab", str(args.vocab), "--calls", str(args.calls), "--_side"]
   results = {}
   for side, name, overrides in sides:

@@ -1,9 +1,9 @@
 """Training-state memory per device under FSDP: the largest T5 that fits, and one measured point.
 
-  python benchmarks/memory.py                    # tables + measured point (8 CPU devices, ~1 min)
-  python benchmarks/memory.py --no_measure       # tables only (seconds)
-  python benchmarks/memory.py --remat            # temporaries per remat policy (~1 min)
-  python benchmarks/memory.py --peft             # full fine-tuning vs LoRA vs prompt tuning
+  python -m benchmarks.memory                    # tables + measured point (8 CPU devices, ~1 min)
+  python -m benchmarks.memory --no_measure       # tables only (seconds)
+  python -m benchmarks.memory --remat            # temporaries per remat policy (~1 min)
+  python -m benchmarks.memory --peft             # full fine-tuning vs LoRA vs prompt tuning
 
 Model state per parameter, all float32 (t5jax keeps parameters in float32 whatever the compute
 dtype): parameters 4 B + gradients 4 B + optimizer state: Adafactor (T5's default) keeps factored
@@ -36,9 +36,7 @@ if __name__ == "__main__" and "--no_measure" not in sys.argv:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from t5jax import model, optim  # noqa: E402
+from t5jax import model, optim, sharding, trainer  # noqa: E402
 from t5jax.config import get_config  # noqa: E402
 from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig  # noqa: E402
 
@@ -104,18 +102,11 @@ def print_tables() -> dict[str, dict[str, float]]:
 
 def measure(num_layers: int = 2, batch: int = 8) -> None:
   """Compiled train step's per-device memory, one device vs 8-way FSDP, at a small config."""
-  from t5jax import sharding, trainer
-
   cfg = get_config("t5-v1_1-small", num_layers=num_layers, num_decoder_layers=num_layers)
   ocfg = OptimizerConfig()
-  schedule = optim.make_schedule(ocfg)
-  tx = optim.make_optimizer(ocfg, schedule)
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
-  step_fn = trainer.make_train_step(cfg, tx, schedule, loss_cfg)
   s_len, t_len = 128, 32
-  shapes = jax.eval_shape(
-    lambda: trainer.create_train_state(model.init_params(cfg, jax.random.key(0)), tx)
-  )
+  shapes = trainer.state_shapes(cfg, optim.make_optimizer(ocfg))
   # Arguments hold the state (params + optimizer) and the batch; gradients are temporaries.
   predicted_state = _nbytes(shapes.params) + _nbytes(shapes.opt_state)
   predicted_grads = _nbytes(shapes.params)
@@ -137,11 +128,9 @@ def measure(num_layers: int = 2, batch: int = 8) -> None:
       print(f"| {mesh_shape} | (needs {n} devices) | | | |")
       continue
     mesh = sharding.create_mesh(MeshConfig(*mesh_shape), jax.devices()[:n])
-    state_sh = trainer.state_shardings(cfg, tx, mesh)
-    batch_sh = sharding.batch_sharding(mesh)
-    abstract_state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh
-    )
+    steps = trainer.build(cfg, ocfg, loss_cfg, mesh)
+    batch_sh = steps.batch_sharding
+    abstract_state = steps.abstract_state()
     abstract_batch = {
       name: jax.ShapeDtypeStruct((batch, length), dtype, sharding=batch_sh)
       for name, length, dtype in [
@@ -151,7 +140,7 @@ def measure(num_layers: int = 2, batch: int = 8) -> None:
         ("decoder_loss_weights", t_len, np.float32),
       ]
     }
-    jitted = trainer.jit_train_step(step_fn, state_sh, mesh)
+    jitted = steps.train_step
     if set_mesh:  # activates the model's activation sharding constraints
       with jax.set_mesh(mesh):
         lowered = jitted.lower(abstract_state, abstract_batch, jax.random.key(0))
@@ -175,12 +164,10 @@ def measure_remat(preset: str, batch: int, s_len: int, t_len: int, scan: bool = 
   for the backward pass; the issue's target compares `temporaries - parameter bytes` with full
   remat against none (<= 25%).
   """
-  from t5jax import trainer
   from t5jax.config import REMAT_POLICIES
 
   ocfg = OptimizerConfig()
-  schedule = optim.make_schedule(ocfg)
-  tx = optim.make_optimizer(ocfg, schedule)
+  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
   batch_shapes = {
     name: jax.ShapeDtypeStruct((batch, length), dtype)
@@ -200,10 +187,10 @@ def measure_remat(preset: str, batch: int, s_len: int, t_len: int, scan: bool = 
   base = None
   for remat in REMAT_POLICIES:
     cfg = get_config(preset, scan_layers=scan, remat=remat)
-    state = trainer.state_shapes(cfg, tx)
-    step = jax.jit(trainer.make_train_step(cfg, tx, schedule, loss_cfg), donate_argnums=0)
+    steps = trainer.build(cfg, ocfg, loss_cfg, mesh)
+    state = steps.abstract_state()
     rng = jax.ShapeDtypeStruct((2,), np.uint32)
-    mem = step.lower(state, batch_shapes, rng).compile().memory_analysis()
+    mem = steps.train_step.lower(state, batch_shapes, rng).compile().memory_analysis()
     if mem is None:
       print(f"| {remat} | (memory_analysis unavailable) | | |")
       continue
@@ -219,7 +206,7 @@ def _functional_lora_step(cfg, tx, schedule, loss_cfg):
   import jax.numpy as jnp
   import optax
 
-  from t5jax import peft, trainer
+  from t5jax import peft
 
   base_cfg = cfg.without_peft()
 
@@ -256,11 +243,10 @@ def measure_peft(preset: str, batch: int, s_len: int, t_len: int, remat: str, op
   """Compiled train step's bytes (one CPU device, XLA memory_analysis): full fine-tuning against
   LoRA r=8 on q, v (in-layer, as t5jax computes it, and merged outside the model) and prompt
   tuning with 100 vectors, all in bfloat16 compute with scanned layers."""
-  from t5jax import peft, trainer
+  from t5jax import peft
 
   ocfg = OptimizerConfig(name=opt)
-  schedule = optim.make_schedule(ocfg)
-  tx = optim.make_optimizer(ocfg, schedule)
+  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
   cfg = get_config(preset, scan_layers=True, remat=remat, dtype="bfloat16", dropout_rate=0.0)
   qv = tuple(f"{s}.{n}" for s in ("encoder", "decoder", "cross") for n in ("q", "v"))
@@ -289,17 +275,19 @@ def measure_peft(preset: str, batch: int, s_len: int, t_len: int, remat: str, op
   full = None
   rng = jax.ShapeDtypeStruct((2,), np.uint32)
   for label, vcfg, kind in variants:
-    state = trainer.state_shapes(vcfg, tx)
+    steps = trainer.build(vcfg, ocfg, loss_cfg, mesh)
+    state = steps.abstract_state()
     args = (state, batch_shapes, rng)
     if trainer.is_peft(vcfg):
       shapes = jax.eval_shape(lambda c=vcfg: model.init_params(c, jax.random.key(0)))
       frozen = jax.eval_shape(lambda f, c=vcfg: peft.cast_frozen(f, c), peft.split(shapes)[1])
       args += (frozen,)
+    step = steps.train_step
     if kind == "functional":
-      fn = _functional_lora_step(vcfg, tx, schedule, loss_cfg)
-    else:
-      fn = trainer.make_train_step(vcfg, tx, schedule, loss_cfg)
-    mem = jax.jit(fn, donate_argnums=0).lower(*args).compile().memory_analysis()
+      step = jax.jit(
+        _functional_lora_step(vcfg, steps.tx, steps.schedule, loss_cfg), donate_argnums=0
+      )
+    mem = step.lower(*args).compile().memory_analysis()
     if mem is None:
       print(f"| {label} | (memory_analysis unavailable) | | | | |")
       continue

@@ -1,8 +1,8 @@
 """The blocked loss takes the float32 `[B, T, V]` logits out of the train step's peak memory.
 
-  python benchmarks/memory_loss.py                 # t5-v1_1-base, batch 8, 512/128 (CPU, minutes)
-  python benchmarks/memory_loss.py --block_sizes 0,8,32,128 --layers 2
-  python benchmarks/memory_loss.py --remat full --scan_layers 1   # with rematerialised layers
+  python -m benchmarks.memory_loss                 # t5-v1_1-base, batch 8, 512/128 (CPU, minutes)
+  python -m benchmarks.memory_loss --block_sizes 0,8,32,128 --layers 2
+  python -m benchmarks.memory_loss --remat full --scan_layers 1   # with rematerialised layers
 
 Compiles the real train step (Adafactor, z-loss, one device) on abstract shapes, nothing
 allocated, once with the whole logits (`LossConfig.block_size=0`) and once per block size, and
@@ -15,17 +15,13 @@ softmax intermediates); blocked, only `[B, block, V]` pieces do.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from t5jax import model, optim, trainer  # noqa: E402
-from t5jax.config import get_config  # noqa: E402
-from t5jax.train_config import LossConfig, OptimizerConfig  # noqa: E402
+from t5jax import sharding, trainer
+from t5jax.config import get_config
+from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
 
 
 def _nbytes(tree) -> int:
@@ -53,12 +49,8 @@ def main() -> None:
     scan_layers=bool(args.scan_layers),
     **depth,
   )
-  ocfg = OptimizerConfig()
-  schedule = optim.make_schedule(ocfg)
-  tx = optim.make_optimizer(ocfg, schedule)
-  state = jax.eval_shape(
-    lambda: trainer.create_train_state(model.init_params(cfg, jax.random.key(0)), tx)
-  )
+  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
+  state = trainer.build(cfg, OptimizerConfig(), LossConfig(), mesh).abstract_state()
   b, s, t = args.batch, args.input_len, args.target_len
   batch = {
     name: jax.ShapeDtypeStruct((b, n), dtype)
@@ -83,7 +75,7 @@ def main() -> None:
   base = None
   for block in (int(x) for x in args.block_sizes.split(",")):
     loss_cfg = LossConfig(z_loss=1e-4, block_size=block)
-    step = jax.jit(trainer.make_train_step(cfg, tx, schedule, loss_cfg), donate_argnums=(0,))
+    step = trainer.build(cfg, OptimizerConfig(), loss_cfg, mesh).train_step
     mem = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
     temp = mem.temp_size_in_bytes
     base = temp if base is None else base

@@ -1,7 +1,7 @@
 """A LoRA train step against a full fine-tuning step on CPU, timed in one run.
 
-  python benchmarks/peft_step.py                     # t5-v1_1-small, batch 8 x 128/32 (~2 min)
-  python benchmarks/peft_step.py --preset t5-v1_1-base --rounds 10
+  python -m benchmarks.peft_step                     # t5-v1_1-small, batch 8 x 128/32 (~2 min)
+  python -m benchmarks.peft_step --preset t5-v1_1-base --rounds 10
 
 Both steps are the real jitted `t5jax.trainer` steps (Adafactor, float32, unrolled layers) on the
 same random model and batch: full fine-tuning differentiates and updates every parameter; LoRA
@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from t5jax import model, optim, peft, trainer  # noqa: E402
-from t5jax.config import get_config  # noqa: E402
-from t5jax.train_config import LossConfig, OptimizerConfig  # noqa: E402
+from t5jax import model, peft, sharding, trainer
+from t5jax.config import get_config
+from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
 
 
 def main() -> None:
@@ -39,8 +36,6 @@ def main() -> None:
   args = p.parse_args()
 
   ocfg = OptimizerConfig(name="adafactor", schedule="constant", warmup_steps=0, learning_rate=1e-3)
-  schedule = optim.make_schedule(ocfg)
-  tx = optim.make_optimizer(ocfg, schedule)
   loss_cfg = LossConfig()
   cfg = get_config(args.preset, dropout_rate=0.0)
   qv = tuple(f"{s}.{n}" for s in ("encoder", "decoder", "cross") for n in ("q", "v"))
@@ -58,11 +53,12 @@ def main() -> None:
   }
   key = jax.random.key(1)
 
-  full_step = jax.jit(trainer.make_train_step(cfg, tx, schedule, loss_cfg), donate_argnums=0)
-  lora_step = jax.jit(trainer.make_train_step(lcfg, tx, schedule, loss_cfg), donate_argnums=0)
-  full_state = trainer.create_train_state(jax.tree.map(lambda x: x.copy(), base), tx)
-  trainable = jax.tree.map(jax.numpy.asarray, peft.init_trainable(lcfg, base, 0))
-  lora_state = trainer.create_train_state(trainable, tx)
+  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
+  full, lora = (trainer.build(c, ocfg, loss_cfg, mesh) for c in (cfg, lcfg))
+  full_step, lora_step = full.train_step, lora.train_step
+  full_state = full.state_from_params(base)  # a copy: the step donates it, `base` stays
+  trainable = peft.init_trainable(lcfg, base, 0)
+  lora_state = lora.state_from_params(trainable)
   frozen = peft.cast_frozen(base, lcfg)  # float32 compute: unchanged
 
   states = {"full": full_state, "lora": lora_state}

@@ -1,9 +1,9 @@
 """Top ops by time of the CPU train step and decode loop: t5jax (XLA) next to transformers (torch).
 
-  python benchmarks/profile_cpu.py --target train --side jax     # benchmarks/train.py defaults
-  python benchmarks/profile_cpu.py --target train --side torch --threads 1
-  python benchmarks/profile_cpu.py --target decode --side jax --method beam
-  python benchmarks/profile_cpu.py --target train --side jax --dump /tmp/xla_dump  # + HLO dump
+  python -m benchmarks.profile_cpu --target train --side jax     # benchmarks/train.py defaults
+  python -m benchmarks.profile_cpu --target train --side torch --threads 1
+  python -m benchmarks.profile_cpu --target decode --side jax --method beam
+  python -m benchmarks.profile_cpu --target train --side jax --dump /tmp/xla_dump  # + HLO dump
 
 t5jax: the compiled step (or generate) runs --steps times under jax.profiler.trace; the trace's
 host plane is read back (jax.profiler.ProfileData) and every event whose name is an HLO
@@ -23,12 +23,8 @@ import collections
 import math
 import os
 import re
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args():
@@ -109,7 +105,7 @@ def profile_jax(args):
   args.vocab = config.vocab_size
   params = jax.device_get(t5jax.init_params(config, jax.random.key(args.seed)))
   if args.target == "train":
-    import train as bench_train
+    from benchmarks import train as bench_train
 
     bargs = argparse.Namespace(
       batch=args.batch, input_len=args.input_len, target_len=args.target_len, seed=args.seed
@@ -274,7 +270,7 @@ def profile_torch(args):
       d, dtype=torch.float32, attn_implementation="eager"
     )
   if args.target == "train":
-    import train as bench_train
+    from benchmarks import train as bench_train
 
     bargs = argparse.Namespace(
       batch=args.batch, input_len=args.input_len, target_len=args.target_len, seed=args.seed

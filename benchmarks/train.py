@@ -1,10 +1,10 @@
 """Training throughput: the t5jax train step next to transformers' T5ForConditionalGeneration.
 
-  python benchmarks/train.py                       # CPU: t5-v1_1-small, batch 8, 128 in, 32 out
-  python benchmarks/train.py --load 1              # the same with a CPU-bound busy loop running
-  python benchmarks/train.py --preset t5-v1_1-base --batch 64 --input_len 512 \\
+  python -m benchmarks.train                       # CPU: t5-v1_1-small, batch 8, 128 in, 32 out
+  python -m benchmarks.train --load 1              # the same with a CPU-bound busy loop running
+  python -m benchmarks.train --preset t5-v1_1-base --batch 64 --input_len 512 \\
       --target_len 128 --dtype bfloat16            # accelerator setting
-  python benchmarks/train.py --scan_layers 1 --remat full   # layer scan, full rematerialisation
+  python -m benchmarks.train --scan_layers 1 --remat full   # layer scan, full rematerialisation
 
 Both sides train the same model from the same weights: t5jax.init_params, written once with
 t5jax.save_hf and loaded by both (t5jax.load_hf; transformers from_pretrained). Do not let
@@ -17,7 +17,7 @@ lr=1e-3)), or `--optimizer adamw` (torch.optim.AdamW with the same betas, eps, n
 Dropout off (`--dropout`); loss is the mean token cross-entropy without z-loss on both sides.
 
 Every measurement is a fresh Python process (`--repeats` of each, interleaved, best one kept):
-  * t5jax: trainer.make_train_step jitted over a mesh of all local devices, state donated;
+  * t5jax: the train step of trainer.build, jitted over a mesh of all local devices, state donated;
     compile time (lower + compile) measured apart, in the first process of each variant (the
     others reuse a persistent compilation cache in a temporary folder). Variants (`--xla`):
     `default`, and `eigen1` = XLA_FLAGS --xla_cpu_multi_thread_eigen=false.
@@ -26,7 +26,7 @@ Every measurement is a fresh Python process (`--repeats` of each, interleaved, b
     its best. Its better thread count is the reference for the ratio.
 Each process runs --warmup steps, then --steps timed steps, each waited for; a process's step
 time is the median of its timed steps; tokens/s = batch * (input_len + target_len) / step time;
-model TFLOP/s = t5jax.flops.train_step_flops / step time.
+model TFLOP/s = benchmarks.flops.train_step_flops / step time.
 
 `--matmul` (on by default on CPU) also times the step's dense matmuls alone (every projection and
 the output layer, forward and both backward products, at their shapes and in the operand layouts
@@ -41,16 +41,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _harness as H  # noqa: E402
-
-from t5jax.config import REMAT_POLICIES  # noqa: E402
+from benchmarks import _harness as H
+from t5jax.config import REMAT_POLICIES
 
 
 def parse_args(argv=None):
@@ -83,20 +78,14 @@ def build_step(config, params, batch_np, optimizer: str, lr: float):
   benchmark times (constant learning rate, no z-loss or smoothing, num_tokens normaliser)."""
   import jax
 
-  from t5jax import optim, sharding, trainer
+  from t5jax import sharding, trainer
   from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
 
   opt_cfg = OptimizerConfig(name=optimizer, learning_rate=lr, schedule="constant", warmup_steps=0)
-  schedule = optim.make_schedule(opt_cfg)
-  tx = optim.make_optimizer(opt_cfg, schedule)
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=0.0, normalizer="num_tokens")
-  mesh = sharding.create_mesh(MeshConfig())
-  state_sh = trainer.state_shardings(config, tx, mesh)
-  state = trainer.state_from_params(params, tx, state_sh)
-  step = trainer.jit_train_step(
-    trainer.make_train_step(config, tx, schedule, loss_cfg), state_sh, mesh
-  )
-  return step, state, jax.device_put(batch_np, sharding.batch_sharding(mesh))
+  steps = trainer.build(config, opt_cfg, loss_cfg, sharding.create_mesh(MeshConfig()))
+  state = steps.state_from_params(params)
+  return steps.train_step, state, jax.device_put(batch_np, steps.batch_sharding)
 
 
 def _rss_gib() -> tuple[float, float]:
@@ -413,12 +402,12 @@ def main():
       fn = worker_t5jax if args._worker == "t5jax" else worker_torch
       H.write_result(args._out, fn(args))
     return
-  H.require_reference("benchmarks/train.py", args.no_hf)
+  H.require_reference("benchmarks.train", args.no_hf)
 
   import jax
 
   import t5jax
-  from t5jax import flops
+  from benchmarks import flops
 
   config = t5jax.get_config(args.preset, dropout_rate=args.dropout, dtype=args.dtype)
   if args.tiny:
@@ -442,7 +431,7 @@ def main():
     f" {args.steps} timed steps per process, {args.repeats} fresh processes per variant",
     flush=True,
   )
-  script = os.path.abspath(__file__)
+  module = __spec__.name  # benchmarks.train, also when run as __main__
   passthrough = [
     f"--batch={b}", f"--input_len={s}", f"--target_len={t}", f"--dtype={args.dtype}",
     f"--optimizer={args.optimizer}", f"--lr={args.lr}", f"--dropout={args.dropout}",
@@ -462,7 +451,7 @@ def main():
       compile_s = f", compile {r['compile_s']:.1f} s" if r.get("compile_s") else ""
       return f"step {r['step']:.3f} s{compile_s}"
 
-    results = H.run_jobs(script, passthrough, jobs, ckpt, args, report)
+    results = H.run_jobs(module, passthrough, jobs, ckpt, args, report)
     mm = {}
     if args.matmul:
       shapes = matmul_shapes(config, b, s, t)
@@ -473,7 +462,7 @@ def main():
         mm_jobs += [(f"torch {n} thr", "mm_torch", H.thread_env(n)) for n in threads]
       for name, kind, env in mm_jobs:
         wa = H.worker_args(passthrough, kind, ckpt, env)
-        r = H.run_worker(script, wa, env=env, load=args.load, timeout=args.worker_timeout)
+        r = H.run_worker(module, wa, env=env, load=args.load, timeout=args.worker_timeout)
         if r is None:
           print(f"  matmuls {name}: timed out (> {args.worker_timeout:.0f} s)")
         else:

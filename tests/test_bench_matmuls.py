@@ -1,23 +1,12 @@
 """benchmarks/train.py's matmul-only floor times each backward product in the operand layouts its
 side's step uses; both sides must compute the same products, or the floor compares unlike work."""
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from benchmarks import train as bench
 
-_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, _BENCH)  # for its `_harness` import; removed again so that `train` and
-try:  # `decode` keep meaning the top-level CLIs in other tests
-  _spec = importlib.util.spec_from_file_location("bench_train", os.path.join(_BENCH, "train.py"))
-  bench = importlib.util.module_from_spec(_spec)
-  _spec.loader.exec_module(bench)
-finally:
-  sys.path.remove(_BENCH)
+torch = pytest.importorskip("torch")
 
 
 @pytest.mark.parametrize("form", bench.FORMS)

@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from benchmarks import gpu
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs the script as __main__ with the modules the device image lacks made unimportable.
@@ -17,11 +21,12 @@ class Missing:
     if name.split(".")[0] in ("grain", "ml_collections", "tensorboardX"):
       raise ImportError(f"{name} is not installed on the device image")
 sys.meta_path.insert(0, Missing())
-sys.argv = ["benchmarks/gpu.py", "--smoke"]
-runpy.run_path("benchmarks/gpu.py", run_name="__main__")
+sys.argv = ["benchmarks.gpu", "--smoke"]
+runpy.run_module("benchmarks.gpu", run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow
 def test_gpu_script_smoke_without_device_only_packages(tmp_path):
   env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu")
   proc = subprocess.run(
@@ -40,13 +45,6 @@ def test_gpu_script_smoke_without_device_only_packages(tmp_path):
 
 
 def test_peak_by_device_name():
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(
-    "gpu_bench", os.path.join(ROOT, "benchmarks", "gpu.py")
-  )
-  gpu = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(gpu)
   # jax's device_kind names; the NVL and PCIe boards must not get the SXM peak.
   assert gpu.peak_tflops("NVIDIA H200") == 989.0
   assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0

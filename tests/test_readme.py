@@ -1,9 +1,10 @@
 """README.md and docs/*.md say what the code does: commands run as typed, names exist.
 
 - Every shell line in a ```bash block that runs one of our scripts (train.py, decode.py,
-  benchmarks/*.py) uses flags the script defines, and every `--config.X` named anywhere (prose
-  included) is a field of the run config. docs/training.md and docs/decoding.md name only their
-  script's flags; decode.py's synopsis in docs/decoding.md lists every flag it has.
+  `python -m benchmarks.X`) uses flags the script defines, and every `--config.X` named anywhere
+  (prose included) is a field of the run config. Benchmarks are run as modules, never as files.
+  docs/training.md and docs/decoding.md name only their script's flags; decode.py's synopsis in
+  docs/decoding.md lists every flag it has.
 - Every field of the typed configs (run, model, decoding) is documented somewhere in docs/.
 - Links, repository paths and `t5jax.x.y` names in the docs resolve; docs/architecture.md's
   import table is the code's; `--help` of both scripts ends by pointing to its page.
@@ -66,16 +67,20 @@ def _commands(name):
   spans = re.findall(r"`(python3? [^`\n]+)`", _prose(name))
   for block in [*_blocks(name), *spans]:
     for line in block.replace("\\\n", " ").split("\n"):
-      for m in re.finditer(r"\bpython3? ((?:benchmarks/)?\w+\.py)\b((?:(?! \| )[^\"#])*)", line):
-        if m.group(1) in SCRIPTS:
-          out.append((m.group(1), m.group(2)))
+      for m in re.finditer(r"\bpython3? (\w+\.py|-m benchmarks\.\w+)\b((?:(?! \| )[^\"#])*)", line):
+        script = re.sub(r"^-m benchmarks\.(\w+)$", r"benchmarks/\1.py", m.group(1))
+        if script in SCRIPTS:
+          out.append((script, m.group(2)))
   return out
 
 
 @functools.cache
 def _help(script, flag="--help"):
+  """`python SCRIPT --help`; a benchmark runs as a module (`python -m benchmarks.X --help`)."""
+  bench = re.fullmatch(r"benchmarks/(\w+)\.py", script)
+  cmd = ["-m", f"benchmarks.{bench.group(1)}"] if bench else [script]
   proc = subprocess.run(
-    [sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=120
+    [sys.executable, *cmd, flag], cwd=ROOT, capture_output=True, text=True, timeout=120
   )
   return proc.stdout + proc.stderr
 
@@ -125,6 +130,16 @@ def test_commands_name_real_scripts_and_flags():
         if flag not in _help_flags(script):
           bad.append(f"{name}: {script} --{flag}")
   assert not bad, f"commands use flags their scripts do not define: {bad}"
+
+
+def test_benchmarks_are_run_as_modules():
+  """`python benchmarks/X.py` fails at its first import (`from benchmarks import ...`)."""
+  bad = [
+    f"{name}: {m}"
+    for name in (*DOCS, *SCRIPTS)
+    for m in re.findall(r"\bpython3? benchmarks/\w+\.py", _read(name))
+  ]
+  assert not bad, f"write `python -m benchmarks.X` instead: {bad}"
 
 
 def test_config_fields_named_in_docs_exist():

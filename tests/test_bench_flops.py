@@ -1,4 +1,4 @@
-"""Tests for t5jax.flops: a hand count, and the matmuls jax actually lowers for the model."""
+"""Tests for benchmarks.flops: a hand count, and the matmuls jax actually lowers for the model."""
 
 import math
 import re
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import t5jax
-from t5jax import flops
+from benchmarks import flops
 
 _TINY = dict(d_model=64, d_kv=16, d_ff=96, num_heads=4, num_layers=2, num_decoder_layers=3)
 
