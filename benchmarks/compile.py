@@ -38,11 +38,11 @@ def measure_one(preset: str, scan: bool, args) -> dict[str, float]:
   import t5jax
   from t5jax import sharding, trainer
   from t5jax.config import get_config
-  from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
+  from t5jax.train_config import LossConfig, OptimizerConfig
 
   jax.config.update("jax_enable_compilation_cache", False)
   cfg = get_config(preset, scan_layers=scan, dtype=args.dtype, remat=args.remat)
-  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
+  mesh = sharding.create_mesh(sharding.MeshConfig(), jax.devices()[:1])
   steps = trainer.build(cfg, OptimizerConfig(), LossConfig(), mesh)
   state = steps.abstract_state()
 

@@ -51,7 +51,7 @@ from benchmarks import decode as bench_decode  # noqa: E402
 from benchmarks import flops  # noqa: E402
 from benchmarks import train as bench_train  # noqa: E402
 from t5jax import model, sharding, trainer  # noqa: E402
-from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig  # noqa: E402
+from t5jax.train_config import LossConfig, OptimizerConfig  # noqa: E402
 
 # Dense bf16 peaks (vendor datasheets, without sparsity), the most specific name first: the PCIe
 # and NVL boards run lower clocks and power than the SXM parts.
@@ -205,7 +205,7 @@ def train_grid(args, results, peak, deadline):
     dtype="bfloat16", warmup=args.warmup, steps=args.steps,
   )  # fmt: skip
   opt_cfg = OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_steps=0)
-  mesh = sharding.create_mesh(MeshConfig())
+  mesh = sharding.create_mesh(sharding.MeshConfig())
   header = f"{'attention':12} {'scan':>4} {'remat':>6} {'block':>5} {'compile s':>9}"
   print(f"\n{header} {'step s':>8} {'TFLOP/s':>8} {'MFU':>6}")
   for entry in args.grid.split(";"):

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from t5jax import model, optim, sharding, trainer  # noqa: E402
 from t5jax.config import get_config  # noqa: E402
-from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig  # noqa: E402
+from t5jax.train_config import LossConfig, OptimizerConfig  # noqa: E402
 
 PRESETS = [
   "t5-v1_1-small",
@@ -127,7 +127,7 @@ def measure(num_layers: int = 2, batch: int = 8) -> None:
     if jax.device_count() < n:
       print(f"| {mesh_shape} | (needs {n} devices) | | | |")
       continue
-    mesh = sharding.create_mesh(MeshConfig(*mesh_shape), jax.devices()[:n])
+    mesh = sharding.create_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:n])
     steps = trainer.build(cfg, ocfg, loss_cfg, mesh)
     batch_sh = steps.batch_sharding
     abstract_state = steps.abstract_state()
@@ -167,7 +167,7 @@ def measure_remat(preset: str, batch: int, s_len: int, t_len: int, scan: bool = 
   from t5jax.config import REMAT_POLICIES
 
   ocfg = OptimizerConfig()
-  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
+  mesh = sharding.create_mesh(sharding.MeshConfig(), jax.devices()[:1])
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
   batch_shapes = {
     name: jax.ShapeDtypeStruct((batch, length), dtype)
@@ -246,7 +246,7 @@ def measure_peft(preset: str, batch: int, s_len: int, t_len: int, remat: str, op
   from t5jax import peft
 
   ocfg = OptimizerConfig(name=opt)
-  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
+  mesh = sharding.create_mesh(sharding.MeshConfig(), jax.devices()[:1])
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
   cfg = get_config(preset, scan_layers=True, remat=remat, dtype="bfloat16", dropout_rate=0.0)
   qv = tuple(f"{s}.{n}" for s in ("encoder", "decoder", "cross") for n in ("q", "v"))

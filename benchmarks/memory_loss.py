@@ -21,7 +21,7 @@ import numpy as np
 
 from t5jax import sharding, trainer
 from t5jax.config import get_config
-from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
+from t5jax.train_config import LossConfig, OptimizerConfig
 
 
 def _nbytes(tree) -> int:
@@ -49,7 +49,7 @@ def main() -> None:
     scan_layers=bool(args.scan_layers),
     **depth,
   )
-  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
+  mesh = sharding.create_mesh(sharding.MeshConfig(), jax.devices()[:1])
   state = trainer.build(cfg, OptimizerConfig(), LossConfig(), mesh).abstract_state()
   b, s, t = args.batch, args.input_len, args.target_len
   batch = {

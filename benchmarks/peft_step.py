@@ -22,7 +22,7 @@ import numpy as np
 
 from t5jax import model, peft, sharding, trainer
 from t5jax.config import get_config
-from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
+from t5jax.train_config import LossConfig, OptimizerConfig
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
   }
   key = jax.random.key(1)
 
-  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
+  mesh = sharding.create_mesh(sharding.MeshConfig(), jax.devices()[:1])
   full, lora = (trainer.build(c, ocfg, loss_cfg, mesh) for c in (cfg, lcfg))
   full_step, lora_step = full.train_step, lora.train_step
   full_state = full.state_from_params(base)  # a copy: the step donates it, `base` stays

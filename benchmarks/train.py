@@ -79,11 +79,11 @@ def build_step(config, params, batch_np, optimizer: str, lr: float):
   import jax
 
   from t5jax import sharding, trainer
-  from t5jax.train_config import LossConfig, MeshConfig, OptimizerConfig
+  from t5jax.train_config import LossConfig, OptimizerConfig
 
   opt_cfg = OptimizerConfig(name=optimizer, learning_rate=lr, schedule="constant", warmup_steps=0)
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=0.0, normalizer="num_tokens")
-  steps = trainer.build(config, opt_cfg, loss_cfg, sharding.create_mesh(MeshConfig()))
+  steps = trainer.build(config, opt_cfg, loss_cfg, sharding.create_mesh(sharding.MeshConfig()))
   state = steps.state_from_params(params)
   return steps.train_step, state, jax.device_put(batch_np, steps.batch_sharding)
 

@@ -23,7 +23,7 @@ from test_train import tiny_run_config
 import t5jax
 from t5jax import inference, model, optim, partitioning, sharding, trainer
 from t5jax.train import TrainingError, train_and_evaluate
-from t5jax.train_config import AdamWConfig, LossConfig, MeshConfig, OptimizerConfig
+from t5jax.train_config import AdamWConfig, LossConfig, OptimizerConfig
 
 # Shapes that exercise every branch: the shared (T5 1.0/1.1) and per-layer (UMT5) position bias,
 # heads * d_kv != d_model, a decoder deeper than the encoder, tied and untied output layers.
@@ -229,7 +229,7 @@ def test_train_steps_scanned_equal_unrolled(name):
     # near the gradients' scale keeps the update smooth in g, so the comparison stays tight.
     adamw=AdamWConfig(eps=1e-4),
   )  # fmt: skip
-  mesh = sharding.create_mesh(MeshConfig(), jax.devices()[:1])
+  mesh = sharding.create_mesh(sharding.MeshConfig(), jax.devices()[:1])
   enc, dec, labels = _batch(cfg.vocab_size, seed=2)
   batch = dict(encoder_input_tokens=enc, decoder_input_tokens=dec, decoder_target_tokens=labels)
   out = []
