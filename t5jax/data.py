@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -73,6 +74,42 @@ def _noise_counts(length: int, noise_density: float, mean_noise_span_length: flo
   return num_noise, min(num_spans, num_noise, length - num_noise)
 
 
+def _noise_spans(
+  rows: int,
+  length: int,
+  noise_density: float,
+  mean_noise_span_length: float,
+  rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Where each row's noise spans start and end: int [rows, spans] each (`random_spans_noise_masks`
+  draws these)."""
+  num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
+
+  def segment(total: int) -> np.ndarray:  # [rows, num_spans] lengths >= 1 summing to total
+    if num_spans == 1:
+      return np.full((rows, 1), total)
+    keys = rng.random((rows, total - 1))
+    cuts = np.sort(np.argpartition(keys, num_spans - 2, axis=1)[:, : num_spans - 1], axis=1) + 1
+    bounds = np.concatenate([np.zeros((rows, 1), int), cuts, np.full((rows, 1), total)], axis=1)
+    return np.diff(bounds, axis=1)
+
+  noise = segment(num_noise)
+  keep = segment(length - num_noise)
+  # Noise span i starts after keep_0..keep_i and noise_0..noise_{i-1}; all starts and ends of a
+  # row are distinct (every kept span has a token).
+  starts = np.cumsum(keep, axis=1) + np.cumsum(noise, axis=1) - noise
+  return starts, starts + noise
+
+
+def _masks_of(starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+  rows = len(starts)
+  marks = np.zeros((rows, length + 1), np.int8)
+  r = np.arange(rows)[:, None]
+  marks[r, starts] = 1
+  marks[r, ends] = -1
+  return np.cumsum(marks[:, :length], axis=1, dtype=np.int8) > 0
+
+
 def random_spans_noise_masks(
   rows: int,
   length: int,
@@ -89,26 +126,8 @@ def random_spans_noise_masks(
   Returns:
     bool [rows, length], True on noise tokens.
   """
-  num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
-
-  def segment(total: int) -> np.ndarray:  # [rows, num_spans] lengths >= 1 summing to total
-    if num_spans == 1:
-      return np.full((rows, 1), total)
-    keys = rng.random((rows, total - 1))
-    cuts = np.sort(np.argpartition(keys, num_spans - 2, axis=1)[:, : num_spans - 1], axis=1) + 1
-    bounds = np.concatenate([np.zeros((rows, 1), int), cuts, np.full((rows, 1), total)], axis=1)
-    return np.diff(bounds, axis=1)
-
-  noise = segment(num_noise)
-  keep = segment(length - num_noise)
-  # Noise span i starts after keep_0..keep_i and noise_0..noise_{i-1}: +1 there, -1 at its end
-  # (all starts and ends of a row are distinct: every kept span has a token).
-  starts = np.cumsum(keep, axis=1) + np.cumsum(noise, axis=1) - noise
-  marks = np.zeros((rows, length + 1), np.int8)
-  r = np.arange(rows)[:, None]
-  marks[r, starts] = 1
-  marks[r, starts + noise] = -1
-  return np.cumsum(marks[:, :length], axis=1, dtype=np.int32) > 0
+  starts, ends = _noise_spans(rows, length, noise_density, mean_noise_span_length, rng)
+  return _masks_of(starts, ends, length)
 
 
 def random_spans_noise_mask(
@@ -138,27 +157,31 @@ def span_corrupt_batch(
   """
   tokens = np.asarray(tokens, np.int32)
   rows, n = tokens.shape
-  mask = random_spans_noise_masks(rows, n, noise_density, mean_noise_span_length, rng)
+  starts, ends = _noise_spans(rows, n, noise_density, mean_noise_span_length, rng)
+  mask = _masks_of(starts, ends, n)
   num_noise, num_spans = _noise_counts(n, noise_density, mean_noise_span_length)
   if isinstance(sentinel_id, np.ndarray):
     sentinels = sentinel_id[:num_spans]
   else:
     sentinels = np.array([sentinel_id(i) for i in range(num_spans)], np.int32)
-  first = mask & ~np.concatenate([np.zeros((rows, 1), bool), mask[:, :-1]], axis=1)
-  span = np.maximum(np.cumsum(first, axis=1) - 1, 0)
-  # Two slots per position: [its span's sentinel if a span starts here, the token]; inputs take
-  # the sentinel slots and the kept tokens, targets the sentinel slots and the noise tokens.
-  slots = np.stack([sentinels[span], tokens], axis=2)
-  eos = np.full((rows, 1), EOS_ID, np.int32)
-  take_in = np.stack([first, ~mask], axis=2)
-  take_tg = np.stack([first, mask], axis=2)
-  inputs = slots[take_in].reshape(rows, n - num_noise + num_spans)
-  targets = slots[take_tg].reshape(rows, num_noise + num_spans)
-  return (
-    np.concatenate([inputs, eos], axis=1).astype(np.int32),
-    np.concatenate([targets, eos], axis=1).astype(np.int32),
-    mask,
-  )
+  # Inputs: the kept tokens, with the first token of noise span i made sentinel i and the rest of
+  # the span dropped. Targets: the noise tokens, with the first token of the kept span before
+  # noise span i made sentinel i (every row starts with a kept span: one before each noise span).
+  r = np.arange(rows)[:, None]
+  keep_starts = np.concatenate([np.zeros((rows, 1), starts.dtype), ends[:, :-1]], axis=1)
+  out = []
+  for firsts, take, width in (
+    (starts, ~mask, n - num_noise + num_spans),
+    (keep_starts, mask.copy(), num_noise + num_spans),
+  ):
+    ids = tokens.copy()
+    ids[r, firsts] = sentinels
+    take[r, firsts] = True
+    row = np.empty((rows, width + 1), np.int32)
+    row[:, :width] = ids[take].reshape(rows, width)
+    row[:, width] = EOS_ID
+    out.append(row)
+  return out[0], out[1], mask
 
 
 def span_corrupt(
@@ -629,37 +652,49 @@ class _Corrupt:
 
 
 class _CorruptBatch:
-  """A batch of `ChunkTokens` elements -> span-corrupted model features, all rows at once (one
-  example per row: packed-format features when packing, else padded)."""
+  """A batch of `ChunkTokens` elements (or one {"tokens" [B, n], "key" [B, 4]} dict of them
+  stacked) -> span-corrupted model features, all rows at once (one example per row: packed-format
+  features when packing, else padded). The rng is seeded from a digest of the batch's keys."""
 
   def __init__(self, corrupt: _Corrupt, data_cfg: DataConfig):
     self.corrupt, self.pack = corrupt, data_cfg.pack
     self.input_length, self.target_length = data_cfg.max_input_length, data_cfg.max_target_length
 
   def __call__(self, elements):
-    keys = np.concatenate([e["key"] for e in elements]).tolist()
-    rng = np.random.default_rng([self.corrupt.seed, *keys])
-    inputs, targets = self.corrupt.batch(np.stack([e["tokens"] for e in elements]), rng)
-    rows = len(elements)
-    row = {}
-    for name, ids, length in (
-      ("inputs", inputs, self.input_length),
-      ("targets", targets, self.target_length),
-    ):
-      padded = np.zeros((rows, length), np.int32)
-      padded[:, : ids.shape[1]] = ids
-      row[name] = padded
-      if self.pack:
-        row[f"{name}_segment_ids"] = (padded > 0).astype(np.int32)
-        row[f"{name}_positions"] = np.where(padded > 0, np.arange(length), 0).astype(np.int32)
-    if self.pack:
-      return _packed_features(row)
-    tgt = row["targets"]
+    if isinstance(elements, dict):
+      tokens, keys = elements["tokens"], elements["key"]
+    else:
+      tokens = np.stack([e["tokens"] for e in elements])
+      keys = np.stack([e["key"] for e in elements])
+    digest = hashlib.blake2b(np.ascontiguousarray(keys, "<i8").tobytes(), digest_size=16).digest()
+    rng = np.random.default_rng([self.corrupt.seed, *np.frombuffer(digest, "<u4").tolist()])
+    inputs, targets = self.corrupt.batch(tokens, rng)
+    rows = len(tokens)
+    enc = np.zeros((rows, self.input_length), np.int32)
+    enc[:, : inputs.shape[1]] = inputs
+    tgt = np.zeros((rows, self.target_length), np.int32)
+    tgt[:, : targets.shape[1]] = targets
+    dec_in = shift_right(tgt)
+    if not self.pack:
+      return {
+        "encoder_input_tokens": enc,
+        "decoder_input_tokens": dec_in,
+        "decoder_target_tokens": tgt,
+        "decoder_loss_weights": (tgt > 0).astype(np.float32),
+      }
+    # One segment per row, from position 0: what grain's packing gives a row holding one example.
+    enc_seg = (enc > 0).astype(np.int32)
+    dec_seg = (tgt > 0).astype(np.int32)
+    dec_in[dec_seg == 0] = 0
     return {
-      "encoder_input_tokens": row["inputs"],
-      "decoder_input_tokens": shift_right(tgt),
+      "encoder_input_tokens": enc,
+      "encoder_segment_ids": enc_seg,
+      "encoder_positions": enc_seg * np.arange(self.input_length, dtype=np.int32),
+      "decoder_input_tokens": dec_in,
       "decoder_target_tokens": tgt,
-      "decoder_loss_weights": (tgt > 0).astype(np.float32),
+      "decoder_segment_ids": dec_seg,
+      "decoder_positions": dec_seg * np.arange(self.target_length, dtype=np.int32),
+      "decoder_loss_weights": dec_seg.astype(np.float32),
     }
 
 
