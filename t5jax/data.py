@@ -712,6 +712,46 @@ def _raw_chunk_length(data_cfg: DataConfig, tokenizer: Tokenizer) -> int:
   return raw
 
 
+def _check_prepared_task(task: _Task, tokenizer: Tokenizer) -> None:
+  _check_prepared(task, tokenizer)
+  if task.cfg.prefix:
+    raise DataError(
+      f"{_what(task, 'prefix')}: a prepared folder holds its inputs with the prefix given to "
+      "python -m t5jax.prepare (--prefix); leave this empty"
+    )
+
+
+def _chunk_batches(
+  task: _Task,
+  data_cfg: DataConfig,
+  tokenizer: Tokenizer,
+  batch_size: int,
+  seed: int,
+  host: int,
+  hosts: int,
+) -> grain.IterDataset | None:
+  """Batches of raw chunks from a prepared folder of chunks this run's span corruption takes
+  (`streams.ChunkBatches`), or None when the task is anything else (a prepared folder of other
+  chunks is read as documents: concatenated and split again)."""
+  m = task.manifest
+  if task.kind != "text" or m is None or not m["chunk_length"]:
+    return None
+  if m["chunk_length"] != _raw_chunk_length(data_cfg, tokenizer):
+    return None
+  _check_prepared_task(task, tokenizer)
+  return streams.ChunkBatches(
+    m["paths"],
+    m["chunk_length"],
+    batch_size,
+    chunks_per_record=int(m["chunks_per_record"]),
+    seed=seed,
+    shuffle=data_cfg.shuffle,
+    window=data_cfg.shuffle_buffer,
+    shard_index=host,
+    shard_count=hosts,
+  )
+
+
 def _task_stream(
   task: _Task, data_cfg: DataConfig, tokenizer: Tokenizer, seed: int, host: int, hosts: int
 ) -> grain.IterDataset:
@@ -725,12 +765,7 @@ def _task_stream(
     return ds.random_map(encode, seed=seed + 1).to_iter_dataset(_READ_OPTIONS)
   what = _what(task, "train_file")
   if task.manifest is not None:
-    _check_prepared(task, tokenizer)
-    if task.cfg.prefix:
-      raise DataError(
-        f"{_what(task, 'prefix')}: a prepared folder holds its inputs with the prefix given to "
-        "python -m t5jax.prepare (--prefix); leave this empty"
-      )
+    _check_prepared_task(task, tokenizer)
     ds = streams.RandomAccessStream(
       task.manifest["paths"],
       _DecodePrepared(task.kind, s_len, t_len),
@@ -836,21 +871,33 @@ def train_stream(
   tokenize / corrupt -> mix by rate -> pack or pad -> batch, in `data_cfg.num_workers` worker
   processes (grain's `mp_prefetch`) when > 0."""
   tasks = _tasks(data_cfg)
-  parts = [_task_stream(t, data_cfg, tokenizer, seed, process_index, process_count) for t in tasks]
   corrupt = _Corrupt(tokenizer, data_cfg, seed + 1)
-  if all(t.kind == "text" for t in tasks):  # span corruption alone: a batch at a time
-    chunks = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
-    batches = chunks.batch(
-      batch_size, drop_remainder=True, batch_fn=_CorruptBatch(corrupt, data_cfg)
+  blocks = None
+  if len(tasks) == 1:
+    blocks = _chunk_batches(
+      tasks[0], data_cfg, tokenizer, batch_size, seed, process_index, process_count
     )
+  if blocks is not None:  # prepared chunks of the right length: whole blocks, a batch at a time
+    batches = blocks.map(_CorruptBatch(corrupt, data_cfg))
   else:
     parts = [
-      p.map(corrupt.element) if t.kind == "text" else p for t, p in zip(tasks, parts, strict=True)
+      _task_stream(t, data_cfg, tokenizer, seed, process_index, process_count) for t in tasks
     ]
-    examples = (
-      parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
-    )
-    batches = _batches(examples, data_cfg, batch_size)
+    if all(t.kind == "text" for t in tasks):  # span corruption alone: a batch at a time
+      chunks = (
+        parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
+      )
+      batches = chunks.batch(
+        batch_size, drop_remainder=True, batch_fn=_CorruptBatch(corrupt, data_cfg)
+      )
+    else:
+      parts = [
+        p.map(corrupt.element) if t.kind == "text" else p for t, p in zip(tasks, parts, strict=True)
+      ]
+      examples = (
+        parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
+      )
+      batches = _batches(examples, data_cfg, batch_size)
   if data_cfg.num_workers:
     # grain's workers read absl flags of their own; a library caller (not train.py) has parsed
     # none, and grain then fails in every worker.

@@ -16,7 +16,10 @@ zstd; Parquet; ArrayRecord of JSON records). The output folder holds
   t5jax_prepared.json             the manifest (`sources.MANIFEST`), written last and atomically
 
 Records: kind "text" holds one array, a document's ids without eos (training concatenates and
-splits them for span corruption); kind "pairs" holds two, `encode(prefix + input)` and
+splits them for span corruption), or with `--chunk_length=L` a block of up to
+`--chunks_per_record` chunks of L tokens (the file's documents concatenated and split, its last
+partial chunk dropped), which span corruption whose raw chunk is L tokens reads as whole blocks;
+kind "pairs" holds two, `encode(prefix + input)` and
 `encode(target)`, each ending with eos and untruncated (training truncates to its lengths).
 
 Input files are tokenized in `--num_workers` processes, one file per task; each file's pieces come
@@ -54,6 +57,7 @@ KINDS = {
   "span_corruption": "text",
 }
 DEFAULT_RECORDS_PER_SHARD = 100_000
+DEFAULT_CHUNKS_PER_RECORD = 64  # 64 x 568 int32 ids: a 145 kB record
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access reads one record
 TOKENIZER_DIR = "tokenizer"
 _SHARD_RE = re.compile(r"^\.?shard-\d{5}-\d{5}\.arrayrecord(\.tmp)?$")
@@ -68,6 +72,8 @@ class _FileTask(NamedTuple):
   prefix: str
   output: str
   records_per_shard: int
+  chunk_length: int = 0  # > 0: kind text as blocks of chunks of this many tokens
+  chunks_per_record: int = 64
 
 
 def shard_name(file_index: int, piece: int) -> str:
@@ -90,7 +96,7 @@ class _ShardWriter:
   def __init__(self, output: str, name: str):
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    self.name, self.count = name, 0
+    self.name, self.count, self.chunks = name, 0, 0
     self.path = os.path.join(output, name)
     self.tmp = os.path.join(output, f".{name}.tmp")
     self._writer = ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
@@ -99,24 +105,61 @@ class _ShardWriter:
     self._writer.write(record)
     self.count += 1
 
-  def close(self) -> tuple[str, int]:
+  def close(self) -> dict[str, int | str]:
     self._writer.close()
     os.replace(self.tmp, self.path)
-    return self.name, self.count
+    entry: dict[str, int | str] = {"file": self.name, "records": self.count}
+    if self.chunks:
+      entry["chunks"] = self.chunks
+    return entry
 
 
-def _prepare_file(task: _FileTask, tokenizer) -> list[tuple[str, int]]:
-  """Tokenizes one input file into its shards; returns [(shard file name, records)]."""
-  shards: list[tuple[str, int]] = []
+def _prepare_file(task: _FileTask, tokenizer) -> tuple[list[dict[str, int | str]], int]:
+  """Tokenizes one input file into its shards; returns their manifest entries and the tokens
+  dropped (chunked text: the last partial chunk of the file)."""
+  shards: list[dict[str, int | str]] = []
   writer: _ShardWriter | None = None
+  chunked = task.kind == "text" and task.chunk_length > 0
+  block = task.chunk_length * task.chunks_per_record  # tokens per record when chunked
+  pending: list[np.ndarray] = []  # ids not yet written (chunked)
+  pending_len, seen, dropped = 0, False, 0
+
+  def write(record: bytes, chunks: int = 0) -> None:
+    nonlocal writer
+    if writer is None:
+      writer = _ShardWriter(task.output, shard_name(task.index, len(shards)))
+    writer.write(record)
+    writer.chunks += chunks
+    if (writer.chunks if chunked else writer.count) >= task.records_per_shard:
+      shards.append(writer.close())
+      writer = None
+
+  def flush(final: bool) -> None:  # whole blocks; at the end, the whole chunks left
+    nonlocal pending, pending_len, dropped
+    ids = np.concatenate(pending) if len(pending) > 1 else pending[0]
+    unit = task.chunk_length if final else block
+    cut = len(ids) // unit * unit
+    for start in range(0, cut, block):
+      piece = ids[start : min(start + block, cut)]
+      write(sources.encode_tokens(piece), len(piece) // task.chunk_length)
+    if final:
+      pending, pending_len, dropped = [], 0, len(ids) - cut
+    else:
+      pending, pending_len = [ids[cut:]], len(ids) - cut
+
   try:
     for _, value in sources.iter_records(task.path, task.kind, task.fields, task.fmt):
-      if writer is None:
-        writer = _ShardWriter(task.output, shard_name(task.index, len(shards)))
-      writer.write(_encode(tokenizer, task.kind, task.prefix, value))
-      if writer.count >= task.records_per_shard:
-        shards.append(writer.close())
-        writer = None
+      seen = True
+      if not chunked:
+        write(_encode(tokenizer, task.kind, task.prefix, value))
+        continue
+      ids = np.asarray(tokenizer.encode(value)[:-1], np.int32)
+      pending.append(ids)
+      pending_len += len(ids)
+      if pending_len >= block:
+        flush(final=False)
+    if chunked and pending:
+      flush(final=True)
     if writer is not None:
       shards.append(writer.close())
       writer = None
@@ -126,9 +169,9 @@ def _prepare_file(task: _FileTask, tokenizer) -> list[tuple[str, int]]:
         writer._writer.close()
       with contextlib.suppress(OSError):
         os.remove(writer.tmp)
-  if not shards:
+  if not seen:
     raise DataError(f"{task.path}: no records (an empty shard)")
-  return shards
+  return shards, dropped
 
 
 _WORKER_TOKENIZER = None
@@ -139,7 +182,7 @@ def _init_worker(tokenizer) -> None:
   _WORKER_TOKENIZER = tokenizer
 
 
-def _run_in_worker(task: _FileTask) -> list[tuple[str, int]]:
+def _run_in_worker(task: _FileTask) -> tuple[list[dict[str, int | str]], int]:
   return _prepare_file(task, _WORKER_TOKENIZER)
 
 
@@ -209,6 +252,8 @@ def prepare(
   prefix: str = "",
   num_workers: int = 0,
   records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
+  chunk_length: int = 0,
+  chunks_per_record: int = DEFAULT_CHUNKS_PER_RECORD,
   overwrite: bool = False,
   log=None,
 ) -> dict[str, Any]:
@@ -224,7 +269,14 @@ def prepare(
     fields: field / column names (JSONL, Parquet, ArrayRecord; a TSV header may use them).
     prefix: prepended to every input of a pairs corpus (T5's task prefix).
     num_workers: processes tokenizing files; 0 = min(CPU count, files).
-    records_per_shard: records per output shard (a larger input file gives several).
+    records_per_shard: records per output shard (a larger input file gives several); chunked
+      text: chunks per shard (whole records).
+    chunk_length: text only; > 0: each input file's documents are concatenated (without eos) and
+      split into chunks of this many tokens, stored `chunks_per_record` to a record (one flat id
+      array); the file's last partial chunk is dropped. Training at the span-corruption lengths
+      whose raw chunk is this long reads whole blocks, with no per-document work. 0: one record
+      per document.
+    chunks_per_record: chunks per record when chunked.
     overwrite: replace a folder a previous prepare wrote.
     log: called with a progress line per input file (None: quiet).
 
@@ -245,6 +297,10 @@ def prepare(
     raise DataError(f"--records_per_shard={records_per_shard} must be >= 1")
   if num_workers < 0:
     raise DataError(f"--num_workers={num_workers} must be >= 0 (0 = one per CPU, at most a file)")
+  if chunk_length < 0 or (chunk_length and kind != "text"):
+    raise DataError(f"--chunk_length={chunk_length}: >= 1 for --kind=text corpora only (0: off)")
+  if chunks_per_record < 1:
+    raise DataError(f"--chunks_per_record={chunks_per_record} must be >= 1")
   if sources.prepared_manifest(input_spec) is not None:
     raise DataError(f"--input={input_spec}: is already a prepared corpus")
   files = sources.resolve_files(input_spec, "--input")
@@ -255,25 +311,33 @@ def prepare(
   created = not os.path.exists(output)
   _clear_output(output, overwrite)
   tasks = [
-    _FileTask(k, f, kind, fields, fmt, prefix, output, records_per_shard)
+    _FileTask(
+      k, f, kind, fields, fmt, prefix, output, records_per_shard, chunk_length, chunks_per_record
+    )
     for k, f in enumerate(files)
   ]
   workers = num_workers or default_num_workers(len(files))
   t0 = time.time()
-  shards: list[tuple[str, int]] = []
+  shards: list[dict[str, Any]] = []
+  dropped: list[int] = []
   try:
     if workers == 1:
       results = (_prepare_file(t, tokenizer) for t in tasks)
-      _collect(results, tasks, shards, log, t0)
+      _collect(results, tasks, shards, dropped, log, t0)
     else:
       # spawn, not fork: the caller may have started threads (JAX, grain) that fork would copy.
       ctx = multiprocessing.get_context("spawn")
       with ctx.Pool(min(workers, len(tasks)), _init_worker, (tokenizer,)) as pool:
         try:
-          _collect(pool.imap(_run_in_worker, tasks), tasks, shards, log, t0)
+          _collect(pool.imap(_run_in_worker, tasks), tasks, shards, dropped, log, t0)
         except BaseException:
           pool.terminate()
           raise
+    if not shards:
+      raise DataError(
+        f"--input={input_spec}: {sum(dropped)} tokens in all, not one chunk of "
+        f"--chunk_length={chunk_length}"
+      )
     tokenizer.save(os.path.join(output, TOKENIZER_DIR))
     manifest = {
       "version": sources.PREPARED_VERSION,
@@ -285,8 +349,12 @@ def prepare(
       "format": fmt,
       "fields": fields._asdict(),
       "prefix": prefix,
-      "shards": [{"file": name, "records": n} for name, n in shards],
+      "chunk_length": chunk_length,
+      "shards": shards,
     }
+    if chunk_length:
+      manifest["chunks_per_record"] = chunks_per_record
+      manifest["dropped_tokens"] = sum(dropped)
     atomic_write(os.path.join(output, sources.MANIFEST), json.dumps(manifest, indent=1) + "\n")
   except BaseException:
     _remove_partial(output, created)
@@ -294,15 +362,18 @@ def prepare(
   return manifest
 
 
-def _collect(results, tasks: Sequence[_FileTask], shards: list, log, t0: float) -> None:
+def _collect(results, tasks: Sequence[_FileTask], shards: list, dropped: list, log, t0) -> None:
   total = 0
-  for task, file_shards in zip(tasks, results, strict=True):
+  for task, (file_shards, file_dropped) in zip(tasks, results, strict=True):
     shards += file_shards
-    n = sum(c for _, c in file_shards)
+    dropped.append(file_dropped)
+    n = sum(int(s["records"]) for s in file_shards)
     total += n
     if log is not None:
+      chunks = sum(int(s.get("chunks", 0)) for s in file_shards)
+      what = f"{chunks} chunks in {n} records" if task.chunk_length else f"{n} records"
       log(
-        f"[{task.index + 1}/{len(tasks)}] {task.path}: {n} records, {len(file_shards)} shard(s) "
+        f"[{task.index + 1}/{len(tasks)}] {task.path}: {what}, {len(file_shards)} shard(s) "
         f"({total} records in {time.time() - t0:.1f} s)"
       )
 
@@ -338,7 +409,19 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--text_field", default="text")
   p.add_argument("--prefix", default="", help="prepended to every input of a pairs corpus")
   p.add_argument("--num_workers", type=int, default=0, help="0 = min(CPU count, input files)")
-  p.add_argument("--records_per_shard", type=int, default=DEFAULT_RECORDS_PER_SHARD)
+  p.add_argument(
+    "--records_per_shard",
+    type=int,
+    default=DEFAULT_RECORDS_PER_SHARD,
+    help="records per shard (chunks, with --chunk_length)",
+  )
+  p.add_argument(
+    "--chunk_length",
+    type=int,
+    default=0,
+    help="text: chunks of this many tokens (568: span corruption at 512/114); 0: documents",
+  )
+  p.add_argument("--chunks_per_record", type=int, default=DEFAULT_CHUNKS_PER_RECORD)
   p.add_argument("--overwrite", action="store_true", help="replace a previous prepare's output")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   return p
@@ -374,14 +457,20 @@ def main(argv: Sequence[str] | None = None) -> int:
       prefix=args.prefix,
       num_workers=args.num_workers,
       records_per_shard=args.records_per_shard,
+      chunk_length=args.chunk_length,
+      chunks_per_record=args.chunks_per_record,
       overwrite=args.overwrite,
       log=log,
     )
   except (DataError, FileNotFoundError) as e:
     return fail(e)
   n = sum(s["records"] for s in manifest["shards"])
+  what = f"{n} {manifest['kind']} records"
+  if manifest["chunk_length"]:
+    chunks = sum(s["chunks"] for s in manifest["shards"])
+    what = f"{chunks} chunks of {manifest['chunk_length']} tokens ({n} records)"
   print(
-    f"prepared {n} {manifest['kind']} records in {len(manifest['shards'])} shard(s) at "
+    f"prepared {what} in {len(manifest['shards'])} shard(s) at "
     f"{args.output} ({time.time() - t0:.1f} s); train with "
     f"--config.data.train_file={args.output}"
   )

@@ -409,7 +409,8 @@ def read_all(
 # Prepared shards (`python -m t5jax.prepare`): token ids in ArrayRecord files, a manifest beside.
 
 MANIFEST = "t5jax_prepared.json"
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2  # 2: text may be chunk blocks (`chunk_length`); 1 (documents) reads as is
+READABLE_VERSIONS = (1, 2)
 
 
 def encode_tokens(*arrays: np.ndarray) -> bytes:
@@ -444,8 +445,12 @@ def prepared_manifest(spec: str | Sequence[str]) -> dict[str, Any] | None:
       manifest = json.load(f)
     except json.JSONDecodeError as e:
       raise DataError(f"{path}: invalid JSON: {e.msg}") from None
-  if manifest.get("version") != PREPARED_VERSION:
-    raise DataError(f"{path}: prepared with format version {manifest.get('version')}, not 1")
+  if manifest.get("version") not in READABLE_VERSIONS:
+    raise DataError(
+      f"{path}: prepared with format version {manifest.get('version')}; this t5jax reads "
+      f"versions {', '.join(map(str, READABLE_VERSIONS))}: prepare the corpus again"
+    )
+  manifest.setdefault("chunk_length", 0)
   manifest["dir"] = spec
   manifest["paths"] = [os.path.join(spec, s["file"]) for s in manifest["shards"]]
   for p in manifest["paths"]:
@@ -460,8 +465,8 @@ def count_records(
   """Records in a spec without parsing them: manifests, ArrayRecord and Parquet metadata, or the
   non-blank lines of line formats (a decompressing scan)."""
   manifest = prepared_manifest(spec)
-  if manifest is not None:
-    return sum(int(s["records"]) for s in manifest["shards"])
+  if manifest is not None:  # documents or pairs; chunks for a chunked text folder
+    return sum(int(s.get("chunks", s["records"])) for s in manifest["shards"])
   total = 0
   for path in resolve_files(spec):
     f = detect_format(path, fmt)

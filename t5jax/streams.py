@@ -441,3 +441,124 @@ class _ChunkIterator(grain.DatasetIterator):
       self._pull()
       self._offset = int(state["offset"])
     self._count = int(state["count"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Prepared chunk blocks, a batch at a time.
+
+
+class ChunkBatches(grain.IterDataset):
+  """Batches of token chunks from prepared chunk-block shards (`python -m t5jax.prepare
+  --chunk_length=length`): each record is one flat array of whole chunks.
+
+  Yields {"tokens": int32 [batch_size, length], "key": int64 [batch_size, 6]}; key row
+  `(shard, worker, workers, epoch, window, k)` names chunk k of that window, so whatever corrupts
+  the batch can seed its randomness from it.
+
+  This host reads a contiguous range of the records; worker slice (w, W) takes records
+  w, w + W, ... of each epoch's permutation of them (file order without shuffling), read
+  `ceil(window / chunks per record)` records at a time (one ArrayRecord read per file); the chunks
+  of such a window are shuffled together. The position is `(epoch, window, taken)`: a restore
+  reads the one window again and nothing before it.
+  """
+
+  def __init__(
+    self,
+    files: Sequence[str],
+    length: int,
+    batch_size: int,
+    *,
+    chunks_per_record: int,
+    seed: int,
+    shuffle: bool,
+    window: int,
+    shard_index: int,
+    shard_count: int,
+  ):
+    super().__init__()
+    whole = ConcatRecords(files)
+    self.begin = whole.total * shard_index // shard_count
+    self.end = whole.total * (shard_index + 1) // shard_count
+    if self.end <= self.begin:
+      raise DataError(f"host {shard_index} of {shard_count} has no records in {len(files)} file(s)")
+    self.files, self.length, self.batch_size = list(files), length, batch_size
+    self.seed, self.shuffle, self.shard = seed, shuffle, shard_index
+    self.records_per_window = max(1, -(-int(window) // chunks_per_record))
+    self._slice = (0, 1)
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    del sequential_slice
+    self._slice = (sl.start or 0, sl.step or 1)
+
+  def __iter__(self) -> _ChunkBatchIterator:
+    return _ChunkBatchIterator(self)
+
+  def __str__(self) -> str:
+    return f"ChunkBatches({len(self.files)} files, length={self.length})"
+
+
+class _ChunkBatchIterator(grain.DatasetIterator):
+  def __init__(self, ds: ChunkBatches):
+    super().__init__()
+    self._ds = ds
+    self._records = ConcatRecords(ds.files, ds.begin, ds.end)
+    self._set(0, 0, 0)
+
+  def _set(self, epoch: int, window: int, taken: int) -> None:
+    n, (w, workers) = len(self._records), self._ds._slice
+    if epoch != getattr(self, "_epoch", None):
+      if self._ds.shuffle:
+        perm = np.random.default_rng([self._ds.seed, epoch]).permutation(n)
+      else:
+        perm = np.arange(n)
+      self._order = perm[w::workers]
+      if not len(self._order):
+        raise DataError(f"worker {w} of {workers} gets no records of {n}")
+    self._epoch, self._window = epoch, window
+    per = self._ds.records_per_window
+    ids = self._order[window * per : (window + 1) * per]
+    chunks = []
+    for path, k, raw in self._records.read_many(ids):
+      flat = sources.decode_tokens(raw, f"{path}: record {k}")[0]
+      if len(flat) % self._ds.length or not len(flat):
+        raise DataError(
+          f"{path}: record {k}: {len(flat)} ids, not whole chunks of {self._ds.length}"
+        )
+      chunks.append(flat.reshape(-1, self._ds.length))
+    tokens = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    if self._ds.shuffle:
+      rng = np.random.default_rng([self._ds.seed, epoch, window, w, workers])
+      tokens = tokens[rng.permutation(len(tokens))]
+    if taken > len(tokens):
+      raise DataError("the saved data position is past its window: were the files changed?")
+    self._tokens, self._taken = tokens, taken
+
+  def _advance(self) -> None:
+    """Moves to the next window (of the next epoch after the last)."""
+    if (self._window + 1) * self._ds.records_per_window < len(self._order):
+      self._set(self._epoch, self._window + 1, 0)
+    else:
+      self._set(self._epoch + 1, 0, 0)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts, keys, need = [], [], self._ds.batch_size
+    w, workers = self._ds._slice
+    while need:
+      if self._taken >= len(self._tokens):
+        self._advance()
+      take = min(need, len(self._tokens) - self._taken)
+      parts.append(self._tokens[self._taken : self._taken + take])
+      key = np.empty((take, 6), np.int64)
+      key[:, :5] = (self._ds.shard, w, workers, self._epoch, self._window)
+      key[:, 5] = np.arange(self._taken, self._taken + take)
+      keys.append(key)
+      self._taken += take
+      need -= take
+    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return {"tokens": tokens, "key": keys[0] if len(keys) == 1 else np.concatenate(keys)}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"epoch": self._epoch, "window": self._window, "taken": self._taken}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._set(int(state["epoch"]), int(state["window"]), int(state["taken"]))
