@@ -105,10 +105,15 @@ class _ShardWriter:
     self._writer.write(record)
     self.count += 1
 
-  def close(self) -> dict[str, int | str]:
+  def close(self) -> tuple[str, int]:
     self._writer.close()
     os.replace(self.tmp, self.path)
-    entry: dict[str, int | str] = {"file": self.name, "records": self.count}
+    return self.name, self.count
+
+  def entry(self) -> dict[str, int | str]:
+    """Closes the shard; its manifest entry."""
+    name, count = self.close()
+    entry: dict[str, int | str] = {"file": name, "records": count}
     if self.chunks:
       entry["chunks"] = self.chunks
     return entry
@@ -131,7 +136,7 @@ def _prepare_file(task: _FileTask, tokenizer) -> tuple[list[dict[str, int | str]
     writer.write(record)
     writer.chunks += chunks
     if (writer.chunks if chunked else writer.count) >= task.records_per_shard:
-      shards.append(writer.close())
+      shards.append(writer.entry())
       writer = None
 
   def flush(final: bool) -> None:  # whole blocks; at the end, the whole chunks left
@@ -161,7 +166,7 @@ def _prepare_file(task: _FileTask, tokenizer) -> tuple[list[dict[str, int | str]
     if chunked and pending:
       flush(final=True)
     if writer is not None:
-      shards.append(writer.close())
+      shards.append(writer.entry())
       writer = None
   finally:
     if writer is not None:  # an error mid-shard: drop the torn temporary

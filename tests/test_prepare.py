@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_data import _rebuild
 from test_train_cli import REPO, TINY_FLAGS, assert_quiet
 
 from t5jax import data, prepare, sources
@@ -307,3 +308,188 @@ def test_cli_then_train_py_trains_from_prepared_shards(tmp_path):
   assert any(r["split"] == "eval" and np.isfinite(r["loss"]) for r in rows_)
   # The run took the prepared folder's tokenizer (no tokenizer was given or trained).
   assert open(workdir / "tokenizer" / "byt5.txt").read().startswith("byt5")
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunked text (--chunk_length): blocks of whole chunks, read a batch at a time.
+
+CHUNK_LENGTHS = dict(max_input_length=32, max_target_length=12)  # raw chunks of 34 tokens
+
+
+def _file_chunks(docs, length):
+  ids = np.concatenate([np.asarray(TOK.encode(d)[:-1], np.int32) for d in docs])
+  return ids[: len(ids) // length * length].reshape(-1, length), len(ids) % length
+
+
+def _chunked(tmp_path, **kw):
+  length = data.span_corruption_raw_length(32, 12, 0.15, 3.0)
+  a, docs_a = write_docs_gz(tmp_path / "a.txt.gz", 40, seed=1)
+  b, docs_b = write_docs_gz(tmp_path / "b.txt.gz", 25, seed=2)
+  m = run_prepare(f"{a},{b}", tmp_path / "prep", "text", chunk_length=length, **kw)
+  chunks = [_file_chunks(docs_a, length), _file_chunks(docs_b, length)]
+  return m, length, chunks
+
+
+def _rebuilt(batches):
+  """The raw chunk of every row, rebuilt from its corrupted inputs and targets."""
+  out = []
+  for b in batches:
+    for enc, tgt in zip(b["encoder_input_tokens"], b["decoder_target_tokens"], strict=True):
+      out.append(tuple(_rebuild(enc[enc > 0], tgt[tgt > 0], TOK)))
+  return out
+
+
+def test_chunked_text_holds_each_files_chunks(tmp_path):
+  m, length, chunks = _chunked(tmp_path, chunks_per_record=3, records_per_shard=7)
+  assert m["version"] == 2 and m["chunk_length"] == length == 34 and m["chunks_per_record"] == 3
+  assert m["dropped_tokens"] == sum(tail for _, tail in chunks)
+  for f, (want, _) in enumerate(chunks):
+    shards = [s for s in m["shards"] if s["file"].startswith(f"shard-{f:05d}-")]
+    assert all(s["chunks"] <= 9 for s in shards)  # 7 chunks a shard, rounded up to records
+    got = []
+    for s in shards:
+      records = sources.ArrayRecordFile(str(tmp_path / "prep" / s["file"]))
+      arrays = [sources.decode_tokens(r) for r in records.read_range(0, s["records"])]
+      assert all(len(x) == 1 and len(x[0]) in (length, 2 * length, 3 * length) for x in arrays)
+      got += [x[0] for x in arrays]
+      assert sum(len(x[0]) for x in arrays) == s["chunks"] * length
+    np.testing.assert_array_equal(np.concatenate(got), want.reshape(-1))
+  total = sum(len(c) for c, _ in chunks)
+  assert sources.count_records(str(tmp_path / "prep")) == total  # mixture rates count chunks
+
+
+def test_chunked_prepared_batches_are_the_chunks_corrupted(tmp_path):
+  _, _, chunks = _chunked(tmp_path, chunks_per_record=3)
+  want = [tuple(c) for file_chunks, _ in chunks for c in file_chunks.tolist()]
+  n = len(want)
+  base = DataConfig(
+    kind="span_corruption", train_file=str(tmp_path / "prep"), shuffle_buffer=5, **CHUNK_LENGTHS
+  )
+  for pack in (False, True):
+    it = data.make_datasets(base.replace(pack=pack, shuffle=False), TOK, batch_size=4, seed=1).train
+    assert "window" in json.dumps(it.get_state())  # read as chunk blocks
+    got = _rebuilt(take(it, n // 4 + 3))
+    assert got == (want + want)[: len(got)]  # file order, then the next epoch
+  it = data.make_datasets(base, TOK, batch_size=4, seed=1).train
+  got = _rebuilt(take(it, n // 4))
+  left = list(want)
+  for row in got:  # the first epoch: chunks of the corpus, each once, in another order
+    left.remove(row)
+  assert got != want[: len(got)]
+  again = _rebuilt(take(data.make_datasets(base, TOK, batch_size=4, seed=1).train, 3))
+  assert again == got[:12]  # deterministic for a seed
+  other = _rebuilt(take(data.make_datasets(base, TOK, batch_size=4, seed=2).train, 3))
+  assert other != got[:12]
+
+
+def test_chunked_prepared_resume_is_bit_identical(tmp_path):
+  _chunked(tmp_path, chunks_per_record=3)
+  cfg = DataConfig(
+    kind="span_corruption",
+    train_file=str(tmp_path / "prep"),
+    shuffle_buffer=5,
+    pack=True,
+    **CHUNK_LENGTHS,
+  )
+  for hosts in (1, 2):
+    for depth in (0, 1, 3, 7, 30):  # across windows and epochs
+      kw = dict(batch_size=4, seed=3, process_index=hosts - 1, process_count=hosts)
+      it = data.make_datasets(cfg, TOK, **kw).train
+      take(it, depth)
+      state = json.loads(json.dumps(it.get_state()))
+      after = take(it, 4)
+      resumed = data.make_datasets(cfg, TOK, **kw).train
+      resumed.set_state(state)
+      assert_same_batches(after, take(resumed, 4))
+
+
+def test_chunk_batches_hosts_and_workers_are_disjoint_and_complete(tmp_path):
+  from t5jax import streams
+
+  _, length, chunks = _chunked(tmp_path, chunks_per_record=2)
+  paths = sources.prepared_manifest(str(tmp_path / "prep"))["paths"]
+  want = sorted(tuple(c) for file_chunks, _ in chunks for c in file_chunks.tolist())
+  for hosts, workers in ((1, 1), (2, 1), (3, 1), (2, 2)):
+    got = []
+    for h in range(hosts):
+      for w in range(workers):
+        ds = streams.ChunkBatches(
+          paths, length, 1, chunks_per_record=2, seed=4, shuffle=True, window=3,
+          shard_index=h, shard_count=hosts,
+        )  # fmt: skip
+        ds.set_slice(slice(w, None, workers))
+        it = iter(ds)
+        while True:
+          row = next(it)["tokens"][0]
+          if it.get_state()["epoch"] > 0:
+            break
+          got.append(tuple(row.tolist()))
+    assert sorted(got) == want, (hosts, workers)
+
+
+def test_chunked_folder_at_other_lengths_is_read_as_documents(tmp_path):
+  _, length, chunks = _chunked(tmp_path)
+  cfg = DataConfig(
+    kind="span_corruption",
+    train_file=str(tmp_path / "prep"),
+    max_input_length=48,
+    max_target_length=16,
+    shuffle=False,
+  )
+  it = data.make_datasets(cfg, TOK, batch_size=2, seed=0).train
+  assert "window" not in json.dumps(it.get_state())
+  raw = data.span_corruption_raw_length(48, 16, 0.15, 3.0)
+  flat = np.concatenate([c.reshape(-1) for c, _ in chunks])
+  got = _rebuilt(take(it, 3))
+  assert got == [tuple(flat[k * raw : (k + 1) * raw].tolist()) for k in range(6)]
+
+
+def test_prepared_versions_and_chunk_errors(tmp_path, capsys):
+  gz, _ = write_docs_gz(tmp_path / "docs.txt.gz", 30)
+  run_prepare(gz, tmp_path / "docs", "text")
+  manifest = tmp_path / "docs" / sources.MANIFEST
+  m = json.loads(manifest.read_text())
+  # A folder of version 1 (documents, before chunking existed) reads as it did.
+  del m["chunk_length"]
+  manifest.write_text(json.dumps({**m, "version": 1}))
+  cfg = DataConfig(kind="span_corruption", train_file=str(tmp_path / "docs"), **CHUNK_LENGTHS)
+  assert next(data.make_datasets(cfg, TOK, batch_size=2, seed=0).train)
+  manifest.write_text(json.dumps({**m, "version": 3}))
+  with pytest.raises(DataError, match="prepared with format version 3; this t5jax reads"):
+    sources.prepared_manifest(str(tmp_path / "docs"))
+  # A record that is not whole chunks of the manifest's length names its file and record.
+  m, length, _ = _chunked(tmp_path)
+  manifest = tmp_path / "prep" / sources.MANIFEST
+  raw = data.span_corruption_raw_length(33, 12, 0.15, 3.0)
+  assert length % raw
+  manifest.write_text(json.dumps({**m, "chunk_length": raw}))
+  cfg = cfg.replace(train_file=str(tmp_path / "prep"), max_input_length=33, shuffle=False)
+  first = tmp_path / "prep" / m["shards"][0]["file"]
+  with pytest.raises(DataError, match=f"^{first}: record 0: \\d+ ids, not whole chunks of {raw}$"):
+    data.make_datasets(cfg, TOK, batch_size=2, seed=0)
+  # Flags.
+  for argv, fragment in (
+    (["--kind=pairs", "--chunk_length=10"], "--chunk_length=10: >= 1 for --kind=text"),
+    (["--kind=text", "--chunk_length=-1"], "--chunk_length=-1"),
+    (["--kind=text", "--chunk_length=10", "--chunks_per_record=0"], "--chunks_per_record=0"),
+  ):
+    out = tmp_path / "bad"
+    rc = prepare.main([f"--input={gz}", f"--output={out}", "--tokenizer=byt5", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and fragment in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_chunked_shards_are_byte_identical_whatever_the_workers(tmp_path):
+  files = [write_docs_gz(tmp_path / f"{k}.txt.gz", 20 + 9 * k, seed=k)[0] for k in range(3)]
+  digests = []
+  for workers in (1, 2):
+    out = tmp_path / f"w{workers}"
+    m = run_prepare(
+      ",".join(files), out, "text", num_workers=workers, chunk_length=21, chunks_per_record=4
+    )
+    names = sorted(os.listdir(out))
+    digest = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names if "." in n}
+    digests.append((m["shards"], m["dropped_tokens"], digest))
+  assert digests[0] == digests[1]
