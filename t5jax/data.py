@@ -723,9 +723,9 @@ def _check_prepared_task(task: _Task, tokenizer: Tokenizer) -> None:
 
 def _chunk_batches(
   task: _Task,
+  batch_size: int,
   data_cfg: DataConfig,
   tokenizer: Tokenizer,
-  batch_size: int,
   seed: int,
   host: int,
   hosts: int,
@@ -753,9 +753,16 @@ def _chunk_batches(
 
 
 def _task_stream(
-  task: _Task, data_cfg: DataConfig, tokenizer: Tokenizer, seed: int, host: int, hosts: int
+  task: _Task,
+  data_cfg: DataConfig,
+  tokenizer: Tokenizer,
+  seed: int,
+  host: int,
+  hosts: int,
+  batch_size: int = 0,
 ) -> grain.IterDataset:
-  """One task's training examples {"inputs", "targets"} on this host, endless."""
+  """One task's training examples on this host, endless: {"inputs", "targets"} of pairs, the
+  `ChunkTokens` chunks of span corruption (`batch_size` > 0: a batch of them at a time)."""
   s_len, t_len = data_cfg.max_input_length, data_cfg.max_target_length
   shuffle = data_cfg.shuffle
   encode = _EncodePair(tokenizer, task.cfg.prefix, s_len, t_len)
@@ -805,7 +812,7 @@ def _task_stream(
   if task.kind == "pairs":
     return ds
   raw = _raw_chunk_length(data_cfg, tokenizer)
-  return streams.ChunkTokens(ds, tokenize, raw, shard=host)
+  return streams.ChunkTokens(ds, tokenize, raw, shard=host, batch_size=batch_size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -872,32 +879,27 @@ def train_stream(
   processes (grain's `mp_prefetch`) when > 0."""
   tasks = _tasks(data_cfg)
   corrupt = _Corrupt(tokenizer, data_cfg, seed + 1)
-  blocks = None
-  if len(tasks) == 1:
-    blocks = _chunk_batches(
-      tasks[0], data_cfg, tokenizer, batch_size, seed, process_index, process_count
-    )
-  if blocks is not None:  # prepared chunks of the right length: whole blocks, a batch at a time
+  args = (data_cfg, tokenizer, seed, process_index, process_count)
+  one = tasks[0] if len(tasks) == 1 else None
+  if one is not None and (blocks := _chunk_batches(one, batch_size, *args)) is not None:
+    # Prepared chunks of this run's raw length: whole blocks, a batch of chunks at a time.
     batches = blocks.map(_CorruptBatch(corrupt, data_cfg))
+  elif one is not None and one.kind == "text":  # chunked and corrupted a batch at a time
+    batches = _task_stream(one, *args, batch_size=batch_size).map(_CorruptBatch(corrupt, data_cfg))
+  elif all(t.kind == "text" for t in tasks):  # a mixture of span corruption: batch, then corrupt
+    chunks = grain.IterDataset.mix([_task_stream(t, *args) for t in tasks], _rates(tasks, data_cfg))
+    batches = chunks.batch(
+      batch_size, drop_remainder=True, batch_fn=_CorruptBatch(corrupt, data_cfg)
+    )
   else:
+    parts = [_task_stream(t, *args) for t in tasks]
     parts = [
-      _task_stream(t, data_cfg, tokenizer, seed, process_index, process_count) for t in tasks
+      p.map(corrupt.element) if t.kind == "text" else p for t, p in zip(tasks, parts, strict=True)
     ]
-    if all(t.kind == "text" for t in tasks):  # span corruption alone: a batch at a time
-      chunks = (
-        parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
-      )
-      batches = chunks.batch(
-        batch_size, drop_remainder=True, batch_fn=_CorruptBatch(corrupt, data_cfg)
-      )
-    else:
-      parts = [
-        p.map(corrupt.element) if t.kind == "text" else p for t, p in zip(tasks, parts, strict=True)
-      ]
-      examples = (
-        parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
-      )
-      batches = _batches(examples, data_cfg, batch_size)
+    examples = (
+      parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, _rates(tasks, data_cfg))
+    )
+    batches = _batches(examples, data_cfg, batch_size)
   if data_cfg.num_workers:
     # grain's workers read absl flags of their own; a library caller (not train.py) has parsed
     # none, and grain then fails in every worker.

@@ -379,7 +379,8 @@ class ChunkTokens(grain.IterDataset):
 
   Yields {"tokens": int32 [length], "key": int64 [4]}: the key `(shard, worker, workers, k)`
   names chunk k of this worker of host shard `shard`, so whatever corrupts the chunk can seed its
-  randomness from it and stay the same across a restore.
+  randomness from it and stay the same across a restore. With `batch_size` > 0, yields the next
+  `batch_size` of those stacked ([batch_size, length] and [batch_size, 4]) as one element.
   """
 
   def __init__(
@@ -388,9 +389,11 @@ class ChunkTokens(grain.IterDataset):
     tokenize: Callable[[Any], np.ndarray],
     length: int,
     shard: int = 0,
+    batch_size: int = 0,
   ):
     super().__init__(parent)
     self.tokenize, self.length, self.shard = tokenize, length, shard
+    self.batch_size = batch_size
     self._slice = (0, 1)
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
@@ -418,7 +421,8 @@ class _ChunkIterator(grain.DatasetIterator):
     self._offset = 0
 
   def __next__(self) -> dict[str, np.ndarray]:
-    parts, need = [], self._ds.length
+    rows = self._ds.batch_size or 1
+    parts, need = [], self._ds.length * rows
     while need:
       if self._offset >= len(self._doc):
         self._pull()
@@ -427,9 +431,14 @@ class _ChunkIterator(grain.DatasetIterator):
       parts.append(take)
       self._offset += len(take)
       need -= len(take)
-    key = np.array([self._ds.shard, *self._ds._slice, self._count], np.int64)
-    self._count += 1
-    return {"tokens": np.concatenate(parts), "key": key}
+    tokens = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+    key = np.empty((rows, 4), np.int64)
+    key[:, :3] = (self._ds.shard, *self._ds._slice)
+    key[:, 3] = np.arange(self._count, self._count + rows)
+    self._count += rows
+    if not self._ds.batch_size:
+      return {"tokens": tokens, "key": key[0]}
+    return {"tokens": tokens.reshape(rows, self._ds.length), "key": key}
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._doc_state, "offset": self._offset, "count": self._count}
