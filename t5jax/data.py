@@ -36,7 +36,13 @@ from t5jax.tasks import (  # noqa: F401  (number_to_words re-exported)
   builtin_task_examples,
   number_to_words,
 )
-from t5jax.tokenizer import EOS_ID, Tokenizer, load_tokenizer, train_sentencepiece
+from t5jax.tokenizer import (
+  EOS_ID,
+  Tokenizer,
+  encode_document,
+  load_tokenizer,
+  train_sentencepiece,
+)
 from t5jax.train_config import DataConfig, TaskConfig
 from t5jax.workdir import Paths
 
@@ -619,7 +625,7 @@ class _Tokenize:
   def __call__(self, doc) -> np.ndarray:
     if self.tokenizer is None:  # already ids (prepared shards)
       return doc
-    return np.asarray(self.tokenizer.encode(doc)[:-1], np.int32)
+    return encode_document(self.tokenizer, doc)
 
 
 class _Corrupt:
@@ -942,7 +948,7 @@ def _eval_documents(task: _Task, tokenizer: Tokenizer, raw: int, limit: int):
   else:
     files = sources.resolve_files(task.cfg.eval_file, _what(task, "eval_file"))
     docs = (
-      np.asarray(tokenizer.encode(doc)[:-1], np.int32)
+      encode_document(tokenizer, doc)
       for f in files
       for _, doc in sources.iter_records(f, "text", _fields(task.cfg), task.fmt)
     )

@@ -47,6 +47,7 @@ import numpy as np
 
 from t5jax import sources
 from t5jax.errors import DataError
+from t5jax.tokenizer import encode_document
 from t5jax.workdir import atomic_write
 
 KINDS = {
@@ -82,7 +83,7 @@ def shard_name(file_index: int, piece: int) -> str:
 
 def _encode(tokenizer, kind: str, prefix: str, value: Any) -> bytes:
   if kind == "text":
-    return sources.encode_tokens(np.asarray(tokenizer.encode(value)[:-1], np.int32))
+    return sources.encode_tokens(encode_document(tokenizer, value))
   inp, tgt = value
   return sources.encode_tokens(
     np.asarray(tokenizer.encode(prefix + inp), np.int32),
@@ -158,7 +159,7 @@ def _prepare_file(task: _FileTask, tokenizer) -> tuple[list[dict[str, int | str]
       if not chunked:
         write(_encode(tokenizer, task.kind, task.prefix, value))
         continue
-      ids = np.asarray(tokenizer.encode(value)[:-1], np.int32)
+      ids = encode_document(tokenizer, value)
       pending.append(ids)
       pending_len += len(ids)
       if pending_len >= block:

@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+import numpy as np
 import sentencepiece as spm
 
 from t5jax.workdir import atomic_write
@@ -51,6 +52,15 @@ class Tokenizer(Protocol):
   def sentinel_id(self, i: int) -> int: ...
 
   def save(self, directory: str) -> str: ...
+
+
+def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
+  """A document's ids without eos, int32: `tokenizer.encode(text)[:-1]` (by the tokenizer's
+  `encode_document` where it has one)."""
+  fast = getattr(tokenizer, "encode_document", None)
+  if fast is not None:
+    return fast(text)
+  return np.asarray(tokenizer.encode(text)[:-1], np.int32)
 
 
 class _SentinelMixin:
@@ -107,6 +117,13 @@ class _SentinelMixin:
         ids.extend(self._encode_plain(part))
     ids.append(EOS_ID)
     return ids
+
+  def encode_document(self, text: str) -> np.ndarray:
+    """`encode(text)` without its eos, as int32 (a document for span corruption)."""
+    parts = self._split_specials(text)
+    if len(parts) == 1:  # no special tokens: one call, no list copies
+      return np.array(self._encode_plain(parts[0]) if parts[0] else [], np.int32)
+    return np.array(self.encode(text)[:-1], np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
