@@ -5,14 +5,15 @@ files, or the `text` field of JSONL / Parquet records; any file, list, glob or f
 
   hf download google/t5-v1_1-base spiece.model --local-dir t5_tokenizer   # T5's 32k vocabulary
   python -m t5jax.prepare --input='corpus/*.txt.gz' --output=prepared/corpus --kind=text \\
-      --tokenizer=t5_tokenizer/spiece.model
+      --tokenizer=t5_tokenizer/spiece.model --chunk_length=568
   python train.py --config configs/pretrain_t5_v1_1_base.py --workdir workdir/pretrain \\
       --config.data.train_file=prepared/corpus
 
 The first checkpoint lands in workdir/pretrain/checkpoints/2000. Raw text trains too, tokenized on
 the fly (`--config.data.train_file='corpus/*.txt.gz'
 --config.data.tokenizer=t5_tokenizer/spiece.model --config.data.num_workers=8`); prepared shards
-read token ids only and are globally shuffled. A tokenizer is required: a prepared folder brings
+read token ids only (568-token chunks with --chunk_length=568, a batch at a time) and are
+shuffled by a global permutation. A tokenizer is required: a prepared folder brings
 its own, otherwise give `--config.data.tokenizer` (this config trains none: spm_vocab_size 0).
 An evaluation set: `--config.data.eval_file=...` (raw or prepared; the loss and accuracy of
 span-corrupted held-out chunks every eval_every steps).

@@ -456,6 +456,17 @@ class _ChunkIterator(grain.DatasetIterator):
 # Prepared chunk blocks, a batch at a time.
 
 
+def _chunk_block(raw: bytes, length: int, where: str) -> np.ndarray:
+  """The ids of a chunk-block record (`sources.encode_tokens` of one array of whole chunks),
+  without a copy."""
+  head = np.frombuffer(raw, "<u4", 2) if len(raw) >= 8 else np.zeros(0, "<u4")
+  if len(head) < 2 or head[0] != 1 or len(raw) != 8 + 4 * int(head[1]):
+    raise DataError(f"{where}: not a prepared token record")
+  if head[1] % length or not head[1]:
+    raise DataError(f"{where}: {head[1]} ids, not whole chunks of {length}")
+  return np.frombuffer(raw, "<i4", int(head[1]), 8)
+
+
 class ChunkBatches(grain.IterDataset):
   """Batches of token chunks from prepared chunk-block shards (`python -m t5jax.prepare
   --chunk_length=length`): each record is one flat array of whole chunks.
@@ -528,19 +539,16 @@ class _ChunkBatchIterator(grain.DatasetIterator):
     ids = self._order[window * per : (window + 1) * per]
     chunks = []
     for path, k, raw in self._records.read_many(ids):
-      flat = sources.decode_tokens(raw, f"{path}: record {k}")[0]
-      if len(flat) % self._ds.length or not len(flat):
-        raise DataError(
-          f"{path}: record {k}: {len(flat)} ids, not whole chunks of {self._ds.length}"
-        )
+      flat = _chunk_block(raw, self._ds.length, f"{path}: record {k}")
       chunks.append(flat.reshape(-1, self._ds.length))
     tokens = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-    if self._ds.shuffle:
-      rng = np.random.default_rng([self._ds.seed, epoch, window, w, workers])
-      tokens = tokens[rng.permutation(len(tokens))]
     if taken > len(tokens):
       raise DataError("the saved data position is past its window: were the files changed?")
     self._tokens, self._taken = tokens, taken
+    self._perm = None  # file order; else the window's chunks shuffled (gathered a batch at a time)
+    if self._ds.shuffle:
+      rng = np.random.default_rng([self._ds.seed, epoch, window, w, workers])
+      self._perm = rng.permutation(len(tokens))
 
   def _advance(self) -> None:
     """Moves to the next window (of the next epoch after the last)."""
@@ -556,7 +564,10 @@ class _ChunkBatchIterator(grain.DatasetIterator):
       if self._taken >= len(self._tokens):
         self._advance()
       take = min(need, len(self._tokens) - self._taken)
-      parts.append(self._tokens[self._taken : self._taken + take])
+      if self._perm is None:
+        parts.append(self._tokens[self._taken : self._taken + take].copy())
+      else:
+        parts.append(self._tokens[self._perm[self._taken : self._taken + take]])
       key = np.empty((take, 6), np.int64)
       key[:, :5] = (self._ds.shard, w, workers, self._epoch, self._window)
       key[:, 5] = np.arange(self._taken, self._taken + take)
