@@ -6,7 +6,9 @@ training, per task: this host's records (its files, or its share of the records:
 shuffled per epoch (a window shuffle for streamed files, a global permutation for random-access
 shards), endless -> tokenize (pairs), or tokenize, concatenate, split and corrupt (span
 corruption) -> mix the tasks by rate -> pack (first fit, one bin per batch row) or pad -> batch ->
-model features, in grain worker processes when `num_workers` > 0. See docs/data.md.
+model features, in grain worker processes when `num_workers` > 0. A single span-corruption task
+chunks and corrupts a batch at a time (one example per row); from prepared chunks of its raw
+length it reads a batch of chunks at a time (`streams.ChunkBatches`). See docs/data.md.
 
 Batches are dicts of numpy arrays (docs/architecture.md): encoder_input_tokens [B,S],
 decoder_input_tokens [B,T], decoder_target_tokens [B,T], decoder_loss_weights [B,T] float32, plus

@@ -17,8 +17,9 @@ i, i+n, ...; with fewer, every shard reads every file and keeps records whose in
 Random-access sources split their records into contiguous ranges instead.
 
 `ChunkTokens` turns a stream of documents into fixed-length token chunks (T5's concatenate and
-split) and corrupts each, saving `(position before the current document, offset in it)` so a
-restore tokenizes one document again.
+split), one or a batch at a time, saving `(position before the current document, offset in it)`
+so a restore tokenizes one document again. `ChunkBatches` reads batches of chunks from prepared
+chunk blocks (`python -m t5jax.prepare --chunk_length`): no per-document work at all.
 """
 
 from __future__ import annotations

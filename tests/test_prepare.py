@@ -493,3 +493,38 @@ def test_chunked_shards_are_byte_identical_whatever_the_workers(tmp_path):
     digest = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names if "." in n}
     digests.append((m["shards"], m["dropped_tokens"], digest))
   assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_chunked_prepared_worker_processes_resume_exactly(tmp_path):
+  _chunked(tmp_path, chunks_per_record=3)
+  script = (
+    "import json, sys\n"
+    "import numpy as np\n"
+    "from t5jax import data\n"
+    "from t5jax.tokenizer import ByteTokenizer\n"
+    "from t5jax.train_config import DataConfig\n"
+    "def main():\n"
+    f"  cfg = DataConfig(kind='span_corruption', train_file={str(tmp_path / 'prep')!r},\n"
+    "    max_input_length=32, max_target_length=12, pack=True, shuffle_buffer=5, num_workers=2)\n"
+    "  make = lambda: data.make_datasets(cfg, ByteTokenizer(), batch_size=4, seed=2).train\n"
+    "  it = make()\n"
+    "  ref = [next(it) for _ in range(12)]\n"
+    "  it = make()\n"
+    "  [next(it) for _ in range(5)]\n"
+    "  state = json.loads(json.dumps(it.get_state()))\n"
+    "  assert 'window' in json.dumps(state)\n"
+    "  again = make()\n"
+    "  again.set_state(state)\n"
+    "  got = [next(again) for _ in range(7)]\n"
+    "  ok = all(np.array_equal(a[k], b[k]) for a, b in zip(got, ref[5:]) for k in a)\n"
+    "  print('EQUAL' if ok else 'DIFFERENT')\n"
+    "if __name__ == '__main__':\n"
+    "  main()\n"
+  )
+  (tmp_path / "run.py").write_text(script)
+  env = {**os.environ, "PYTHONPATH": REPO}
+  out = subprocess.run(
+    [sys.executable, str(tmp_path / "run.py")], capture_output=True, text=True, env=env, timeout=300
+  )
+  assert "EQUAL" in out.stdout, out.stderr[-2000:]
