@@ -120,9 +120,8 @@ class _SentinelMixin:
 
   def encode_document(self, text: str) -> np.ndarray:
     """`encode(text)` without its eos, as int32 (a document for span corruption)."""
-    parts = self._split_specials(text)
-    if len(parts) == 1:  # no special tokens: one call, no list copies
-      return np.array(self._encode_plain(parts[0]) if parts[0] else [], np.int32)
+    if "<" not in text:  # no special token (each starts with "<"): one call, no list copies
+      return np.array(self._encode_plain(text) if text else [], np.int32)
     return np.array(self.encode(text)[:-1], np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

@@ -471,3 +471,16 @@ def test_jsonl_kind_and_span_corruption_with_sentencepiece(tmp_path):
   cfg = cfg.replace(max_input_length=512, max_target_length=114)
   with pytest.raises(ValueError, match="needs 28 sentinels"):
     data.make_datasets(cfg, spm_tok, batch_size=2, seed=0)
+
+
+def test_encode_document_is_encode_without_eos(tmp_path):
+  from t5jax.tokenizer import encode_document, train_sentencepiece
+
+  lines = [f"sentence number {i} about foxes and dogs" for i in range(50)]
+  spm_tok = train_sentencepiece(lines, 300, None, extra_ids=20)
+  texts = ["a fox", "", "  ", "x < y", "a <extra_id_3> b", "x</s>y <pad>", "<extra_id_99> z"]
+  texts += ["caf\u00e9 dogs", " lead", "trail "]
+  for tok in (TOK, spm_tok):
+    for text in texts:
+      ids = encode_document(tok, text)
+      assert ids.dtype == np.int32 and ids.tolist() == tok.encode(text)[:-1], (tok, text)
