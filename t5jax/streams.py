@@ -535,20 +535,25 @@ class _ChunkBatchIterator(grain.DatasetIterator):
       self._order = perm[w::workers]
       if not len(self._order):
         raise DataError(f"worker {w} of {workers} gets no records of {n}")
-    self._epoch, self._window = epoch, window
-    per = self._ds.records_per_window
-    ids = self._order[window * per : (window + 1) * per]
+    # The window is read by the first `__next__` (a restore reads it once, not twice).
+    self._epoch, self._window, self._taken = epoch, window, taken
+    self._tokens: np.ndarray | None = None
+    self._perm: np.ndarray | None = None
+
+  def _load(self) -> None:
+    """Reads the current window's records and orders their chunks."""
+    per, (w, workers) = self._ds.records_per_window, self._ds._slice
+    ids = self._order[self._window * per : (self._window + 1) * per]
     chunks = []
     for path, k, raw in self._records.read_many(ids):
       flat = _chunk_block(raw, self._ds.length, f"{path}: record {k}")
       chunks.append(flat.reshape(-1, self._ds.length))
     tokens = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-    if taken > len(tokens):
+    if self._taken > len(tokens):
       raise DataError("the saved data position is past its window: were the files changed?")
-    self._tokens, self._taken = tokens, taken
-    self._perm = None  # file order; else the window's chunks shuffled (gathered a batch at a time)
-    if self._ds.shuffle:
-      rng = np.random.default_rng([self._ds.seed, epoch, window, w, workers])
+    self._tokens = tokens
+    if self._ds.shuffle:  # else file order; the permutation is gathered a batch at a time
+      rng = np.random.default_rng([self._ds.seed, self._epoch, self._window, w, workers])
       self._perm = rng.permutation(len(tokens))
 
   def _advance(self) -> None:
@@ -562,8 +567,11 @@ class _ChunkBatchIterator(grain.DatasetIterator):
     parts, keys, need = [], [], self._ds.batch_size
     w, workers = self._ds._slice
     while need:
+      if self._tokens is None:
+        self._load()
       if self._taken >= len(self._tokens):
         self._advance()
+        continue
       take = min(need, len(self._tokens) - self._taken)
       if self._perm is None:
         parts.append(self._tokens[self._taken : self._taken + take].copy())

@@ -465,7 +465,9 @@ def test_prepared_versions_and_chunk_errors(tmp_path, capsys):
   manifest.write_text(json.dumps({**m, "chunk_length": raw}))
   cfg = cfg.replace(train_file=str(tmp_path / "prep"), max_input_length=33, shuffle=False)
   first = tmp_path / "prep" / m["shards"][0]["file"]
-  with pytest.raises(DataError, match=f"^{first}: record 0: \\d+ ids, not whole chunks of {raw}$"):
+  with pytest.raises(
+    DataError, match=f"^{first}: record 0: \\d+ ids, not whole chunks of {raw}\\b"
+  ):
     data.make_datasets(cfg, TOK, batch_size=2, seed=0)
   # Flags.
   for argv, fragment in (
