@@ -21,6 +21,7 @@ workdirs go to a temporary folder (or --workdir) and are kept only with --keep.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ import numpy as np
 
 from configs.demo import get_config as demo_config
 from t5jax import checkpoint, train
+from t5jax.workdir import Paths
 
 NEW_TASK = "number_to_words"
 OLD_TASKS = "add,reverse,sort"
@@ -83,6 +85,15 @@ def _adapt(seed: int, steps: int, base_hf: str, method: str, lora_targets: str =
   return c
 
 
+def _last_exact_match(out: dict, workdir: str) -> float:
+  """The run's final greedy exact match: from its result, or (a run already complete, resumed
+  with nothing to do) from the last eval row of its metrics.jsonl."""
+  if "exact_match" in (out.get("eval") or {}):
+    return out["eval"]["exact_match"]
+  rows = [json.loads(line) for line in open(Paths(workdir).metrics) if line.strip()]
+  return next((r["exact_match"] for r in reversed(rows) if "exact_match" in r), float("nan"))
+
+
 def _trained_params(workdir: str) -> int:
   """Parameters the run trained: a full run's checkpoints hold the model, a PEFT run's only the
   adapters / prompt."""
@@ -107,7 +118,7 @@ def main() -> None:
       t0 = time.time()
       base_dir = os.path.join(root, f"base{seed}")
       base = train.train_and_evaluate(_base(seed, args.base_steps), base_dir)
-      base_em = base["eval"].get("exact_match", float("nan"))
+      base_em = _last_exact_match(base, base_dir)
       print(
         f"seed {seed}: base ({OLD_TASKS}) exact match {base_em:.3f} in {time.time() - t0:.0f} s"
       )
@@ -118,7 +129,7 @@ def main() -> None:
         cfg = _adapt(seed, args.steps, base_hf, method, args.lora_targets)
         workdir = os.path.join(root, f"{method}{seed}")
         out = train.train_and_evaluate(cfg, workdir)
-        em = out["eval"].get("exact_match", float("nan"))
+        em = _last_exact_match(out, workdir)
         full_em = em if method == "full" else full_em
         n = _trained_params(workdir)
         rows.append((seed, method, n, em, time.time() - t0))
