@@ -9,6 +9,9 @@ everything at the default level.
 Many tests (and the CLI subprocesses they start) compile the same small programs; JAX's
 persistent compilation cache, keyed by the program and the compiler flags, lets the second
 compile load the first one's result instead.
+
+The fixtures below are those more than one test module uses; what else the tests share is in
+tests/helpers/ (see its __init__).
 """
 
 import os
@@ -25,3 +28,31 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fork_server(tmp_path_factory):
+  """One train.py fork server per pytest process (helpers/fork_server.py)."""
+  from helpers.fork_server import ForkServer
+
+  s = ForkServer(tmp_path_factory.mktemp("fork_server"))
+  yield s
+  s.close()
+
+
+@pytest.fixture
+def server(fork_server):
+  """The fork server; what a test leaves running is killed when it ends."""
+  yield fork_server
+  fork_server.kill_running()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+  """The HF folder decode.py's tests decode with (helpers.decode_cli.save_byte_checkpoint); tests
+  read it and never write to it."""
+  from helpers.decode_cli import save_byte_checkpoint
+
+  return save_byte_checkpoint(str(tmp_path_factory.mktemp("ckpt")))

@@ -1,6 +1,6 @@
 """Issue 24: bad input that gave silent wrong results or tracebacks, in decode.py and the library.
 
-decode.py runs on the tiny HuggingFace-layout checkpoint of tests/test_decode_cli.py; the library
+decode.py runs on the tiny HuggingFace-layout checkpoint of tests/conftest.py; the library
 checks on a tiny random t5jax model. (The training-side cases, a batch that does not split over
 the devices and cuDNN attention without a GPU, are in tests/test_train_cli.py.)
 """
@@ -12,26 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_utils_decoding import make_hf_model, save_hf_model
-from test_decode_cli import _error, run_cli, write
+from helpers.decode_cli import run_cli, run_error, write
 
 import t5jax
 from t5jax import inference
-from t5jax.tokenizer import ByteTokenizer
 
 ROOT_TEXT = "add: 17 + 25\nreverse: a b c d\nsort: 9 3 7 1\n"
 
 
 # --- decode.py ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  """tests/test_decode_cli.py's model: vocabulary 512, ByT5 bytes (384 ids)."""
-  folder = str(tmp_path_factory.mktemp("ckpt"))
-  save_hf_model(make_hf_model("v1_1", seed=1, vocab_size=512, eos_swap=None), folder)
-  ByteTokenizer().save(folder)
-  return folder
 
 
 @pytest.mark.parametrize(
@@ -41,7 +30,7 @@ def test_a_column_flag_on_text_from_stdin_is_an_error(checkpoint, capsys, monkey
   """The issue's case: plain prompts on stdin with a column flag (each line became its own
   prefix, or the column was ignored)."""
   monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(ROOT_TEXT.encode())))
-  line = _error(["--checkpoint", checkpoint, *flags], capsys)
+  line = run_error(["--checkpoint", checkpoint, *flags], capsys)
   assert f"{flags[0]} {flags[1]}: <stdin> is read as plain text" in line, line
   assert "its first line is neither a JSON object nor a TSV header" in line, line
 
@@ -57,7 +46,7 @@ def test_a_column_flag_on_text_from_stdin_is_an_error(checkpoint, capsys, monkey
 )
 def test_a_column_flag_on_a_text_file_is_an_error(checkpoint, tmp_path, capsys, flags):
   inp = write(tmp_path, "in.txt", ROOT_TEXT)
-  line = _error(["--checkpoint", checkpoint, "--input_file", inp, *flags], capsys)
+  line = run_error(["--checkpoint", checkpoint, "--input_file", inp, *flags], capsys)
   flag = next(f for f in flags if f.endswith("column"))
   assert line.startswith(f"decode.py: error: {flag} ") and "in.txt is read as plain text" in line
 
@@ -90,7 +79,7 @@ def test_rank_mode_refuses_generation_flags(checkpoint, tmp_path, capsys, flags)
   inp = write(tmp_path, "in.txt", "hi\nthere\n")
   cands = write(tmp_path, "c.txt", "yes\tno\nyes\tno\n")
   args = ["--checkpoint", checkpoint, "--input_file", inp, "--candidates", cands, *flags]
-  line = _error(args, capsys)
+  line = run_error(args, capsys)
   assert f"{flags[0]} does not apply to rank classification" in line, line
 
 
@@ -114,7 +103,7 @@ BIG = "1000000000"
 )
 def test_each_error_names_the_flag_given(checkpoint, tmp_path, capsys, flags, message):
   good = write(tmp_path, "good.txt", "hello\n")
-  line = _error(["--checkpoint", checkpoint, "--input_file", good, *flags], capsys)
+  line = run_error(["--checkpoint", checkpoint, "--input_file", good, *flags], capsys)
   assert message in line, line
   if "allocated" in message:
     assert "GiB of the device's" in line and "at most" in line, line
@@ -125,7 +114,7 @@ def test_an_input_too_long_for_memory_names_max_input_length(checkpoint, tmp_pat
   (it was 40 lines ending in an allocation failure); a short input at the same flag decodes."""
   inp = write(tmp_path, "long.txt", "x" * 150_000 + "\n")
   args = ["--checkpoint", checkpoint, "--max_input_length", "200000", "--max_new_tokens", "2"]
-  line = _error(args + ["--input_file", inp], capsys)
+  line = run_error(args + ["--input_file", inp], capsys)
   assert "--max_input_length 200000 cannot be allocated" in line, line
   assert "the longest input has 150001" in line and "tokens fit" in line, line
   short = write(tmp_path, "short.txt", "hello\n")
@@ -150,7 +139,7 @@ def test_token_ids_beyond_the_model_are_refused(checkpoint, tmp_path, capsys, mo
 
   monkeypatch.setattr("t5jax.inference.load", lambda *a, **k: (config, params, Wider()))
   inp = write(tmp_path, "in.txt", "fine\nbad\n")
-  line = _error(["--checkpoint", checkpoint, "--input_file", inp], capsys)
+  line = run_error(["--checkpoint", checkpoint, "--input_file", inp], capsys)
   assert "input 2: token[0] = 600 is outside the model's vocabulary [0, 512)" in line, line
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train_step import _capture_grads, _examples
+from helpers.runs import capture_grads, make_examples
 
 from t5jax import data, losses, model, trainer
 from t5jax.errors import ConfigError
@@ -107,7 +107,7 @@ def _step(block_size: int):
     scale_decoder_outputs=True,
     dropout_rate=0.0,
   )  # fmt: skip  (tied and rescaled: the projection's scale is inside the blocks too)
-  tx = _capture_grads()
+  tx = capture_grads()
   loss_cfg = LossConfig(label_smoothing=0.1, z_loss=1e-4, block_size=block_size)
   step = jax.jit(trainer.make_train_step(cfg, tx, optax.constant_schedule(0.0), loss_cfg))
   state = trainer.create_train_state(model.init_params(cfg, jax.random.PRNGKey(0)), tx)
@@ -117,7 +117,7 @@ def _step(block_size: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("packed", [False, True])
 def test_train_step_blocked_equals_whole_logits(packed):
-  examples = _examples([(7, 5), (6, 6), (9, 4), (5, 7), (3, 8), (8, 3)], seed=2)
+  examples = make_examples([(7, 5), (6, 6), (9, 4), (5, 7), (3, 8), (8, 3)], seed=2)
   if packed:
     batch, _ = data.pack_examples(examples, num_rows=3, input_length=16, target_length=12)
   else:

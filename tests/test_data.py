@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers.batches import assert_batches_equal, rebuild_corrupted, take
 
 from t5jax import data
 from t5jax.tokenizer import EOS_ID, ByteTokenizer
@@ -19,18 +20,6 @@ def _cfg(**overrides):
 def _write_tsv(path, n):
   path.write_text("".join(f"in {i:03d}\tout {i:03d}\n" for i in range(n)))
   return str(path)
-
-
-def _take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b, strict=True):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _row_texts(batch, key="encoder_input_tokens"):
@@ -58,21 +47,6 @@ def test_noise_mask_density_and_spans():
     edges = np.diff(np.concatenate([[0], mask.astype(int), [0]]))
     spans += list(np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1))
   assert abs(np.mean(spans) - 3.0) < 0.1
-
-
-def _rebuild(inputs, targets, tok):
-  """Original tokens from corrupted inputs and targets (both ending with eos)."""
-  spans, current = {}, None
-  for t in targets[:-1].tolist():
-    if tok.is_sentinel(t):
-      current = t
-      spans[current] = []
-    else:
-      spans[current].append(t)
-  out = []
-  for t in inputs[:-1].tolist():
-    out.extend(spans[t] if tok.is_sentinel(t) else [t])
-  return out
 
 
 def _span_corrupt_by_loop(tokens, mask, sentinel_id):
@@ -127,7 +101,7 @@ def test_span_corrupt_properties():
     # Same sentinels, in order <extra_id_0>, <extra_id_1>, ...; targets start with a sentinel.
     assert sentinels_in == sentinels_tg == [TOK.sentinel_id(i) for i in range(len(sentinels_in))]
     assert TOK.is_sentinel(targets[0])
-    assert _rebuild(inputs, targets, TOK) == tokens.tolist()
+    assert rebuild_corrupted(inputs, targets, TOK) == tokens.tolist()
     noise = len(targets) - 1 - len(sentinels_tg)
     assert noise == round(len(tokens) * 0.15)
   a = data.span_corrupt(tokens, np.random.default_rng(3), TOK.sentinel_id)
@@ -159,7 +133,7 @@ def test_span_corruption_pipeline(tmp_path):
   stream = np.array([t for d in docs for t in TOK.encode(d)[:-1]])
   raw = data.span_corruption_raw_length(64, 16, 0.15, 3.0)
   for k, ex in enumerate(ds.eval.tokenized[:5]):
-    rebuilt = _rebuild(ex["inputs"], ex["targets"], TOK)
+    rebuilt = rebuild_corrupted(ex["inputs"], ex["targets"], TOK)
     assert len(rebuilt) <= raw
     # Each rebuilt chunk is a window of the concatenated corpus.
     start = raw * k
@@ -202,7 +176,7 @@ def test_packed_pipeline_segments_and_pairs(tmp_path):
   cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 40), pack=True)
   cfg = cfg.replace(max_input_length=24, max_target_length=24)
   ds = data.make_datasets(cfg, TOK, batch_size=3, seed=0)
-  for batch in _take(ds.train, 5):
+  for batch in take(ds.train, 5):
     _check_packed(batch)
     assert batch["decoder_segment_ids"].max() >= 2  # rows really hold several examples
     # Encoder segment s and decoder segment s are the same example.
@@ -255,10 +229,10 @@ def test_truncate_and_pad_batch():
 @pytest.mark.parametrize("pack", [False, True])
 def test_shuffle_is_deterministic_by_seed(tmp_path, pack):
   cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 20), pack=pack)
-  a = _take(data.make_datasets(cfg, TOK, batch_size=4, seed=7).train, 6)
-  b = _take(data.make_datasets(cfg, TOK, batch_size=4, seed=7).train, 6)
-  c = _take(data.make_datasets(cfg, TOK, batch_size=4, seed=8).train, 6)
-  _assert_batches_equal(a, b)
+  a = take(data.make_datasets(cfg, TOK, batch_size=4, seed=7).train, 6)
+  b = take(data.make_datasets(cfg, TOK, batch_size=4, seed=7).train, 6)
+  c = take(data.make_datasets(cfg, TOK, batch_size=4, seed=8).train, 6)
+  assert_batches_equal(a, b)
   assert any(
     not np.array_equal(x["encoder_input_tokens"], y["encoder_input_tokens"])
     for x, y in zip(a, c, strict=True)
@@ -268,7 +242,7 @@ def test_shuffle_is_deterministic_by_seed(tmp_path, pack):
 def test_epochs_cover_data_in_new_orders(tmp_path):
   cfg = _cfg(kind="tsv", train_file=_write_tsv(tmp_path / "t.tsv", 12))
   it = data.make_datasets(cfg, TOK, batch_size=4, seed=0).train
-  epochs = [sum((_row_texts(b) for b in _take(it, 3)), []) for _ in range(3)]
+  epochs = [sum((_row_texts(b) for b in take(it, 3)), []) for _ in range(3)]
   for epoch in epochs:
     assert sorted(epoch) == [f"in {i:03d}" for i in range(12)]
   assert epochs[0] != epochs[1] and epochs[0] != sorted(epochs[0])
@@ -285,12 +259,12 @@ def test_resume_from_state_gives_next_batches(tmp_path, kind, pack):
     )
   cfg = _cfg(kind=kind, train_file=path, pack=pack)
   it = data.make_datasets(cfg, TOK, batch_size=4, seed=3).train
-  _take(it, 5)
+  take(it, 5)
   state = json.loads(json.dumps(it.get_state()))
-  expected = _take(it, 6)  # crosses an epoch boundary
+  expected = take(it, 6)  # crosses an epoch boundary
   resumed = data.make_datasets(cfg, TOK, batch_size=4, seed=3).train
   resumed.set_state(state)
-  _assert_batches_equal(_take(resumed, 6), expected)
+  assert_batches_equal(take(resumed, 6), expected)
 
 
 def test_host_sharding_disjoint_and_covering(tmp_path):
@@ -300,7 +274,7 @@ def test_host_sharding_disjoint_and_covering(tmp_path):
     it = data.make_datasets(
       cfg, TOK, batch_size=4, seed=0, process_index=host, process_count=3
     ).train
-    seen.append(set(sum((_row_texts(b) for b in _take(it, 2)), [])))  # one epoch: 8 records
+    seen.append(set(sum((_row_texts(b) for b in take(it, 2)), [])))  # one epoch: 8 records
   assert all(len(s) == 8 for s in seen)
   assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
   assert set.union(*seen) == {f"in {i:03d}" for i in range(24)}

@@ -10,42 +10,18 @@ import sys
 import numpy as np
 import pytest
 import zstandard
-from cli import run_script
-from hf_utils_decoding import make_hf_model, save_hf_model
+from helpers.cli import run_script
+from helpers.decode_cli import run_cli, run_error, write
 
 from t5jax import inference
 from t5jax.generate import generate, rank
 from t5jax.hf import load_hf
 from t5jax.quantize import quantize
-from t5jax.tokenizer import ByteTokenizer, load_tokenizer, train_sentencepiece
+from t5jax.tokenizer import load_tokenizer, train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEXTS = ["hi", "hello there", "a much longer input line of text here", "", "b", "ünïcode ✓", "xyz"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  """HF folder with a ByT5 marker: vocab 512 covers bytes (384) and a small SentencePiece model."""
-  folder = str(tmp_path_factory.mktemp("ckpt"))
-  save_hf_model(make_hf_model("v1_1", seed=1, vocab_size=512, eos_swap=None), folder)
-  ByteTokenizer().save(folder)
-  return folder
-
-
-def run_cli(args, capsys):
-  code = run_script("decode.py", args)
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
-
-
-def write(tmp_path, name, content, mode="w"):
-  path = tmp_path / name
-  if mode == "wb":
-    path.write_bytes(content)
-  else:
-    path.write_text(content, encoding="utf-8")
-  return str(path)
 
 
 def expected_outputs(checkpoint, texts, max_input_length, prepare=None, **kwargs):
@@ -135,7 +111,7 @@ def test_compressed_input_decodes_as_the_plain_file(checkpoint, tmp_path, capsys
     outs.append(stdout)
   assert outs[0] == outs[1] and len(outs[0].splitlines()) == 3
   broken = write(tmp_path, "broken.tsv" + ext, packed[: len(packed) // 2], "wb")
-  assert "broken.tsv" + ext in _error(args + ["--input_file", broken], capsys)
+  assert "broken.tsv" + ext in run_error(args + ["--input_file", broken], capsys)
 
 
 def test_jsonl_input_sampling_deterministic(checkpoint, tmp_path, capsys):
@@ -234,31 +210,23 @@ def test_mesh_of_four_devices_matches_one_device(checkpoint, tmp_path, capsys, m
   np.testing.assert_allclose([r["scores"] for r in got], [r["scores"] for r in want], atol=1e-4)
 
 
-def _error(args, capsys):
-  code, stdout, err = run_cli(args, capsys)
-  assert code == 2 and stdout == ""
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("decode.py: error: "), err
-  return lines[0]
-
-
 def test_bad_inputs(checkpoint, tmp_path, capsys):
   good = write(tmp_path, "good.txt", "hello\n")
   base = ["--checkpoint", checkpoint]
-  assert "cannot read" in _error(base + ["--input_file", str(tmp_path / "missing.txt")], capsys)
-  assert "cannot read" in _error(base + ["--input_file", str(tmp_path)], capsys)  # a folder
+  assert "cannot read" in run_error(base + ["--input_file", str(tmp_path / "missing.txt")], capsys)
+  assert "cannot read" in run_error(base + ["--input_file", str(tmp_path)], capsys)  # a folder
   bad_utf8 = write(tmp_path, "bad.txt", b"fine\nstill fine\nbad \xff\xfe\n", mode="wb")
-  assert ":3: invalid UTF-8" in _error(base + ["--input_file", bad_utf8], capsys)
+  assert ":3: invalid UTF-8" in run_error(base + ["--input_file", bad_utf8], capsys)
   empty = write(tmp_path, "empty.txt", "")
-  assert "empty input" in _error(base + ["--input_file", empty], capsys)
+  assert "empty input" in run_error(base + ["--input_file", empty], capsys)
   header_only = write(tmp_path, "h.tsv", "inputs\n")
-  assert "empty input" in _error(base + ["--input_file", header_only], capsys)
+  assert "empty input" in run_error(base + ["--input_file", header_only], capsys)
   no_col = write(tmp_path, "c.tsv", "a\tb\n1\t2\n")
-  assert "--input_column" in _error(base + ["--input_file", no_col], capsys)
+  assert "--input_column" in run_error(base + ["--input_file", no_col], capsys)
   bad_json = write(tmp_path, "j.jsonl", '{"inputs": "x"}\n{oops\n')
-  assert "j.jsonl:2: invalid JSON" in _error(base + ["--input_file", bad_json], capsys)
+  assert "j.jsonl:2: invalid JSON" in run_error(base + ["--input_file", bad_json], capsys)
   out_missing_dir = ["--output_file", str(tmp_path / "nodir" / "out.txt")]
-  assert "does not exist" in _error(base + ["--input_file", good] + out_missing_dir, capsys)
+  assert "does not exist" in run_error(base + ["--input_file", good] + out_missing_dir, capsys)
 
 
 @pytest.mark.parametrize(
@@ -297,14 +265,14 @@ def test_bad_inputs(checkpoint, tmp_path, capsys):
 )
 def test_incompatible_flags(checkpoint, tmp_path, capsys, flags, message):
   good = write(tmp_path, "good.txt", "hello\n")
-  assert message in _error(["--checkpoint", checkpoint, "--input_file", good] + flags, capsys)
+  assert message in run_error(["--checkpoint", checkpoint, "--input_file", good] + flags, capsys)
 
 
 def test_bad_checkpoints(checkpoint, tmp_path, capsys):
   good = write(tmp_path, "good.txt", "hello\n")
 
   def err(folder, *extra):
-    return _error(["--checkpoint", folder, "--input_file", good, *extra], capsys)
+    return run_error(["--checkpoint", folder, "--input_file", good, *extra], capsys)
 
   assert "not found" in err(str(tmp_path / "nope"))
   no_weights = tmp_path / "no_weights"
@@ -323,7 +291,7 @@ def test_bad_checkpoints(checkpoint, tmp_path, capsys):
 
 def test_strict_rejects_long_inputs(checkpoint, tmp_path, capsys):
   inp = write(tmp_path, "long.txt", "short\n" + "x" * 40 + "\n")
-  line = _error(
+  line = run_error(
     ["--checkpoint", checkpoint, "--input_file", inp, "--max_input_length", "8"] + ["--strict"],
     capsys,
   )
@@ -347,12 +315,12 @@ def test_output_is_written_atomically_never_over_the_input(
   checkpoint, tmp_path, capsys, monkeypatch
 ):
   inp = write(tmp_path, "in.txt", "hello\nworld\n")
-  assert "is the input file" in _error(
+  assert "is the input file" in run_error(
     ["--checkpoint", checkpoint, "--input_file", inp, "--output_file", inp], capsys
   )
   link = tmp_path / "link.txt"
   os.symlink(inp, link)
-  assert "is the input file" in _error(
+  assert "is the input file" in run_error(
     ["--checkpoint", checkpoint, "--input_file", inp, "--output_file", str(link)], capsys
   )
   assert open(inp).read() == "hello\nworld\n"
@@ -363,7 +331,9 @@ def test_output_is_written_atomically_never_over_the_input(
 
   monkeypatch.setattr("t5jax.inference.load", no_load)
   for bad in ("/proc/t5jax_cannot_write_here.txt", str(tmp_path)):
-    line = _error(["--checkpoint", checkpoint, "--input_file", inp, "--output_file", bad], capsys)
+    line = run_error(
+      ["--checkpoint", checkpoint, "--input_file", inp, "--output_file", bad], capsys
+    )
     assert bad in line, line
   monkeypatch.undo()
 
@@ -426,7 +396,7 @@ def test_garbage_checkpoint_files_are_one_line(checkpoint, tmp_path, capsys):
     return str(folder)
 
   def err(folder, *extra):
-    return _error(["--checkpoint", folder, "--input_file", good, *extra], capsys)
+    return run_error(["--checkpoint", folder, "--input_file", good, *extra], capsys)
 
   rng = np.random.default_rng(0)
   garbage = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
@@ -459,7 +429,7 @@ def test_garbage_checkpoint_files_are_one_line(checkpoint, tmp_path, capsys):
 )
 def test_unusable_generation_settings_are_one_line(checkpoint, tmp_path, capsys, flags, message):
   good = write(tmp_path, "good.txt", "hello\n")
-  line = _error(["--checkpoint", checkpoint, "--input_file", good] + flags, capsys)
+  line = run_error(["--checkpoint", checkpoint, "--input_file", good] + flags, capsys)
   assert message in line, line
   if "max_new_tokens" in flags:
     assert "at most" in line and "GiB" in line  # the limit is named
@@ -551,6 +521,6 @@ def test_candidates_rank(checkpoint, tmp_path, capsys):
   assert stdout.splitlines() == [g[r["best"]] for g, r in zip(groups, records, strict=True)]
   short = write(tmp_path, "short.txt", "yes\tno\n")
   args = ["--checkpoint", checkpoint, "--input_file", inp, "--candidates", short]
-  assert "1 candidate lines for 3 inputs" in _error(args, capsys)
+  assert "1 candidate lines for 3 inputs" in run_error(args, capsys)
   empty = write(tmp_path, "empty.txt", "yes\t\nno\nx\n")
-  assert "empty.txt:1: empty candidate" in _error(args[:-1] + [empty], capsys)
+  assert "empty.txt:1: empty candidate" in run_error(args[:-1] + [empty], capsys)

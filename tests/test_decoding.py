@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from stats import assert_samples_follow
+from helpers.stats import assert_samples_follow
 from transformers.generation import logits_process
 
 from t5jax import decoding

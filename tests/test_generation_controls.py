@@ -8,16 +8,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hf_utils_decoding import (
+from helpers.hf_models import (
+  PER_TOKEN_ERROR,
+  decoding_model,
   exact_token_log_probs,
-  float64_copy,
-  load_as_t5jax,
-  make_hf_model,
   normalise,
   random_inputs,
 )
-from stats import assert_samples_follow
-from test_generate import PER_TOKEN_ERROR
+from helpers.stats import assert_samples_follow
 from transformers.generation import logits_process as lp
 
 from t5jax.generate import GenerateConfig, generate, rank, score
@@ -27,9 +25,7 @@ VOCAB = 24
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-  hf = make_hf_model("v1_1", seed=1)
-  config, params = load_as_t5jax(hf, str(tmp_path_factory.mktemp("controls")))
-  return hf, config, params, float64_copy(hf)
+  return decoding_model("v1_1", str(tmp_path_factory.mktemp("controls")))
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +70,10 @@ def check_token_scores(ours_seqs, ours_ts, theirs_ts, atol):
   np.testing.assert_allclose(ours_ts, want, atol=atol)
 
 
-# Float32 log-probs of this model are within 2e-5 of float64 per token (test_generate's measured
-# PER_TOKEN_ERROR); both sides are float32, so two of them bound a per-token difference. Measured
-# here: token scores <= 1.6e-5 from transformers' (greedy, beam, prefix), 7.4e-6 (sampling);
-# rank sums of up to 7 tokens <= 3.8e-5 (bound: TOKEN_ATOL per token).
+# Float32 log-probs of this model are within 2e-5 of float64 per token (the measured
+# PER_TOKEN_ERROR of helpers.hf_models); both sides are float32, so two of them bound a per-token
+# difference. Measured here: token scores <= 1.6e-5 from transformers' (greedy, beam, prefix),
+# 7.4e-6 (sampling); rank sums of up to 7 tokens <= 3.8e-5 (bound: TOKEN_ATOL per token).
 TOKEN_ATOL = 2 * PER_TOKEN_ERROR
 
 GREEDY_CASES = [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import make_hf_model, random_batch
+from helpers.hf_models import make_hf_model, random_batch
 from safetensors.numpy import load_file, save_file
 
 import t5jax

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import FAMILIES, make_hf_model, random_batch
+from helpers.hf_models import FAMILIES, make_hf_model, random_batch
 
 import t5jax
 from t5jax.layers import relative_position_bucket

@@ -16,7 +16,7 @@ import sys
 import jax
 import torch
 import transformers
-from hf_models import make_hf_model
+from helpers.hf_models import make_hf_model
 
 import t5jax
 

@@ -9,7 +9,7 @@ import peft as hf_peft  # the reference: PEFT's LoRA on transformers' T5 (a test
 import pytest
 import torch
 import transformers
-from hf_models import make_hf_model, random_batch
+from helpers.hf_models import make_hf_model, random_batch
 
 import t5jax
 from t5jax import model, peft

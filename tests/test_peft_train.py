@@ -11,9 +11,9 @@ import peft as hf_peft
 import pytest
 import torch
 import transformers
-from cli import run_script
-from hf_models import make_hf_model
-from test_train import BASE, write_tsv
+from helpers.cli import run_script
+from helpers.hf_models import make_hf_model
+from helpers.runs import set_fields, tsv_run_config, write_tsv
 
 from t5jax import checkpoint, inference, model, peft, trainer
 from t5jax.errors import ConfigError
@@ -36,33 +36,13 @@ def base_folder(tmp_path_factory):
 
 
 def _config(tmp_path, base_folder, **overrides):
-  c = BASE.get_config()
+  c = tsv_run_config(tmp_path)
   c.model = {}
   c.init_from = base_folder
-  c.data.kind = "tsv"
-  c.data.tokenizer = "byt5"
-  c.data.train_file = write_tsv(tmp_path / "train.tsv", 40)
-  c.data.max_input_length = 12
-  c.data.max_target_length = 12
-  c.optimizer.name = "adamw"
-  c.optimizer.schedule = "constant"
   c.optimizer.learning_rate = 1e-2
-  c.optimizer.warmup_steps = 0
-  c.batch_size = 4
-  c.num_train_steps = 4
-  c.log_every = 1
-  c.eval_every = 1000
   c.eval_generate_examples = 4
-  c.checkpoint_every = 2
   c.async_checkpoints = False
-  c.progress_bar = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_fields(c, overrides)
 
 
 def _trained(workdir, step=None):

@@ -17,8 +17,8 @@ import sys
 
 import numpy as np
 import pytest
-from test_data import _rebuild
-from test_train_cli import REPO, TINY_FLAGS, assert_quiet
+from helpers.batches import assert_batches_equal, rebuild_corrupted, take
+from helpers.runs import REPO, TINY_FLAGS, assert_quiet
 
 from t5jax import data, prepare, sources
 from t5jax.errors import DataError
@@ -55,18 +55,6 @@ def run_prepare(inp, out, kind, **kw):
   return prepare.prepare(str(inp), str(out), TOK, kind=kind, tokenizer_name="byt5", **kw)
 
 
-def take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b, strict=True):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def rows(batches):
   """(encoder inputs, targets) of every unpacked row with a target, as tuples."""
   out = []
@@ -99,7 +87,7 @@ def test_prepared_pairs_give_the_raw_files_examples(tmp_path):
       it = data.make_datasets(cfg.replace(shuffle=shuffle), TOK, batch_size=4, seed=3).train
       got[name] = take(it, 10)  # one epoch: 40 examples
     if not shuffle:
-      assert_same_batches(got["raw"], got["prepared"])
+      assert_batches_equal(got["raw"], got["prepared"])
     else:
       assert sorted(rows(got["raw"])) == sorted(rows(got["prepared"]))
       assert rows(got["raw"]) != rows(got["prepared"])  # another order (global vs windowed)
@@ -130,7 +118,7 @@ def test_prepared_text_gives_the_same_span_corruption_batches(tmp_path):
     )
     cfg = DataConfig(train_file=str(tmp_path / "prep"), pack=pack, **base)
     prep = data.make_datasets(cfg, TOK, batch_size=4, seed=5)
-    assert_same_batches(take(raw.train, 8), take(prep.train, 8))
+    assert_batches_equal(take(raw.train, 8), take(prep.train, 8))
   # Shuffled: the prepared path still corrupts every document of the corpus.
   cfg = DataConfig(train_file=str(tmp_path / "prep"), **{**base, "shuffle": True})
   batches = take(data.make_datasets(cfg, TOK, batch_size=4, seed=5).train, 6)
@@ -335,7 +323,7 @@ def _rebuilt(batches):
   out = []
   for b in batches:
     for enc, tgt in zip(b["encoder_input_tokens"], b["decoder_target_tokens"], strict=True):
-      out.append(tuple(_rebuild(enc[enc > 0], tgt[tgt > 0], TOK)))
+      out.append(tuple(rebuild_corrupted(enc[enc > 0], tgt[tgt > 0], TOK)))
   return out
 
 
@@ -400,7 +388,7 @@ def test_chunked_prepared_resume_is_bit_identical(tmp_path):
       after = take(it, 4)
       resumed = data.make_datasets(cfg, TOK, **kw).train
       resumed.set_state(state)
-      assert_same_batches(after, take(resumed, 4))
+      assert_batches_equal(after, take(resumed, 4))
 
 
 def test_chunk_batches_hosts_and_workers_are_disjoint_and_complete(tmp_path):

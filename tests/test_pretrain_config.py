@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_train_cli import REPO, assert_quiet
+from helpers.runs import REPO, assert_quiet
 
 from configs import pretrain_t5_v1_1_base
 from t5jax import data, prepare

@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 import pytest
-from hf_utils_decoding import make_hf_model, save_hf_model
+from helpers.hf_models import make_hf_model, save_hf_model
 
 import t5jax
 from t5jax import sharding, train_config

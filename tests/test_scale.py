@@ -26,8 +26,7 @@ SCRIPTS = os.path.join(os.path.dirname(__file__), "scale_scripts")
 sys.path.insert(0, SCRIPTS)
 
 import common  # noqa: E402
-from test_train import write_tsv  # noqa: E402
-from test_train_cli import TINY_FLAGS, ForkServer, steps, train_rows  # noqa: E402
+from helpers.runs import TINY_FLAGS, steps, train_rows, write_tsv  # noqa: E402
 
 
 def _env(num_devices: int) -> dict[str, str]:
@@ -284,14 +283,6 @@ def test_two_processes_match_one(tmp_path):
 
 
 # --- train.py as two processes ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-  """Forks `train.py` processes without each paying the ~10 s of imports (test_train_cli)."""
-  s = ForkServer(tmp_path_factory.mktemp("fork_server"))
-  yield s
-  s.close()
 
 
 def _train_files(tmp_path) -> tuple[str, str]:

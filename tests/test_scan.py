@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import make_hf_model, random_batch
-from test_train import tiny_run_config
+from helpers.hf_models import make_hf_model, random_batch
+from helpers.runs import tiny_run_config
 
 import t5jax
 from t5jax import inference, model, optim, partitioning, sharding, trainer

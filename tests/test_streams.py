@@ -8,9 +8,9 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 from array_record.python import array_record_module
+from helpers.batches import assert_batches_equal, take
 
 from t5jax import data, sources, streams
 from t5jax.tokenizer import ByteTokenizer
@@ -52,18 +52,6 @@ def _write(path, fmt, pairs=PAIRS, compression=""):
   with open(path, "wb") as f:
     f.write(raw)
   return path
-
-
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b, strict=True):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _inputs_of(batches):
@@ -161,7 +149,7 @@ def test_bad_data_names_the_shard_and_record(tmp_path):
   (tmp_path / "s-1.tsv").write_text("\n")
   cfg = DataConfig(kind="tsv", train_file=str(tmp_path / "s-*.tsv"), shuffle=False)
   with pytest.raises(data.DataError, match=r"s-1.tsv: no examples \(an empty shard"):
-    _take(data.make_datasets(cfg.replace(shuffle_buffer=4), TOK, batch_size=8, seed=0).train, 10)
+    take(data.make_datasets(cfg.replace(shuffle_buffer=4), TOK, batch_size=8, seed=0).train, 10)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,18 +162,18 @@ def test_stream_equals_the_in_memory_path(tmp_path):
   documented in docs/data.md), and windows bound how far a record moves."""
   path = _write(tmp_path / "a.tsv.gz", "tsv", compression="gzip")
   plain = DataConfig(kind="tsv", train_file=path, shuffle=False, max_input_length=16)
-  got = _inputs_of(_take(data.make_datasets(plain, TOK, batch_size=8, seed=0).train, 10))
+  got = _inputs_of(take(data.make_datasets(plain, TOK, batch_size=8, seed=0).train, 10))
   assert got == [a for a, _ in PAIRS] * 2
   for window in (8, 1000):
     cfg = plain.replace(shuffle=True, shuffle_buffer=window)
-    got = _inputs_of(_take(data.make_datasets(cfg, TOK, batch_size=8, seed=3).train, 10))
+    got = _inputs_of(take(data.make_datasets(cfg, TOK, batch_size=8, seed=3).train, 10))
     epochs = [got[:40], got[40:]]
     for e in epochs:
       assert sorted(e) == [a for a, _ in PAIRS]
     assert epochs[0] != epochs[1]  # a new order each epoch
     if window == 8:  # a record stays inside its window of 8
       assert all(abs(int(t[3:]) - k) < 8 for k, t in enumerate(epochs[0]))
-    again = _inputs_of(_take(data.make_datasets(cfg, TOK, batch_size=8, seed=3).train, 10))
+    again = _inputs_of(take(data.make_datasets(cfg, TOK, batch_size=8, seed=3).train, 10))
     assert again == got  # deterministic for a seed
 
 
@@ -208,7 +196,7 @@ def test_shards_over_hosts_are_disjoint_and_complete(tmp_path, layout):
       ds = data.make_datasets(cfg, TOK, batch_size=2, seed=1, process_index=h, process_count=hosts)
       # One epoch of this host: its records appear once each before any repeats.
       seen = []
-      for text in _inputs_of(_take(ds.train, 40)):
+      for text in _inputs_of(take(ds.train, 40)):
         if text in seen:
           break
         seen.append(text)
@@ -231,7 +219,7 @@ def test_reads_only_its_own_files(tmp_path, monkeypatch):
   monkeypatch.setattr(sources, "iter_records", spy)
   cfg = DataConfig(kind="tsv", train_file=str(tmp_path / "*.tsv"), max_input_length=16)
   ds = data.make_datasets(cfg, TOK, batch_size=2, seed=0, process_index=1, process_count=2)
-  _take(ds.train, 20)
+  take(ds.train, 20)
   assert set(opened) == {"p1.tsv", "p3.tsv"}
 
 
@@ -307,21 +295,21 @@ def test_resume_is_bit_identical(tmp_path, kind, pack, window):
         ).train
 
       it = make()
-      reference = _take(it, 60)  # several windows and epochs
+      reference = take(it, 60)  # several windows and epochs
       for stop in (1, 7, 23, 41):
         it = make()
-        _take(it, stop)
+        take(it, stop)
         state = json.loads(json.dumps(it.get_state()))  # what a checkpoint holds
         resumed = make()
         resumed.set_state(state)
-        _assert_batches_equal(_take(resumed, 60 - stop), reference[stop:])
+        assert_batches_equal(take(resumed, 60 - stop), reference[stop:])
 
 
 def test_restore_rereads_at_most_one_window(tmp_path, monkeypatch):
   spec = _corpus(tmp_path, n_files=1)
   cfg = DataConfig(kind="span_corruption", train_file=spec, shuffle_buffer=10, max_input_length=32)
   it = data.make_datasets(cfg, TOK, batch_size=4, seed=0).train
-  _take(it, 25)
+  take(it, 25)
   state = it.get_state()
   resumed = data.make_datasets(cfg, TOK, batch_size=4, seed=0).train
   decoded = []
@@ -366,7 +354,7 @@ def test_mixture_rates_chi_square_and_per_task_eval(tmp_path):
   assert isinstance(cfg.tasks["a"], TaskConfig)
   ds = data.make_datasets(cfg, TOK, batch_size=50, seed=0)
   counts = {"a": 0, "b": 0, "c": 0}
-  for b_ in _take(ds.train, 24):
+  for b_ in take(ds.train, 24):
     for row in b_["encoder_input_tokens"]:
       text = TOK.decode(row)
       counts["a" if text.startswith("A: a") else "b" if text.startswith("b ") else "c"] += 1

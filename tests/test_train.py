@@ -6,95 +6,19 @@ training. The CLI's behaviour under signals and bad input is in test_train_cli.p
 """
 
 import functools
-import importlib.util
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
+from helpers.runs import BASE, TINY, read_events, read_metrics, tiny_run_config, write_tsv
 
 from t5jax import checkpoint, data, hf, inference, model, sharding, trainer
 from t5jax.config import get_config as get_model_config
 from t5jax.sharding import MeshConfig
 from t5jax.train import TrainingError, train_and_evaluate
 from t5jax.train_config import AdamWConfig, OptimizerConfig, from_config_dict
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_base_config():
-  spec = importlib.util.spec_from_file_location(
-    "t5jax_configs_base", os.path.join(REPO, "configs", "base.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-BASE = _load_base_config()
-
-TINY = dict(
-  d_model=32, d_kv=8, d_ff=64, num_heads=2, num_layers=1, num_decoder_layers=1, dropout_rate=0.0
-)
-
-
-def write_tsv(path, n: int, seed: int = 0) -> str:
-  """`n` lines `w1 w2 ...<TAB>reversed words` of varied lengths."""
-  rng = np.random.default_rng(seed)
-  words = ["ab", "cd", "ef", "gh", "ij"]
-  with open(path, "w") as fh:
-    for _ in range(n):
-      ws = list(rng.choice(words, size=int(rng.integers(1, 4))))
-      fh.write(" ".join(ws) + "\t" + " ".join(reversed(ws)) + "\n")
-  return str(path)
-
-
-def tiny_run_config(tmp_path, **overrides):
-  """A whole-run config of the tiny model on TSV data in `tmp_path` (no eval set by default)."""
-  c = BASE.get_config()
-  c.model = BASE.model_section("t5-v1_1-small", vocab_size=0, **TINY)
-  c.data.kind = "tsv"
-  c.data.tokenizer = "byt5"
-  c.data.train_file = write_tsv(tmp_path / "train.tsv", 40)
-  c.data.max_input_length = 12
-  c.data.max_target_length = 12
-  c.optimizer.name = "adamw"
-  c.optimizer.schedule = "constant"
-  c.optimizer.learning_rate = 3e-3
-  c.optimizer.warmup_steps = 0
-  c.batch_size = 4
-  c.num_train_steps = 4
-  c.log_every = 1
-  c.eval_every = 1000
-  c.eval_generate_examples = 0
-  c.checkpoint_every = 2
-  c.progress_bar = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def read_metrics(workdir, split="train"):
-  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-    rows = [json.loads(line) for line in fh if line.strip()]
-  return [r for r in rows if r["split"] == split]
-
-
-def read_events(path) -> dict[str, list[tuple[int, float]]]:
-  """Scalars of a TensorBoard event file, read back with TensorBoard's own loader."""
-  from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-
-  out, events = {}, list(LegacyEventFileLoader(path).Load())
-  assert events[0].file_version == "brain.Event:2"
-  for ev in events[1:]:
-    for v in ev.summary.value:
-      out.setdefault(v.tag, []).append((ev.step, np.float32(v.simple_value)))
-  return out
 
 
 def _batch(rng: np.random.Generator, lengths, s_len=10, t_len=8, vocab=64):

@@ -1,11 +1,9 @@
 """End-to-end tests of `train.py`: signals, kill -9 and resume, NaN stop, one-line errors, demo.
 
-Starting a Python that imports JAX, orbax, transformers and TensorBoard costs ~10 s, so most runs
-go through a fork server: one subprocess imports `train.py` (without parsing flags or touching a
-device) and forks a child per run, which parses its own argv and runs `train.py`'s entry point
-with stdout/stderr sent to files. Each child is a real process of its own (signals, exit status,
-`kill -9`), only its start is cheap. The demo test starts genuine `python train.py` and
-`python decode.py` processes, the way a user does.
+Starting a Python that imports JAX, orbax, transformers and TensorBoard costs seconds, so most
+runs go through the fork server of tests/helpers/fork_server.py (the `server` fixture): each run
+is a real process of its own (signals, exit status, `kill -9`), only its start is cheap. The demo
+test starts genuine `python train.py` and `python decode.py` processes, the way a user does.
 
 Nothing waits without a limit: each answer of the fork server, each run and each wait for a file
 has a generous timeout (a hang fails the test instead of hanging CI), and a test's children still
@@ -21,189 +19,19 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
 import pytest
-from test_train import write_tsv
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY_FLAGS = [
-  "--config.model.d_model=32",
-  "--config.model.d_kv=8",
-  "--config.model.d_ff=64",
-  "--config.model.num_heads=2",
-  "--config.model.num_layers=1",
-  "--config.model.num_decoder_layers=1",
-  "--config.batch_size=4",
-  "--config.progress_bar=False",
-  "--config.log_every=1",
-]
-
-_SERVER = textwrap.dedent(
-  """
-  import importlib.util, json, os, sys, traceback
-  sys.path.insert(0, REPO)
-  spec = importlib.util.spec_from_file_location("train_cli", os.path.join(REPO, "train.py"))
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
-  import t5jax.data, t5jax.hf, t5jax.train, t5jax.generate, sacrebleu  # warm
-  print(json.dumps({"ready": True}), flush=True)
-  for line in sys.stdin:
-    req = json.loads(line)
-    if "wait" in req or "poll" in req:
-      pid, status = os.waitpid(req.get("wait", req.get("poll")), 0 if "wait" in req else os.WNOHANG)
-      rc = os.waitstatus_to_exitcode(status) if pid else None
-      print(json.dumps({"rc": rc}), flush=True)
-      continue
-    pid = os.fork()
-    if pid:
-      print(json.dumps({"pid": pid}), flush=True)
-      continue
-    for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
-      os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    sys.argv = ["train.py", *req["argv"]]
-    code = 0
-    try:
-      exec(req.get("setup", ""), {})  # test hooks (e.g. to hold the run at a chosen point)
-      cli.run()
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:
-      traceback.print_exc()
-      code = 99
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-  """
-).replace("REPO", repr(REPO))
-
-
-# Seconds before a run, an answer of the fork server or an awaited file counts as hung. A tiny
-# run takes seconds; these limits only bound how long a broken test can take.
-RUN_TIMEOUT = 300
-SERVER_TIMEOUT = 300
-
-
-class Run:
-  """A `train.py` child of the fork server."""
-
-  def __init__(self, server, pid, out, err):
-    self.server, self.pid, self.out, self.err = server, pid, out, err
-    self.rc = None
-
-  def wait(self, timeout: float = RUN_TIMEOUT) -> "Run":
-    """Waits for the exit status; a run still going after `timeout` s is killed and fails."""
-    deadline = time.monotonic() + timeout
-    while self.poll() is None:
-      if time.monotonic() > deadline:
-        self.kill()
-        raise AssertionError(f"run {self.pid} did not end within {timeout} s:\n{self.stderr}")
-      time.sleep(0.1)
-    return self
-
-  def kill(self) -> None:
-    """SIGKILL (if still running) and reap."""
-    if self.rc is None:
-      try:
-        os.kill(self.pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
-      self.rc = self.server._call({"wait": self.pid})["rc"]
-
-  def poll(self) -> int | None:
-    if self.rc is None:
-      self.rc = self.server._call({"poll": self.pid})["rc"]
-    return self.rc
-
-  @property
-  def stderr(self) -> str:
-    with open(self.err) as fh:
-      return fh.read()
-
-
-class ForkServer:
-  def __init__(self, tmp_dir):
-    self.tmp_dir, self.n, self.runs = str(tmp_dir), 0, []
-    self.proc = subprocess.Popen(
-      [sys.executable, "-c", _SERVER],
-      stdin=subprocess.PIPE,
-      stdout=subprocess.PIPE,
-      text=True,
-      cwd=REPO,
-    )
-    assert self._read() == {"ready": True}
-
-  def _read(self, timeout: float = SERVER_TIMEOUT):
-    # A server that does not answer in time is killed, which ends the readline.
-    timer = threading.Timer(timeout, self.proc.kill)
-    timer.start()
-    try:
-      line = self.proc.stdout.readline()
-    finally:
-      timer.cancel()
-    if not line:
-      raise RuntimeError(
-        f"fork server exited with {self.proc.wait()} (killed if silent for {timeout} s)"
-      )
-    return json.loads(line)
-
-  def _call(self, req):
-    self.proc.stdin.write(json.dumps(req) + "\n")
-    self.proc.stdin.flush()
-    return self._read()
-
-  def start(self, *argv, setup: str = "") -> Run:
-    """Starts `train.py argv`; `setup` is Python run in the child first (test hooks)."""
-    self.n += 1
-    out, err = (os.path.join(self.tmp_dir, f"run{self.n}.{s}") for s in ("out", "err"))
-    req = {"argv": [str(a) for a in argv], "stdout": out, "stderr": err, "setup": setup}
-    pid = self._call(req)["pid"]
-    self.runs.append(Run(self, pid, out, err))
-    return self.runs[-1]
-
-  def run(self, *argv) -> Run:
-    return self.start(*argv).wait()
-
-  def kill_running(self):
-    """Kills the children a (failed) test left running."""
-    for run in self.runs:
-      if self.proc.poll() is None:
-        if run.poll() is None:
-          run.kill()
-      elif run.rc is None:  # the server is gone (killed as hung): kill the orphan directly
-        try:
-          os.kill(run.pid, signal.SIGKILL)
-        except ProcessLookupError:
-          pass
-    self.runs = []
-
-  def close(self):
-    try:
-      self.kill_running()
-    finally:
-      self.proc.stdin.close()
-      try:
-        self.proc.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def _fork_server(tmp_path_factory):
-  s = ForkServer(tmp_path_factory.mktemp("fork_server"))
-  yield s
-  s.close()
-
-
-@pytest.fixture
-def server(_fork_server):
-  """The module's fork server; what a test leaves running is killed when it ends."""
-  yield _fork_server
-  _fork_server.kill_running()
+from helpers.runs import (
+  REPO,
+  TINY_FLAGS,
+  assert_quiet,
+  snapshot,
+  steps,
+  train_rows,
+  write_tsv,
+)
 
 
 def tsv_args(tmp_path, workdir, *extra):
@@ -221,26 +49,6 @@ def tsv_args(tmp_path, workdir, *extra):
   ]
 
 
-def steps(workdir, sub="checkpoints"):
-  d = os.path.join(workdir, sub)
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def snapshot(workdir):
-  """Every file under workdir with its size and modification time."""
-  out = {}
-  for root, _, files in os.walk(workdir):
-    for f in files:
-      st = os.stat(os.path.join(root, f))
-      out[os.path.relpath(os.path.join(root, f), workdir)] = (st.st_size, st.st_mtime_ns)
-  return out
-
-
-def train_rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-    return [r for r in map(json.loads, fh) if r["split"] == "train"]
-
-
 def wait_for_checkpoint(run, workdir, timeout=240):
   t0 = time.time()
   while not steps(workdir):
@@ -256,13 +64,6 @@ def wait_for_file(run, path, timeout=240):
     assert run.poll() is None, f"run ended with {run.rc} before {path} appeared:\n{run.stderr}"
     assert time.time() - t0 < timeout, f"no {path} after {timeout} s:\n{run.stderr}"
     time.sleep(0.1)
-
-
-def assert_quiet(stderr: str) -> None:
-  """No tracebacks and no INFO lines (orbax logs every save at INFO); warnings may appear, e.g.
-  orbax's "waiting for previous save" on a loaded machine with a checkpoint every 2 steps."""
-  assert "Traceback" not in stderr, stderr
-  assert not [line for line in stderr.splitlines() if re.match(r"I\d{4} ", line)], stderr
 
 
 def assert_one_line_error(run, *fragments):
@@ -571,7 +372,7 @@ def jax_leaves(tree):
 
 @pytest.mark.slow
 def test_bad_workdirs_and_unreadable_inputs_are_one_line_and_write_nothing(server, tmp_path):
-  from hf_utils_decoding import make_hf_model, save_hf_model
+  from helpers.hf_models import make_hf_model, save_hf_model
 
   a_file = tmp_path / "a_file"
   a_file.write_text("x")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train import BASE, TINY, read_metrics, tiny_run_config
+from helpers.runs import BASE, TINY, capture_grads, make_examples, read_metrics, tiny_run_config
 
 from t5jax import checkpoint, data, model, trainer
 from t5jax.config import get_config as get_model_config
@@ -19,25 +19,11 @@ from t5jax.train import train_and_evaluate
 from t5jax.train_config import from_config_dict
 
 
-def _capture_grads() -> optax.GradientTransformation:
-  """An "optimizer" whose state becomes the step's (normalised) gradients and whose updates are 0,
-  so that the train step itself hands back exactly the gradients it would apply."""
-
-  def init(params):
-    return jax.tree.map(jnp.zeros_like, params)
-
-  def update(grads, state, params=None):
-    del state, params
-    return jax.tree.map(jnp.zeros_like, grads), grads
-
-  return optax.GradientTransformation(init, update)
-
-
 @functools.cache
 def _grad_step(dropout_rate: float):
   """(jitted train step that captures the gradients, initial state) of a tiny vocab-64 model."""
   cfg = get_model_config("t5-v1_1-small", vocab_size=64, **{**TINY, "dropout_rate": dropout_rate})
-  tx = _capture_grads()
+  tx = capture_grads()
   # every term of the loss: smoothing, z-loss, per-token weights
   loss_cfg = from_config_dict(BASE.get_config()).loss.replace(label_smoothing=0.1)
   assert loss_cfg.normalizer == "num_tokens" and loss_cfg.z_loss > 0
@@ -47,20 +33,9 @@ def _grad_step(dropout_rate: float):
   return step, state
 
 
-def _examples(lengths, seed=0, vocab=64):
-  """{"inputs", "targets"} examples with the given (input, target) lengths, EOS (1) last."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for n_in, n_tg in lengths:
-    inp, tgt = rng.integers(2, vocab, n_in), rng.integers(2, vocab, n_tg)
-    inp[-1] = tgt[-1] = 1
-    out.append({"inputs": inp.astype(np.int32), "targets": tgt.astype(np.int32)})
-  return out
-
-
 def test_dropout_key_changes_with_the_step_and_nothing_else():
   step, state = _grad_step(0.3)
-  batch = data.pad_batch(_examples([(6, 5), (4, 7), (9, 3), (5, 5)], seed=1), 10, 8)
+  batch = data.pad_batch(make_examples([(6, 5), (4, 7), (9, 3), (5, 5)], seed=1), 10, 8)
   rng = jax.random.PRNGKey(7)
 
   def run(step_number, key=rng):
@@ -114,7 +89,7 @@ def test_packed_batch_has_the_loss_and_gradients_of_separate_rows():
   # Six examples of varied lengths: first-fit puts them in 3 rows of 16 / 12 tokens (2 per row),
   # or in 6 padded rows of their own. The normaliser is "num_tokens", the total number of target
   # tokens, which is the same for both layouts, so both the mean loss and its gradient must agree.
-  examples = _examples([(7, 5), (6, 6), (9, 4), (5, 7), (3, 8), (8, 3)], seed=2)
+  examples = make_examples([(7, 5), (6, 6), (9, 4), (5, 7), (3, 8), (8, 3)], seed=2)
   packed, placement = data.pack_examples(examples, num_rows=3, input_length=16, target_length=12)
   assert sorted({p.row for p in placement}) == [0, 1, 2]
   assert max(p.segment_id for p in placement) == 2  # really packed: two segments in a row

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from unittest import mock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_script(name: str, argv: Sequence[str]) -> int:
