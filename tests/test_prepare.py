@@ -254,42 +254,40 @@ def test_bad_input_and_flags_are_one_line_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_then_train_py_trains_from_prepared_shards(tmp_path):
+def test_cli_then_train_py_trains_from_prepared_shards(server, tmp_path, capsys):
   train = write_pairs(tmp_path / "train.tsv", 40)
   evals = write_pairs(tmp_path / "eval.tsv", 8, seed=9)
+  flags = ["--kind=tsv", "--tokenizer=byt5", "--prefix=rev: "]
+  # `python -m t5jax.prepare` as a user types it, for the training shards...
+  out = tmp_path / "prep_train"
+  cmd = [sys.executable, "-m", "t5jax.prepare", f"--input={train}", f"--output={out}", *flags]
   env = {**os.environ, "PYTHONPATH": REPO}
-  for src, out in ((train, "prep_train"), (evals, "prep_eval")):
-    cmd = [sys.executable, "-m", "t5jax.prepare", f"--input={src}", f"--output={tmp_path / out}"]
-    cmd += ["--kind=tsv", "--tokenizer=byt5", "--prefix=rev: "]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert f"--config.data.train_file={tmp_path / out}" in done.stdout
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert f"--config.data.train_file={out}" in done.stdout
+  # ...and the same entry point in this process for the eval shards (a Python start saved).
+  capsys.readouterr()
+  out = tmp_path / "prep_eval"
+  assert prepare.main([f"--input={evals}", f"--output={out}", *flags]) == 0
+  assert f"--config.data.train_file={out}" in capsys.readouterr().out
+  # train.py as a process of the fork server (tests/helpers/fork_server.py).
   workdir = tmp_path / "wd"
-  run = subprocess.run(
-    [
-      sys.executable,
-      "train.py",
-      "--config=configs/demo.py",
-      f"--workdir={workdir}",
-      "--config.data.kind=tsv",
-      f"--config.data.train_file={tmp_path / 'prep_train'}",
-      f"--config.data.eval_file={tmp_path / 'prep_eval'}",
-      "--config.data.max_input_length=16",
-      "--config.data.max_target_length=12",
-      *TINY_FLAGS,
-      "--config.num_train_steps=3",
-      "--config.eval_every=3",
-      "--config.checkpoint_every=3",
-      "--config.eval_generate_examples=2",
-      "--config.eval_batch_size=4",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  run = server.run(
+    "--config=configs/demo.py",
+    f"--workdir={workdir}",
+    "--config.data.kind=tsv",
+    f"--config.data.train_file={tmp_path / 'prep_train'}",
+    f"--config.data.eval_file={tmp_path / 'prep_eval'}",
+    "--config.data.max_input_length=16",
+    "--config.data.max_target_length=12",
+    *TINY_FLAGS,
+    "--config.num_train_steps=3",
+    "--config.eval_every=3",
+    "--config.checkpoint_every=3",
+    "--config.eval_generate_examples=2",
+    "--config.eval_batch_size=4",
   )
-  assert run.returncode == 0, run.stderr
+  assert run.rc == 0, run.stderr
   assert_quiet(run.stderr)
   rows_ = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in rows_ if r["split"] == "train"] == [1, 2, 3]

@@ -8,12 +8,10 @@ from a prepared text corpus, and refuses to start on raw text without a tokenize
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers.runs import REPO, assert_quiet
+from helpers.runs import assert_quiet
 
 from configs import pretrain_t5_v1_1_base
 from t5jax import data, prepare
@@ -67,15 +65,14 @@ def test_the_config_builds_with_the_t5_1_1_settings():
   assert d.spm_vocab_size == 0 and d.tokenizer == "" and d.train_file == ""
 
 
-def _train(workdir, *flags):
-  cmd = [sys.executable, "train.py", "--config=configs/pretrain_t5_v1_1_base.py"]
-  cmd += [f"--workdir={workdir}", *SHRINK, *flags]
-  env = {**os.environ, "PYTHONPATH": REPO}
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def _train(server, workdir, *flags):
+  """train.py with the config and SHRINK, as a process of the fork server (tests/helpers)."""
+  config = "--config=configs/pretrain_t5_v1_1_base.py"
+  return server.run(config, f"--workdir={workdir}", *SHRINK, *flags)
 
 
 @pytest.mark.slow
-def test_the_shrunk_config_trains_3_steps_from_a_prepared_corpus(tmp_path):
+def test_the_shrunk_config_trains_3_steps_from_a_prepared_corpus(server, tmp_path):
   rng = np.random.default_rng(0)
   words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran"]
   docs = [" ".join(rng.choice(words, size=int(rng.integers(5, 60)))) for _ in range(120)]
@@ -87,17 +84,17 @@ def test_the_shrunk_config_trains_3_steps_from_a_prepared_corpus(tmp_path):
   assert prepare.main([*argv, "--quiet"]) == 0
 
   # Raw text and no tokenizer: refused before anything is written.
-  refused = _train(tmp_path / "raw", f"--config.data.train_file={corpus}")
+  refused = _train(server, tmp_path / "raw", f"--config.data.train_file={corpus}")
   lines = refused.stderr.strip().splitlines()
-  assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+  assert refused.rc == 1 and len(lines) == 1, refused.stderr
   assert "no tokenizer: set --config.data.tokenizer" in lines[0], lines[0]
   assert not os.path.exists(tmp_path / "raw" / "checkpoints")
 
   workdir = tmp_path / "wd"
   run = _train(
-    workdir, f"--config.data.train_file={prepared}", f"--config.data.eval_file={prepared}"
+    server, workdir, f"--config.data.train_file={prepared}", f"--config.data.eval_file={prepared}"
   )
-  assert run.returncode == 0, run.stderr
+  assert run.rc == 0, run.stderr
   assert_quiet(run.stderr)
   rows = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
   train = [r for r in rows if r["split"] == "train"]
