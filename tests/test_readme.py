@@ -7,7 +7,8 @@
   docs/decoding.md lists every flag it has.
 - Every field of the typed configs (run, model, decoding) is documented somewhere in docs/.
 - Links, repository paths and `t5jax.x.y` names in the docs resolve; docs/architecture.md's
-  import table is the code's; `--help` of both scripts ends by pointing to its page.
+  import table is the code's (and no test file imports another, as it says); `--help` of both
+  scripts ends by pointing to its page.
 - The README's library quick-start runs as typed on a tiny model, and the demo's decode command
   runs word for word against a tiny model placed at `workdir/demo` (`make demo` itself, about
   5-8 minutes, is too slow for the suite; its training half is tests/test_train_cli.py's).
@@ -279,6 +280,25 @@ def test_architecture_import_table_is_the_codes():
   wrong = {m: sorted(actual[m]) for m in actual if actual[m] != documented[m]}
   assert not wrong, f"docs/architecture.md's import table differs from the code: {wrong}"
   assert not set(documented) - set(actual), "the import table names modules that do not exist"
+
+
+def test_no_test_module_imports_another():
+  """docs/architecture.md: what the tests share is in tests/helpers/; no test file imports one."""
+  tests = os.path.join(ROOT, "tests")
+  names = {n[:-3] for n in os.listdir(tests) if n.startswith("test_") and n.endswith(".py")}
+  found = []
+  for folder, _, files in os.walk(tests):
+    for n in sorted(f for f in files if f.endswith(".py")):
+      path = os.path.relpath(os.path.join(folder, n), ROOT)
+      for node in ast.walk(ast.parse(_read(path))):
+        if isinstance(node, ast.Import):
+          imported = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+          imported = [node.module or ""]
+        else:
+          continue
+        found += [f"{path}:{node.lineno}" for m in imported if m.split(".")[0] in names]
+  assert not found, f"test modules imported from other test files (move to tests/helpers/): {found}"
 
 
 def test_help_ends_by_pointing_to_the_docs():
