@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers.runs import assert_quiet
+from helpers.runs import TINY_MODEL_FLAGS, assert_quiet
 
 from configs import pretrain_t5_v1_1_base
 from t5jax import data, prepare
@@ -21,12 +21,7 @@ from t5jax.train_config import from_config_dict
 
 SHRINK = [
   "--config.model.vocab_size=0",  # the tokenizer's size (byt5: 384)
-  "--config.model.d_model=32",
-  "--config.model.d_kv=8",
-  "--config.model.d_ff=64",
-  "--config.model.num_heads=2",
-  "--config.model.num_layers=1",
-  "--config.model.num_decoder_layers=1",
+  *TINY_MODEL_FLAGS,
   "--config.data.max_input_length=64",
   "--config.data.max_target_length=20",
   "--config.batch_size=4",

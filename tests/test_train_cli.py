@@ -13,6 +13,7 @@ sent once a file shows that the run has reached the state the test needs.
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -371,15 +372,14 @@ def jax_leaves(tree):
 
 
 @pytest.mark.slow
-def test_bad_workdirs_and_unreadable_inputs_are_one_line_and_write_nothing(server, tmp_path):
-  from helpers.hf_models import make_hf_model, save_hf_model
-
+def test_bad_workdirs_and_unreadable_inputs_are_one_line_and_write_nothing(
+  server, tmp_path, checkpoint
+):
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
   garbage_spm = tmp_path / "garbage.model"
   garbage_spm.write_bytes(os.urandom(300))
-  good_hf = tmp_path / "hf"
-  save_hf_model(make_hf_model("v1_1", seed=1, vocab_size=512, eos_swap=None), str(good_hf))
+  good_hf = pathlib.Path(checkpoint)  # a readable HF folder (tests/conftest.py)
   bad_weights = tmp_path / "bad_weights"
   bad_weights.mkdir()
   (bad_weights / "config.json").write_text((good_hf / "config.json").read_text())

@@ -11,6 +11,7 @@
 - `helpers.stats`: the chi-square check of the sampling tests.
 
 Fixtures used by more than one test module live in tests/conftest.py (which puts tests/ on
-`sys.path`, so `import helpers` works from any test module and from tests/scale_scripts/); a
-fixture only one module uses stays in that module.
+`sys.path`, so `import helpers` works from every test module); a fixture only one module uses
+stays in that module. tests/scale_scripts/ holds the scripts test_scale.py runs as subprocesses
+(and their `common.py`, which test_scale.py imports for its single-device references).
 """

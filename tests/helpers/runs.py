@@ -32,14 +32,12 @@ TINY = dict(
   d_model=32, d_kv=8, d_ff=64, num_heads=2, num_layers=1, num_decoder_layers=1, dropout_rate=0.0
 )
 
-# ... and the same model (with batch 4, every step logged, no bar) as train.py flags.
+# ... the same model as train.py flags ...
+TINY_MODEL_FLAGS = [f"--config.model.{k}={v}" for k, v in TINY.items() if k != "dropout_rate"]
+
+# ... and with batch 4, every step logged, no progress bar.
 TINY_FLAGS = [
-  "--config.model.d_model=32",
-  "--config.model.d_kv=8",
-  "--config.model.d_ff=64",
-  "--config.model.num_heads=2",
-  "--config.model.num_layers=1",
-  "--config.model.num_decoder_layers=1",
+  *TINY_MODEL_FLAGS,
   "--config.batch_size=4",
   "--config.progress_bar=False",
   "--config.log_every=1",
