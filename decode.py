@@ -18,6 +18,7 @@ unwritable path fails first, and renamed over the old file only when complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -133,18 +134,27 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
   try:
     return GenerateConfig.from_strings({f.name: getattr(args, f.name) for f in GENERATE_FLAGS})
   except ValueError as e:
-    raise CLIError(_flags(str(e), args)) from e
+    raise CLIError(_flags(str(e), [f.name for f in GENERATE_FLAGS])) from e
 
 
 # Flags that only generation reads: rank classification (--candidates) refuses them.
 NOT_RANKING = [f.name for f in GENERATE_FLAGS] + ["seed", "decoder_prefix_column"]
 
 
-def _flags(message: str, args: argparse.Namespace) -> str:
-  """A library message in terms of the flags: each name of one of decode.py's options becomes
-  `--name`."""
-  names = "|".join(sorted(vars(args), key=len, reverse=True))
-  return re.sub(rf"(?<![-\w'])({names})(?![\w'])", r"--\1", message)
+def _flags(message: str, names) -> str:
+  """A library message in terms of the flags: each of `names` (parameter names it uses) becomes
+  `--name`, except inside a path or a quoted value."""
+  alt = "|".join(sorted(names, key=len, reverse=True))
+  return re.sub(rf"(?<![-\w'/.])({alt})(?![\w'/])(?!\.\w)", r"--\1", message)
+
+
+@contextlib.contextmanager
+def _named_as_flags(*names: str):
+  """A library error raised within, printed in terms of the flags `names`."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    raise CLIError(_flags(str(e), names)) from e
 
 
 def load(args: argparse.Namespace):
@@ -174,9 +184,10 @@ def run(args: argparse.Namespace) -> int:
     raise CLIError("--float_output_layer applies only with --quantize")
   gen_cfg = generate_config(args)
   columns = ("input_column", "decoder_prefix_column", "candidates", "candidates_column")
-  requests = inputs.read_requests(
-    args.input_file, args.input_format, **{c: getattr(args, c) for c in columns}
-  )
+  with _named_as_flags(*columns, "input_format"):
+    requests = inputs.read_requests(
+      args.input_file, args.input_format, **{c: getattr(args, c) for c in columns}
+    )
   if args.output_file and args.input_file and workdir.same_file(args.output_file, args.input_file):
     raise CLIError(f"--output_file {args.output_file} is the input file; write elsewhere")
   try:
@@ -216,11 +227,13 @@ def _decode(args, gen_cfg: GenerateConfig, requests: inputs.Requests) -> str:
     warn(f"--batch_size {args.batch_size} rounded up to {batch_size}, a multiple of the {shards} "
          "batch shards (mesh data x fsdp)")  # fmt: skip
   config, params, tokenizer = load(args)
-  enc = inference.encode_requests(
-    tokenizer, config, texts, batch_size=batch_size, max_len=args.max_input_length,
-    generate_config=None if candidates else gen_cfg, prefixes=requests.prefixes,
-    candidates=candidates, strict=args.strict, given=getattr(args, "given", set()),
-  )  # fmt: skip
+  sizes = ("batch_size", "max_input_length", "max_new_tokens", "num_beams", "num_return_sequences")
+  with _named_as_flags(*sizes, "strict", "bad_words_ids", "suppress_tokens"):
+    enc = inference.encode_requests(
+      tokenizer, config, texts, batch_size=batch_size, max_len=args.max_input_length,
+      generate_config=None if candidates else gen_cfg, prefixes=requests.prefixes,
+      candidates=candidates, strict=args.strict, given=getattr(args, "given", set()),
+    )  # fmt: skip
   if enc.truncated:
     warn(f"truncated {enc.truncated} of {len(texts)} inputs to --max_input_length "
          f"{args.max_input_length} tokens")  # fmt: skip
@@ -272,8 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args)
   except CLIError as e:
     message = str(e)
-  except USER_ERRORS as e:  # the library's, in its own names: as the flags
-    message = _flags(str(e), args)
+  except USER_ERRORS as e:  # the library's own one-line errors (a checkpoint, a file)
+    message = str(e)
   print(f"{PROG}: error: {message}", file=sys.stderr)
   return 2
 

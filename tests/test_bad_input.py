@@ -23,6 +23,22 @@ ROOT_TEXT = "add: 17 + 25\nreverse: a b c d\nsort: 9 3 7 1\n"
 # --- decode.py ---------------------------------------------------------------------------------
 
 
+def test_library_errors_keep_paths_and_words_as_they_are(checkpoint, tmp_path, capsys):
+  """Only a library message's parameter names are printed as flags: a path holding a flag's name
+  and the word "checkpoint" in a checkpoint error stay as written."""
+  good = write(tmp_path, "in.txt", "hi\n")
+  missing = str(tmp_path / "seed" / "candidates")
+  line = run_error(["--checkpoint", missing, "--input_file", good], capsys)
+  assert line == f"decode.py: error: checkpoint folder not found: {missing}", line
+  folder = tmp_path / "batch_size"
+  folder.mkdir()
+  long = write(folder, "input_column.txt", "x" * 40 + "\n")
+  line = run_error(["--checkpoint", checkpoint, "--input_file", long, "--max_input_length", "8",
+                    "--strict"], capsys)  # fmt: skip
+  assert "input 1 is longer than --max_input_length 8 tokens" in line, line
+  assert "drop --strict" in line and "--batch_size" not in line, line
+
+
 @pytest.mark.parametrize(
   "flags", [["--decoder_prefix_column", "prefix"], ["--input_column", "src"]]
 )
