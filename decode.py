@@ -2,17 +2,12 @@
 
   python decode.py --checkpoint DIR [--input_file F] [--output_file G] [--method greedy|beam|sample]
 
-DIR is a HuggingFace model folder or a t5jax training workdir (`t5jax.inference.load`). Inputs
-(`t5jax.inputs`): one per line, a TSV column or a JSONL field, from a file or stdin. Outputs: the
-best sequence per line (text) or JSON objects with every returned sequence and its score. Greedy,
-beam search, sampling and rank classification (`t5jax.inference`), on one device or a mesh of
-this process's devices, optionally int8 or bfloat16 (`--quantize`). Every flag, format and method
-in detail: docs/decoding.md.
-
-This file is flags and I/O only. Bad input exits with status 2 and one line naming the flag, file
-or line (the library's messages name its parameters; they are printed as the flags).
---output_file is written through `t5jax.workdir.AtomicFile`: opened before the model loads, so an
-unwritable path fails first, and renamed over the old file only when complete.
+DIR is a HuggingFace model folder or a t5jax training workdir. This file is flags and I/O only:
+inputs are read by `t5jax.inputs`, encoded, checked, decoded (greedy, beam, sampling or rank
+classification, on a mesh of this process's devices, optionally int8/bfloat16) by
+`t5jax.inference`, formatted by `t5jax.outputs`, and written through `t5jax.workdir.AtomicFile`
+(opened before the model loads, replaced only when complete). Bad input exits with status 2 and
+one line naming the flag, file or line. Every flag, format and method: docs/decoding.md.
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import re
 import sys
 from collections.abc import Sequence
@@ -28,13 +22,14 @@ from collections.abc import Sequence
 import jax
 from tqdm import tqdm
 
-from t5jax import inference, inputs, sharding, workdir
+from t5jax import inference, inputs, outputs, sharding, workdir
 from t5jax.errors import USER_ERRORS, ConfigError
 from t5jax.generate import GenerateConfig
 from t5jax.inference import TokenizerNotFound
 from t5jax.sources import INPUT_COLUMNS
 
 PROG = "decode.py"
+EPILOG = "Every flag, format and method in detail: docs/decoding.md"
 # GenerateConfig fields with a flag, and decode.py's own defaults for some of them.
 GENERATE_FLAGS = [f for f in dataclasses.fields(GenerateConfig) if f.metadata.get("flag", True)]
 FLAG_DEFAULTS = {"max_new_tokens": 64}
@@ -61,76 +56,71 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-    prog=PROG,
-    description=__doc__.split("\n\n")[0],
-    epilog="Every flag, format and method in detail: docs/decoding.md",
-  )
-  p.add_argument("--checkpoint", required=True, help="HuggingFace model folder or t5jax workdir")
-  p.add_argument("--tokenizer", help="'byt5', a SentencePiece .model, or a folder holding one")
-  p.add_argument("--input_file", help="default: stdin")
-  p.add_argument("--output_file", help="default: stdout")
-  p.add_argument(
-    "--input_format",
-    choices=inputs.FORMATS,
-    default="auto",
-    help="auto: a file by its extension (.tsv, .jsonl/.json, else text); stdin by its first line "
-    "(a JSON object: jsonl; tab-separated with a field named as the input column, i.e. a "
-    "header: tsv; else text, one prompt per line)",
-  )
-  p.add_argument("--input_column", help=f"TSV/JSONL field (default: first of {INPUT_COLUMNS})")
-  p.add_argument("--output_format", choices=("text", "jsonl"), default="text")
-  p.add_argument("--batch_size", type=int, default=16)
-  p.add_argument("--max_input_length", type=int, default=512)
-  p.add_argument("--strict", action="store_true", help="reject (not truncate) too-long inputs")
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG)
+  add = p.add_argument
+  add("--checkpoint", required=True, help="HuggingFace model folder or t5jax workdir")
+  add("--tokenizer", help="'byt5', a SentencePiece .model, or a folder holding one")
+  add("--input_file", help="default: stdin")
+  add("--output_file", help="default: stdout")
+  add("--input_format", choices=inputs.FORMATS, default="auto", help="auto: by the file's "
+      "extension (.tsv, .jsonl/.json, else text), or by stdin's first line")  # fmt: skip
+  add("--input_column", help=f"TSV/JSONL field (default: first of {INPUT_COLUMNS})")
+  add("--output_format", choices=outputs.FORMATS, default="text")
+  add("--batch_size", type=int, default=16)
+  add("--max_input_length", type=int, default=512)
+  add("--strict", action="store_true", help="reject (not truncate) too-long inputs")
   _add_generate_flags(p)
-  p.add_argument("--seed", type=int, help="sampling seed (sample only)")
-  p.add_argument(
-    "--decoder_prefix_column",
-    help="TSV/JSONL field whose text (without EOS) is forced as the start of that row's output; "
-    "the output printed is what follows it (the prefix is not repeated)",
-  )
-  p.add_argument(
-    "--candidates",
-    help="rank classification: a file with one line per input, its candidates separated by tabs",
-  )
-  p.add_argument("--candidates_column", help="rank classification: a JSONL field (list of strings)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="computation dtype")
-  p.add_argument(
-    "--quantize",
-    choices=("int8", "bf16"),
-    help="weights in reduced precision, converted once after loading (t5jax.quantize): int8 per "
-    "output channel with int8 activations per row; bf16 casts them to bfloat16 and computes in "
-    "bfloat16 (docs/quantization.md)",
-  )
-  p.add_argument(
-    "--float_output_layer", action="store_true", help="with --quantize: keep the output layer float"
-  )
-  p.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
+  add("--seed", type=int, help="sampling seed (sample only)")
+  add("--decoder_prefix_column", help="TSV/JSONL field whose text (no EOS) is forced as the "
+      "start of that row's output; the output printed is what follows it (the prefix is not "
+      "repeated)")  # fmt: skip
+  add("--candidates", help="rank classification: a file, per input a line of tab-separated "
+      "candidates")  # fmt: skip
+  add("--candidates_column", help="rank classification: a JSONL field (list of strings)")
+  add("--dtype", choices=("float32", "bfloat16"), help="computation dtype")
+  add("--quantize", choices=("int8", "bf16"), help="weights converted once after loading: int8 "
+      "per output channel, or bf16 computing in bfloat16 (docs/quantization.md)")  # fmt: skip
+  add("--float_output_layer", action="store_true", help="with --quantize: output layer float")
+  add("--no_progress", action="store_true", help="no progress bar on stderr")
   # Device mesh (t5jax.sharding); the product must equal the device count, -1 = the rest.
-  p.add_argument("--mesh_data", type=int, default=-1, help="data-parallel replicas (-1: the rest)")
-  p.add_argument("--mesh_fsdp", type=int, default=1, help="parameters split along embed")
-  p.add_argument("--mesh_tensor", type=int, default=1, help="heads/mlp/vocab split")
+  add("--mesh_data", type=int, default=-1, help="data-parallel replicas (-1: the rest)")
+  add("--mesh_fsdp", type=int, default=1, help="parameters split along embed")
+  add("--mesh_tensor", type=int, default=1, help="heads/mlp/vocab split")
   args = p.parse_args(argv)
   # The flags given on the command line (whatever their values): parsed again without defaults.
   for action in p._actions:
     action.default, action.required = argparse.SUPPRESS, False
   args.given = set(vars(p.parse_args(argv)))
+  args.candidates_given = bool(args.candidates or args.candidates_column)
   return args
 
 
 def generate_config(args: argparse.Namespace) -> GenerateConfig:
-  """The GenerateConfig of the flags; flags that the method would silently ignore are errors, and
-  GenerateConfig's own checks come back in terms of the flags."""
+  """The GenerateConfig of the flags, after the checks between flags: one that the method (or
+  rank classification) would silently ignore is an error. GenerateConfig's own checks come back
+  in terms of the flags."""
+  ranking = [f for f in NOT_RANKING if f in args.given] if args.candidates_given else []
+  if ranking:
+    raise CLIError(
+      f"--{ranking[0]} does not apply to rank classification (--candidates / "
+      "--candidates_column score the given candidates; nothing is generated)"
+    )
   methods = {f.name: f.metadata["method"] for f in GENERATE_FLAGS} | {"seed": "sample"}
   for name, method in methods.items():
     if method and getattr(args, name) is not None and args.method != method:
       raise CLIError(f"--{name} requires --method {method} (got --method {args.method})")
-  for name in ("batch_size", "max_input_length"):
-    if getattr(args, name) < 1:
-      raise CLIError(f"--{name} must be >= 1")
-  if getattr(args, "return_token_scores", None) and args.output_format != "jsonl":
-    raise CLIError("--return_token_scores needs --output_format jsonl (text output has no scores)")
+  for failed, message in [
+    (args.batch_size < 1, "--batch_size must be >= 1"),
+    (args.max_input_length < 1, "--max_input_length must be >= 1"),
+    (args.return_token_scores and args.output_format != "jsonl",
+     "--return_token_scores needs --output_format jsonl (text output has no scores)"),
+    (args.float_output_layer and not args.quantize,
+     "--float_output_layer applies only with --quantize"),
+    (args.quantize == "bf16" and args.dtype == "float32",
+     "--quantize bf16 computes in bfloat16; drop --dtype float32"),
+  ]:  # fmt: skip
+    if failed:
+      raise CLIError(message)
   try:
     return GenerateConfig.from_strings({f.name: getattr(args, f.name) for f in GENERATE_FLAGS})
   except ValueError as e:
@@ -157,31 +147,7 @@ def _named_as_flags(*names: str):
     raise CLIError(_flags(str(e), names)) from e
 
 
-def load(args: argparse.Namespace):
-  """(config, params, tokenizer) of --checkpoint (`t5jax.inference.load`), --dtype applied."""
-  try:
-    config, params, tokenizer = inference.load(args.checkpoint, args.tokenizer)
-  except TokenizerNotFound as e:
-    raise CLIError(f"{e}{'' if args.tokenizer else '; pass --tokenizer'}") from e
-  dtype = args.dtype
-  if args.quantize == "bf16":
-    if args.dtype == "float32":
-      raise CLIError("--quantize bf16 computes in bfloat16; drop --dtype float32")
-    dtype = "bfloat16"
-  return (config.replace(dtype=dtype) if dtype else config), params, tokenizer
-
-
 def run(args: argparse.Namespace) -> int:
-  given = getattr(args, "given", set())
-  ranking = bool(args.candidates or args.candidates_column)
-  for flag in NOT_RANKING if ranking else ():
-    if flag in given:
-      raise CLIError(
-        f"--{flag} does not apply to rank classification (--candidates / --candidates_column "
-        "score the candidates given; nothing is generated)"
-      )
-  if args.float_output_layer and not args.quantize:
-    raise CLIError("--float_output_layer applies only with --quantize")
   gen_cfg = generate_config(args)
   columns = ("input_column", "decoder_prefix_column", "candidates", "candidates_column")
   with _named_as_flags(*columns, "input_format"):
@@ -194,39 +160,38 @@ def run(args: argparse.Namespace) -> int:
     output = workdir.AtomicFile(args.output_file) if args.output_file else None
   except OSError as e:
     raise CLIError(f"cannot write {args.output_file}: {e.strerror or e}") from e
+  if output is None:
+    sys.stdout.write(_decode(args, gen_cfg, requests))
+    return 0
   try:
     body = _decode(args, gen_cfg, requests)
-    if output is None:
-      sys.stdout.write(body)
-      sys.stdout.flush()
-      return 0
     try:
       output.file.write(body)
       output.commit()
     except OSError as e:
       raise CLIError(f"cannot write {args.output_file}: {e.strerror or e} (left unchanged)") from e
   finally:
-    if output is not None:
-      output.discard()
+    output.discard()  # nothing once committed
   return 0
 
 
 def _decode(args, gen_cfg: GenerateConfig, requests: inputs.Requests) -> str:
   """The output file's text: one line (or JSON object) per input."""
   texts, candidates = requests.texts, requests.candidates
-  devices = jax.local_devices()
   try:
     mesh_cfg = sharding.MeshConfig(args.mesh_data, args.mesh_fsdp, args.mesh_tensor)
-    mesh = sharding.create_mesh(mesh_cfg, devices)
+    mesh, batch_size = inference.make_mesh(mesh_cfg, args.batch_size)
   except ConfigError as e:
-    n = f"{len(devices)} {devices[0].platform} devices"
-    raise CLIError(f"bad --mesh_data/--mesh_fsdp/--mesh_tensor ({n}): {e}") from e
-  shards = sharding.batch_shards(mesh)
-  batch_size = -(-args.batch_size // shards) * shards
+    raise CLIError(f"bad --mesh_data/--mesh_fsdp/--mesh_tensor: {e}") from e
   if batch_size != args.batch_size:
-    warn(f"--batch_size {args.batch_size} rounded up to {batch_size}, a multiple of the {shards} "
-         "batch shards (mesh data x fsdp)")  # fmt: skip
-  config, params, tokenizer = load(args)
+    warn(f"--batch_size {args.batch_size} rounded up to {batch_size}, a multiple of the mesh's "
+         "batch shards (data x fsdp)")  # fmt: skip
+  try:
+    config, params, tokenizer = inference.load(args.checkpoint, args.tokenizer)
+  except TokenizerNotFound as e:
+    raise CLIError(f"{e}{'' if args.tokenizer else '; pass --tokenizer'}") from e
+  dtype = "bfloat16" if args.quantize == "bf16" else args.dtype
+  config = config.replace(dtype=dtype) if dtype else config
   sizes = ("batch_size", "max_input_length", "max_new_tokens", "num_beams", "num_return_sequences")
   with _named_as_flags(*sizes, "strict", "bad_words_ids", "suppress_tokens"):
     enc = inference.encode_requests(
@@ -245,34 +210,13 @@ def _decode(args, gen_cfg: GenerateConfig, requests: inputs.Requests) -> str:
     if candidates is not None:
       scores, best = inference.rank_all(params, config, enc.inputs, enc.candidates, **kw,
                                         on_batch=bar.update)  # fmt: skip
-    else:
-      token_scores: list | None = [] if gen_cfg.return_token_scores else None
-      sequences, scores = inference.generate_all(
-        params, config, enc.inputs, gen_cfg, **kw, rng=jax.random.key(args.seed or 0), mesh=mesh,
-        on_batch=bar.update, prefixes=enc.prefixes, token_scores=token_scores,
-      )  # fmt: skip
-  if candidates is not None:
-    rows = zip(texts, candidates, scores, best, strict=True)
-    if args.output_format == "text":
-      return "".join(g[b].replace("\n", " ") + "\n" for _, g, _, b in rows)
-    keys = ("input", "candidates", "scores", "best")
-    return "".join(_json(dict(zip(keys, row, strict=True))) for row in rows)
-  outputs = [[tokenizer.decode(s.tolist()).replace("\n", " ") for s in seqs] for seqs in sequences]
-  if args.output_format == "text":
-    return "".join(o[0] + "\n" for o in outputs)
-  records = []
-  for i, text in enumerate(texts):
-    record = {"input": text, "outputs": outputs[i], "scores": scores[i]}
-    if token_scores is not None:  # each output's generated tokens, EOS included
-      pairs = zip(sequences[i], token_scores[i], strict=True)
-      record["token_scores"] = [ts[: inference.generated_length(seq)] for seq, ts in pairs]
-    records.append(_json(record))
-  return "".join(records)
-
-
-def _json(record) -> str:
-  """One JSONL line; numpy arrays as lists."""
-  return json.dumps(record, ensure_ascii=False, default=lambda a: a.tolist()) + "\n"
+      return outputs.ranked(texts, candidates, scores, best, args.output_format)
+    token_scores: list | None = [] if gen_cfg.return_token_scores else None
+    sequences, scores = inference.generate_all(
+      params, config, enc.inputs, gen_cfg, **kw, rng=jax.random.key(args.seed or 0), mesh=mesh,
+      on_batch=bar.update, prefixes=enc.prefixes, token_scores=token_scores,
+    )  # fmt: skip
+  return outputs.generated(tokenizer, texts, sequences, scores, args.output_format, token_scores)
 
 
 def warn(message: str) -> None:

@@ -2,6 +2,7 @@
 
 * `load(path)`: `(T5Config, params, tokenizer)` from a HuggingFace folder or a t5jax training
   workdir (its latest checkpoint, or a given step, else its `export/hf`; `load_workdir`).
+* `make_mesh(mesh_cfg, batch_size)`: this process's device mesh, the batch size rounded to it.
 * `place(params, config, mesh, quantize=...)`: parameters on a device mesh, optionally converted
   to int8 or bfloat16 (`t5jax.quantize`).
 * `encode_texts` / `check_ids`: texts to token lists (truncated or refused past a length) and
@@ -155,6 +156,23 @@ def place(params: Any, config: T5Config, mesh, *, quantize: str = "", output_lay
   if not quantize:
     return params
   return quantize_params(params, config, quantize, output_layer=output_layer)
+
+
+def make_mesh(
+  mesh_cfg: sharding.MeshConfig, batch_size: int, devices: Sequence[Any] | None = None
+) -> tuple[jax.sharding.Mesh, int]:
+  """The mesh of `mesh_cfg` over `devices` (default: this process's), and `batch_size` rounded up
+  to a multiple of the mesh's batch shards (data x fsdp), as `generate_all` and `rank_all` need.
+
+  Raises ConfigError (one line, naming the devices there are) for sizes that do not fit them.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  try:
+    mesh = sharding.create_mesh(mesh_cfg, devices)
+  except ConfigError as e:
+    raise ConfigError(f"{e} ({len(devices)} {devices[0].platform} devices)") from e
+  shards = sharding.batch_shards(mesh)
+  return mesh, -(-batch_size // shards) * shards
 
 
 def encode_texts(
