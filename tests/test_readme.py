@@ -16,14 +16,18 @@
 """
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import importlib
+import io
 import os
 import re
+import runpy
 import shlex
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 from helpers.hf_models import make_hf_model, save_hf_model
@@ -77,13 +81,22 @@ def _commands(name):
 
 @functools.cache
 def _help(script, flag="--help"):
-  """`python SCRIPT --help`; a benchmark runs as a module (`python -m benchmarks.X --help`)."""
+  """What `python SCRIPT --help` prints (a benchmark runs as a module, `python -m benchmarks.X`),
+  run in this process (a fresh interpreter per script cost ~2 s each); the environment is put
+  back after it."""
   bench = re.fullmatch(r"benchmarks/(\w+)\.py", script)
-  cmd = ["-m", f"benchmarks.{bench.group(1)}"] if bench else [script]
-  proc = subprocess.run(
-    [sys.executable, *cmd, flag], cwd=ROOT, capture_output=True, text=True, timeout=120
-  )
-  return proc.stdout + proc.stderr
+  out, env = io.StringIO(), dict(os.environ)
+  with mock.patch.object(sys, "argv", [script, flag]), contextlib.redirect_stdout(out):
+    with contextlib.redirect_stderr(out), contextlib.suppress(SystemExit):
+      try:
+        if bench:
+          runpy.run_module(f"benchmarks.{bench.group(1)}", run_name="__main__", alter_sys=True)
+        else:
+          runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+      finally:
+        os.environ.clear()
+        os.environ.update(env)
+  return out.getvalue()
 
 
 @functools.cache
