@@ -197,3 +197,15 @@ def test_decoding_products_read_int8_weights():
   # parameter to float.
   for shape in ("64,256", "256,64", "64,320"):
     assert not re.search(rf"f32\[{shape}\]\{{[\d,]*\}} convert\(", hlo), shape
+
+
+def test_one_row_product_equals_that_row_of_a_batch():
+  """A single row (batch-1 greedy decoding) takes a padded two-row product on XLA:CPU; the sums
+  are int32 and exact, so it equals the row's product within a batch bit for bit."""
+  Q = importlib.import_module("t5jax.quantize")
+  w = Q._quantize_one(jax.random.normal(jax.random.key(1), (64, 96)), (0,), "int8")
+  x = jax.random.normal(jax.random.key(2), (3, 64))
+  product = jax.jit(Q.int8_matmul, static_argnums=2)
+  batch = np.asarray(product(x, w, jnp.float32))
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(product(x[i : i + 1], w, jnp.float32))[0], batch[i])
