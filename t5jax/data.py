@@ -82,6 +82,42 @@ def _noise_counts(length: int, noise_density: float, mean_noise_span_length: flo
   return num_noise, min(num_spans, num_noise, length - num_noise)
 
 
+def uniform_subsets(
+  rows: int, n: int, k: int, rng: np.random.Generator, random_bits: int = 0
+) -> np.ndarray:
+  """`rows` independent uniformly random k-subsets of range(n), each sorted: int64 [rows, k].
+
+  Each position gets a random key and a row keeps its k smallest. A key is one machine word:
+  random bits above the position's index, so that a partition of the words (no argsort) ranks
+  them and the low bits give the positions back; 32-bit words while n <= 2**16 (half the random
+  draws; 41 us against 83 us for float keys and argpartition at 32 rows x 481). A row whose k-th
+  and (k+1)-th random parts tie is drawn again, so the choice never depends on the index bits and
+  stays exactly uniform. `random_bits` < the word's spare bits makes ties common (tests).
+  """
+  if not 0 < k < n:
+    return np.tile(np.arange(k, dtype=np.int64), (rows, 1))
+  index_bits = max((n - 1).bit_length(), 1)
+  dtype, word = (np.uint32, 32) if index_bits <= 16 else (np.uint64, 64)
+  spare = word - index_bits
+  if random_bits:
+    spare = min(spare, random_bits)
+  out = np.empty((rows, k), np.int64)
+  todo = np.arange(rows)
+  index = np.arange(n, dtype=dtype)
+  low = dtype((1 << index_bits) - 1)
+  while len(todo):
+    raw = rng.bit_generator.random_raw((len(todo), (n + 1) // 2 if word == 32 else n))
+    bits = raw.view(np.uint32)[:, :n] if word == 32 else raw
+    keys = ((bits >> dtype(word - spare)) << dtype(index_bits)) | index
+    part = np.partition(keys, k, axis=1)  # one kth: numpy's partition at two is ~10x slower
+    kth = part[:, :k].max(axis=1)  # the k-th smallest key; the (k+1)-th is part[:, k]
+    tied = (kth >> dtype(index_bits)) == (part[:, k] >> dtype(index_bits))
+    good = ~tied
+    out[todo[good]] = np.sort(part[good, :k] & low, axis=1)
+    todo = todo[tied]
+  return out
+
+
 def _noise_spans(
   rows: int,
   length: int,
@@ -96,8 +132,7 @@ def _noise_spans(
   def segment(total: int) -> np.ndarray:  # [rows, num_spans] lengths >= 1 summing to total
     if num_spans == 1:
       return np.full((rows, 1), total)
-    keys = rng.random((rows, total - 1))
-    cuts = np.sort(np.argpartition(keys, num_spans - 2, axis=1)[:, : num_spans - 1], axis=1) + 1
+    cuts = uniform_subsets(rows, total - 1, num_spans - 1, rng) + 1
     bounds = np.concatenate([np.zeros((rows, 1), int), cuts, np.full((rows, 1), total)], axis=1)
     return np.diff(bounds, axis=1)
 
@@ -109,12 +144,18 @@ def _noise_spans(
   return starts, starts + noise
 
 
+def _flat(positions: np.ndarray, width: int) -> np.ndarray:
+  """Per-row positions [rows, k] as indices into the flattened [rows, width] array (numpy's
+  assignment through flat indices is ~3x faster than through a pair of broadcast index arrays)."""
+  return (positions + (np.arange(len(positions)) * width)[:, None]).ravel()
+
+
 def _masks_of(starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
   rows = len(starts)
   marks = np.zeros((rows, length + 1), np.int8)
-  r = np.arange(rows)[:, None]
-  marks[r, starts] = 1
-  marks[r, ends] = -1
+  flat = marks.reshape(-1)
+  flat[_flat(starts, length + 1)] = 1
+  flat[_flat(ends, length + 1)] = -1
   return np.cumsum(marks[:, :length], axis=1, dtype=np.int8) > 0
 
 
@@ -175,16 +216,17 @@ def span_corrupt_batch(
   # Inputs: the kept tokens, with the first token of noise span i made sentinel i and the rest of
   # the span dropped. Targets: the noise tokens, with the first token of the kept span before
   # noise span i made sentinel i (every row starts with a kept span: one before each noise span).
-  r = np.arange(rows)[:, None]
   keep_starts = np.concatenate([np.zeros((rows, 1), starts.dtype), ends[:, :-1]], axis=1)
+  all_sentinels = np.tile(sentinels, rows)
   out = []
   for firsts, take, width in (
     (starts, ~mask, n - num_noise + num_spans),
     (keep_starts, mask.copy(), num_noise + num_spans),
   ):
+    flat = _flat(firsts, n)
     ids = tokens.copy()
-    ids[r, firsts] = sentinels
-    take[r, firsts] = True
+    ids.reshape(-1)[flat] = all_sentinels
+    take.reshape(-1)[flat] = True
     row = np.empty((rows, width + 1), np.int32)
     row[:, :width] = ids[take].reshape(rows, width)
     row[:, width] = EOS_ID

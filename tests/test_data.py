@@ -1,6 +1,8 @@
 """Tests of t5jax.data: span corruption, packing, determinism, resume, sharding, file errors."""
 
+import collections
 import json
+import math
 
 import numpy as np
 import pytest
@@ -47,6 +49,30 @@ def test_noise_mask_density_and_spans():
     edges = np.diff(np.concatenate([[0], mask.astype(int), [0]]))
     spans += list(np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1))
   assert abs(np.mean(spans) - 3.0) < 0.1
+
+
+def test_uniform_subsets_are_uniform_sorted_and_distinct():
+  """Every k-subset equally likely (chi-square at a fixed seed), also with 1-2 random bits per
+  key, where most draws tie at the k-th key and are drawn again; 64-bit words past 2**16."""
+  rng = np.random.default_rng(0)
+  draws = 12_000
+  for n, k, bits in [(5, 2, 0), (6, 3, 1), (6, 2, 2), (7, 4, 0)]:
+    s = data.uniform_subsets(draws, n, k, rng, random_bits=bits)
+    assert s.shape == (draws, k) and s.min() >= 0 and s.max() < n
+    assert (np.diff(s, axis=1) > 0).all()
+    cells = math.comb(n, k)
+    counts = collections.Counter(map(tuple, s.tolist()))
+    assert len(counts) == cells
+    expected = draws / cells
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    # 0.999 quantiles of chi-square with cells - 1 = 9, 19, 14, 34 degrees of freedom.
+    assert chi2 < {10: 27.9, 20: 43.8, 15: 36.1, 35: 65.2}[cells], (n, k, bits, chi2)
+  wide = data.uniform_subsets(4, 70_000, 5, rng)
+  assert wide.dtype == np.int64 and (np.diff(wide, axis=1) > 0).all() and wide.max() < 70_000
+  np.testing.assert_array_equal(data.uniform_subsets(3, 4, 4, rng), np.tile(np.arange(4), (3, 1)))
+  assert data.uniform_subsets(3, 4, 0, rng).shape == (3, 0)
+  a = data.uniform_subsets(8, 481, 27, np.random.default_rng(5))
+  np.testing.assert_array_equal(a, data.uniform_subsets(8, 481, 27, np.random.default_rng(5)))
 
 
 def _span_corrupt_by_loop(tokens, mask, sentinel_id):
