@@ -32,16 +32,18 @@ import numpy as np
 
 from configs.demo import get_config as demo_config
 from t5jax import checkpoint, train
+from t5jax.tasks import BUILTIN_TASKS
 from t5jax.workdir import Paths
 
-NEW_TASK = "number_to_words"
-OLD_TASKS = "add,reverse,sort"
+
+def _old_tasks(new_task: str) -> str:
+  return ",".join(t for t in BUILTIN_TASKS if t != new_task)
 
 
-def _base(seed: int, steps: int):
+def _base(seed: int, steps: int, new_task: str):
   c = demo_config()
   c.seed = seed
-  c.data.builtin_tasks = OLD_TASKS
+  c.data.builtin_tasks = _old_tasks(new_task)
   c.num_train_steps = steps
   c.optimizer.total_steps = steps
   c.optimizer.warmup_steps = min(100, steps // 10)
@@ -52,12 +54,12 @@ def _base(seed: int, steps: int):
   return c
 
 
-def _adapt(seed, steps, base_hf, method, lora_targets="all", lora_lr=3e-3, lora_rank=8):
+def _adapt(seed, steps, base_hf, method, new_task, lora_targets="all", lora_lr=3e-3, lora_rank=8):
   c = demo_config()
   c.seed = seed
   c.model = {}  # the architecture is the base's
   c.init_from = base_hf
-  c.data.builtin_tasks = NEW_TASK
+  c.data.builtin_tasks = new_task
   c.data.pack = False  # prompt tuning does not pack; every method gets the same rows
   c.num_train_steps = steps
   c.eval_every = steps
@@ -106,6 +108,12 @@ def main() -> None:
   p.add_argument("--base_steps", type=int, default=1500)
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--seeds", default="0")
+  p.add_argument(
+    "--new_task",
+    default="number_to_words",
+    choices=sorted(BUILTIN_TASKS),
+    help="the task adapted to; the base is trained on the other three",
+  )
   p.add_argument("--methods", default="full,lora,prompt")
   p.add_argument("--lora_targets", default="all", help="'all' or projections, e.g. 'q,v'")
   p.add_argument("--lora_lr", type=float, default=3e-3)
@@ -119,17 +127,25 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
       t0 = time.time()
       base_dir = os.path.join(root, f"base{seed}")
-      base = train.train_and_evaluate(_base(seed, args.base_steps), base_dir)
+      base = train.train_and_evaluate(_base(seed, args.base_steps, args.new_task), base_dir)
       base_em = _last_exact_match(base, base_dir)
       print(
-        f"seed {seed}: base ({OLD_TASKS}) exact match {base_em:.3f} in {time.time() - t0:.0f} s"
+        f"seed {seed}: base ({_old_tasks(args.new_task)}) exact match {base_em:.3f} "
+        f"in {time.time() - t0:.0f} s"
       )
       full_em = None
       for method in args.methods.split(","):
         t0 = time.time()
         base_hf = os.path.join(base_dir, "export", "hf")
         cfg = _adapt(
-          seed, args.steps, base_hf, method, args.lora_targets, args.lora_lr, args.lora_rank
+          seed,
+          args.steps,
+          base_hf,
+          method,
+          args.new_task,
+          args.lora_targets,
+          args.lora_lr,
+          args.lora_rank,
         )
         tag = f"_{args.lora_targets}_{args.lora_lr:g}_r{args.lora_rank}" if method == "lora" else ""
         workdir = os.path.join(root, f"{method}{tag}{seed}")
@@ -149,7 +165,8 @@ def main() -> None:
     full = next((r[3] for r in rows if r[0] == seed and r[1] == "full"), 0)
     ratio = f"{em / full:.3f}" if full else "-"
     print(f"{seed:>4} {method:8} {n:>10,d} {em:>12.3f} {ratio:>7}")
-  print(f"adapted to {NEW_TASK!r} after {args.base_steps} base steps on {OLD_TASKS}; "
+  print(f"adapted to {args.new_task!r} after {args.base_steps} base steps on "
+        f"{_old_tasks(args.new_task)}; "
         f"{args.steps} adaptation steps each; target LoRA >= 0.95 x full")  # fmt: skip
 
 
