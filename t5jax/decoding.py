@@ -43,6 +43,48 @@ EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 
 
 # --------------------------------------------------------------------------------------------------
+# Selection over the vocabulary. XLA:CPU's argmax (a variadic reduce of values and indices) and
+# its TopK run ~4 ns per element, 5-20x slower than a plain max; over 8 rows of 32k logits per
+# decoding step that was ~1.1 ms of greedy's ~9 ms and ~1.2 ms of beam-4's.
+
+
+def argmax(x: jax.Array, axis: int = -1) -> jax.Array:
+  """`jnp.argmax` (the first index of the largest value; of the first NaN if any), as two plain
+  reductions: the max, then the least index holding it (float32 indices, exact below 2**24)."""
+  x = jax.lax.stop_gradient(x)
+  axis = axis % x.ndim
+  if x.shape[axis] >= 1 << 24:
+    return jnp.argmax(x, axis=axis)
+  top = jnp.max(x, axis=axis, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.float32, x.shape, axis)
+  hit = (x == top) | jnp.isnan(x)
+  return jnp.min(jnp.where(hit, index, jnp.inf), axis=axis).astype(jnp.int32)
+
+
+def top_k(x: jax.Array, k: int, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k(x, k)` over the last axis of `x` [R, n]: the same values and indices, ties
+  to the lower index, for any input without NaN (a chunk holding a NaN has a NaN max, which TopK
+  may rank otherwise).
+
+  The row is cut into chunks of `chunk`; the k largest elements lie in the k chunks with the
+  largest maxima (ties to the lower chunk: every chunk ranked above an element's own holds an
+  element ranked above it), so TopK runs over those chunks' k * chunk elements only.
+  """
+  rows, n = x.shape
+  if n < 8 * k * chunk:
+    return jax.lax.top_k(x, k)
+  pad = (-n) % chunk
+  if pad:
+    x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+  chunks = x.reshape(rows, -1, chunk)
+  best = jnp.sort(jax.lax.top_k(jnp.max(chunks, axis=-1), k)[1], axis=-1)  # ascending ids
+  candidates = jnp.take_along_axis(chunks, best[:, :, None], axis=1).reshape(rows, k * chunk)
+  values, where = jax.lax.top_k(candidates, k)
+  index = jnp.take_along_axis(best, where // chunk, axis=1) * chunk + where % chunk
+  return values, index.astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------
 # Logits warpers.
 
 
@@ -440,7 +482,7 @@ def greedy_search(
     sequences int32 [N, L], scores float32 [N] (sum of log-probabilities, EOS included)
     [, token_scores float32 [N, L]].
   """
-  select = lambda logits, step: jnp.argmax(logits, axis=-1)
+  select = lambda logits, step: argmax(logits, axis=-1)
   return _token_loop(
     select,
     tokens_to_logits,
@@ -715,7 +757,7 @@ def _beam_step(s: _Beams, tokens_to_logits: TokensToLogits, r: _BeamRules) -> _B
   accumulated = (log_probs + s.run_scores[:, :, None]).reshape(b, n * vocab)
 
   # Top 2n candidates over all beams of each example.
-  cand_scores, cand_idx = jax.lax.top_k(accumulated, 2 * n)
+  cand_scores, cand_idx = top_k(accumulated, 2 * n)
   cand_beams = cand_idx // vocab
   cand_tokens = (cand_idx % vocab).astype(jnp.int32)
   cand_seqs = _gather_beams(s.run_seqs, cand_beams)

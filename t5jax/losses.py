@@ -27,6 +27,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from t5jax.decoding import argmax
+
 Normalizer = str | float | int
 
 
@@ -174,7 +176,7 @@ def compute_loss(
   loss_sum = jnp.sum(loss_BT * weights_BT)
   z_sum = jnp.sum(z_BT * weights_BT)
   num_tokens = jnp.sum(weights_BT)
-  correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+  correct_BT = (argmax(logits_BTV) == targets_BT).astype(jnp.float32)
   num_correct = jnp.sum(correct_BT * weights_BT)
 
   if parse_normalizer(normalizer)[0] == "batch":
@@ -250,7 +252,7 @@ def blocked_loss_sums(
     loss_Bt, z_Bt = cross_entropy_with_logits(
       logits_BtV, targets_Bt, label_smoothing=label_smoothing, z_loss=z_loss
     )
-    correct_Bt = (jnp.argmax(logits_BtV, axis=-1) == targets_Bt).astype(jnp.float32)
+    correct_Bt = (argmax(logits_BtV) == targets_Bt).astype(jnp.float32)
     return jnp.stack(
       [jnp.sum(loss_Bt * weights_Bt), jnp.sum(z_Bt * weights_Bt), jnp.sum(correct_Bt * weights_Bt)]
     )

@@ -453,3 +453,48 @@ def test_processors_match_transformers(processors):
     np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs), err_msg=f"len {length}")
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
   assert processors.active and not decoding.Processors().active
+
+
+# ------------------------------------------------------------------------------------------------
+# argmax and top_k: the fast forms equal jnp.argmax and lax.top_k, ties and all.
+
+
+def test_argmax_equals_jnp_argmax_with_ties_infinities_and_nans():
+  rng = np.random.default_rng(0)
+  cases = [rng.standard_normal((8, 32128)), rng.standard_normal((3, 5, 700))]
+  tied = np.zeros((4, 300))
+  tied[1, ::7] = 2.0  # the first of many maxima
+  tied[2] = -np.inf  # all -inf: index 0
+  tied[3, [5, 250]] = np.nan  # the first NaN wins, as in numpy
+  cases.append(tied)
+  coarse = rng.integers(0, 3, (16, 1000)).astype(np.float32)  # ties everywhere
+  cases.append(coarse)
+  for x in cases:
+    x = jnp.asarray(x, jnp.float32)
+    for axis in range(x.ndim):
+      got = decoding.argmax(x, axis=axis)
+      assert got.dtype == jnp.int32
+      np.testing.assert_array_equal(got, jnp.argmax(x, axis=axis))
+  # Traced and under grad (accuracy inside a differentiated loss).
+  x = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+  g = jax.grad(lambda x: jnp.sum(x) + 0.0 * decoding.argmax(x).sum())(x)
+  np.testing.assert_array_equal(g, jnp.ones_like(x))
+
+
+@pytest.mark.parametrize("n,k", [(4 * 32128, 8), (4 * 32100, 8), (32128, 2), (2000, 3)])
+def test_top_k_equals_lax_top_k(n, k):
+  rng = np.random.default_rng(n + k)
+  x = rng.standard_normal((6, n)).astype(np.float32)
+  x[1] = np.round(x[1])  # ties everywhere: lower index first
+  x[2, : n // 2] = -np.inf
+  x[3, :] = -1e9
+  x[3, [n - 1, 7, n // 3]] = 0.0  # the maxima in different chunks, the last one padded
+  x[4] = rng.integers(0, 2, n) * 5.0 - 1e9 * (np.arange(n) % 3 == 0)
+  x[5, :] = -1e9
+  x[5, n - 1] = 0.0  # the last chunk ranks first; the tied rest come from the first chunk
+  x = jnp.asarray(x)
+  values, index = jax.jit(lambda x: decoding.top_k(x, k))(x)
+  want_values, want_index = jax.lax.top_k(x, k)
+  np.testing.assert_array_equal(values, want_values)
+  np.testing.assert_array_equal(index, want_index)
+  assert index.dtype == jnp.int32
