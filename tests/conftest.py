@@ -25,7 +25,7 @@ if os.environ.get("T5JAX_TEST_XLA_OPT") != "1":
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
 )
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 sys.path.insert(0, os.path.dirname(__file__))
 
