@@ -217,6 +217,7 @@ def test_adafactor_factors_each_layer_never_the_layer_axis():
   assert row.shape == (128,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adafactor", "adamw"])
 def test_train_steps_scanned_equal_unrolled(name):
   cfg, scanned, params, stacked = _train_pair()
