@@ -56,9 +56,3 @@ def checkpoint(tmp_path_factory):
   from helpers.decode_cli import save_byte_checkpoint
 
   return save_byte_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
-
-
-def pytest_collection_modifyitems(config, items):
-  """Tests marked slow run first (a stable sort): under pytest-xdist the workers are handed tests
-  in this order, so the long ones no longer come last, when one worker would run them alone."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
