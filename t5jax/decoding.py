@@ -45,15 +45,22 @@ EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 # --------------------------------------------------------------------------------------------------
 # Selection over the vocabulary. XLA:CPU's argmax (a variadic reduce of values and indices) and
 # its TopK run ~4 ns per element, 5-20x slower than a plain max; over 8 rows of 32k logits per
-# decoding step that was ~1.1 ms of greedy's ~9 ms and ~1.2 ms of beam-4's.
+# decoding step that was ~1.1 ms of greedy's ~9 ms and ~1.2 ms of beam-4's. Only the CPU backend
+# takes the rewritten forms: accelerators keep XLA's own (measured nowhere else, and the argmax
+# rewrite reads its input twice).
+
+
+def _cpu() -> bool:
+  return jax.default_backend() == "cpu"
 
 
 def argmax(x: jax.Array, axis: int = -1) -> jax.Array:
-  """`jnp.argmax` (the first index of the largest value; of the first NaN if any), as two plain
-  reductions: the max, then the least index holding it (float32 indices, exact below 2**24)."""
+  """`jnp.argmax` (the first index of the largest value; of the first NaN if any); on CPU as two
+  plain reductions: the max, then the least index holding it (float32 indices, exact below
+  2**24)."""
   x = jax.lax.stop_gradient(x)
   axis = axis % x.ndim
-  if x.shape[axis] >= 1 << 24:
+  if x.shape[axis] >= 1 << 24 or not _cpu():
     return jnp.argmax(x, axis=axis)
   top = jnp.max(x, axis=axis, keepdims=True)
   index = jax.lax.broadcasted_iota(jnp.float32, x.shape, axis)
@@ -66,12 +73,12 @@ def top_k(x: jax.Array, k: int, chunk: int = 128) -> tuple[jax.Array, jax.Array]
   to the lower index, for any input without NaN (a chunk holding a NaN has a NaN max, which TopK
   may rank otherwise).
 
-  The row is cut into chunks of `chunk`; the k largest elements lie in the k chunks with the
+  On CPU the row is cut into chunks of `chunk`; the k largest elements lie in the k chunks with the
   largest maxima (ties to the lower chunk: every chunk ranked above an element's own holds an
   element ranked above it), so TopK runs over those chunks' k * chunk elements only.
   """
   rows, n = x.shape
-  if n < 8 * k * chunk:
+  if n < 8 * k * chunk or not _cpu():
     return jax.lax.top_k(x, k)
   pad = (-n) % chunk
   if pad:
