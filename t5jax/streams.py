@@ -459,13 +459,14 @@ class _ChunkIterator(grain.DatasetIterator):
 
 def _chunk_block(raw: bytes, length: int, where: str) -> np.ndarray:
   """The ids of a chunk-block record (`sources.encode_tokens` of one array of whole chunks),
-  without a copy."""
-  head = np.frombuffer(raw, "<u4", 2) if len(raw) >= 8 else np.zeros(0, "<u4")
-  if len(head) < 2 or head[0] != 1 or len(raw) != 8 + 4 * int(head[1]):
+  without a copy (uint16 or int32, as stored)."""
+  count, lengths, dtype = sources.record_header(raw, where)
+  if count != 1:
     raise DataError(f"{where}: not a prepared token record")
-  if head[1] % length or not head[1]:
-    raise DataError(f"{where}: {head[1]} ids, not whole chunks of {length}")
-  return np.frombuffer(raw, "<i4", int(head[1]), 8)
+  n = int(lengths[0])
+  if n % length or not n:
+    raise DataError(f"{where}: {n} ids, not whole chunks of {length}")
+  return np.frombuffer(raw, dtype, n, 8)
 
 
 class ChunkBatches(grain.IterDataset):
@@ -584,7 +585,10 @@ class _ChunkBatchIterator(grain.DatasetIterator):
       self._taken += take
       need -= take
     tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return {"tokens": tokens, "key": keys[0] if len(keys) == 1 else np.concatenate(keys)}
+    return {
+      "tokens": tokens.astype(np.int32, copy=False),
+      "key": keys[0] if len(keys) == 1 else np.concatenate(keys),
+    }
 
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self._epoch, "window": self._window, "taken": self._taken}

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from array_record.python import array_record_module
 from helpers.batches import assert_batches_equal, rebuild_corrupted, take
 from helpers.runs import REPO, TINY_FLAGS, assert_quiet
 
@@ -327,7 +328,7 @@ def _rebuilt(batches):
 
 def test_chunked_text_holds_each_files_chunks(tmp_path):
   m, length, chunks = _chunked(tmp_path, chunks_per_record=3, records_per_shard=7)
-  assert m["version"] == 2 and m["chunk_length"] == length == 34 and m["chunks_per_record"] == 3
+  assert m["version"] == 3 and m["chunk_length"] == length == 34 and m["chunks_per_record"] == 3
   assert m["dropped_tokens"] == sum(tail for _, tail in chunks)
   for f, (want, _) in enumerate(chunks):
     shards = [s for s in m["shards"] if s["file"].startswith(f"shard-{f:05d}-")]
@@ -440,8 +441,8 @@ def test_prepared_versions_and_chunk_errors(tmp_path, capsys):
   manifest.write_text(json.dumps({**m, "version": 1}))
   cfg = DataConfig(kind="span_corruption", train_file=str(tmp_path / "docs"), **CHUNK_LENGTHS)
   assert next(data.make_datasets(cfg, TOK, batch_size=2, seed=0).train)
-  manifest.write_text(json.dumps({**m, "version": 3}))
-  with pytest.raises(DataError, match="prepared with format version 3; this t5jax reads"):
+  manifest.write_text(json.dumps({**m, "version": 4}))
+  with pytest.raises(DataError, match="prepared with format version 4; this t5jax reads"):
     sources.prepared_manifest(str(tmp_path / "docs"))
   # A record that is not whole chunks of the manifest's length names its file and record.
   m, length, _ = _chunked(tmp_path)
@@ -466,6 +467,59 @@ def test_prepared_versions_and_chunk_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and fragment in err[0], err
     assert not out.exists()
+
+
+def _int32_record(*arrays):
+  """A record as versions 1-2 wrote it: count, lengths, int32 ids."""
+  head = np.array([len(arrays), *map(len, arrays)], "<u4").tobytes()
+  return head + b"".join(np.asarray(a, "<i4").tobytes() for a in arrays)
+
+
+def test_token_records_store_uint16_ids_when_they_fit_and_read_int32_records_too(tmp_path):
+  from t5jax import streams
+
+  rng = np.random.default_rng(0)
+  small = rng.integers(0, 1 << 16, 50).astype(np.int32)
+  small[:2] = 0, (1 << 16) - 1  # both ends of uint16
+  wide = small.copy()
+  wide[7] = 1 << 16  # one id past uint16: the record keeps int32
+  cases = (((small,), 2), ((small, small[:9]), 2), ((wide,), 4), ((wide, small), 4))
+  for arrays, itemsize in cases:
+    raw = sources.encode_tokens(*arrays)
+    n = sum(map(len, arrays))
+    assert len(raw) == 4 * (1 + len(arrays)) + itemsize * n
+    for got, want in zip(sources.decode_tokens(raw), arrays, strict=True):
+      assert got.dtype == np.int32 and got.tolist() == want.tolist()
+    old = _int32_record(*arrays)  # versions 1-2 read as they did
+    assert [a.tolist() for a in sources.decode_tokens(old)] == [a.tolist() for a in arrays]
+    if len(arrays) == 1:
+      for r in (raw, old):
+        assert streams._chunk_block(r, 10, "f: record 0").tolist() == arrays[0].tolist()
+  for bad in (sources.encode_tokens(small)[:-1], _int32_record(small)[:-2], b"\x01\x00"):
+    with pytest.raises(DataError, match="^f: record 3: not a prepared token record$"):
+      sources.decode_tokens(bad, "f: record 3")
+    with pytest.raises(DataError, match="^f: record 3: not a prepared token record$"):
+      streams._chunk_block(bad, 10, "f: record 3")
+
+  # A chunked folder rewritten with int32 records (as version 2 wrote it) gives the same batches.
+  m, _, _ = _chunked(tmp_path, chunks_per_record=3)
+  old = tmp_path / "old"
+  old.mkdir()
+  for s in m["shards"]:
+    recs = sources.ArrayRecordFile(str(tmp_path / "prep" / s["file"])).read_range(0, s["records"])
+    assert all(int(np.frombuffer(r, "<u4", 1)[0]) == sources.NARROW_IDS | 1 for r in recs)
+    w = array_record_module.ArrayRecordWriter(str(old / s["file"]), "group_size:1")
+    for r in recs:
+      w.write(_int32_record(*sources.decode_tokens(r)))
+    w.close()
+  (old / sources.MANIFEST).write_text(json.dumps({**m, "version": 2}))
+  (old / prepare.TOKENIZER_DIR).symlink_to(tmp_path / "prep" / prepare.TOKENIZER_DIR)
+  base = DataConfig(kind="span_corruption", **CHUNK_LENGTHS, pack=True)
+  got = [
+    take(data.make_datasets(base.replace(train_file=str(d)), TOK, batch_size=4, seed=1).train, 5)
+    for d in (tmp_path / "prep", old)
+  ]
+  assert_batches_equal(got[0], got[1])
 
 
 @pytest.mark.slow
