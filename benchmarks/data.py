@@ -257,27 +257,34 @@ def _span_cfg(train_file, **kw):
   )
 
 
-def _iterate(cfg, tok, batches, batch_size, rounds=1, between=None):
-  """(examples/s, examples per CPU-second, seconds to the first batch) of the training iterator;
-  with `rounds` > 1, a list of those for `batches // rounds` batches each, calling `between()`
-  before each round (the same iterator continues)."""
-  from t5jax import data
+class _Timed:
+  """A training iterator timed a share at a time: `share(batches)` -> examples per CPU-second
+  (and per second of wall time) over the next `batches` batches."""
 
-  t0 = time.perf_counter()
-  it = data.make_datasets(cfg, tok, batch_size=batch_size, seed=0).train
-  next(it)
-  first = time.perf_counter() - t0
-  out = []
-  for _ in range(rounds):
-    if between is not None:
-      between()
+  def __init__(self, cfg, tok, batch_size):
+    from t5jax import data
+
+    t0 = time.perf_counter()
+    self.it = data.make_datasets(cfg, tok, batch_size=batch_size, seed=0).train
+    next(self.it)
+    self.first = time.perf_counter() - t0
+    self.cpu, self.wall = [], []
+
+  def share(self, batches):
     w0, c0, n = time.perf_counter(), time.process_time(), 0
-    for _ in range(batches // rounds):
-      b = next(it)
+    for _ in range(batches):
+      b = next(self.it)
       n += int(b["encoder_segment_ids"].max(axis=1).sum())
-    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    out.append((n / wall, n / cpu, first))
-  return out if rounds > 1 else out[0]
+    self.cpu.append(n / (time.process_time() - c0))
+    self.wall.append(n / (time.perf_counter() - w0))
+
+
+def _med(xs):
+  return float(np.median(xs))
+
+
+def _spread(xs, fmt):
+  return f"{_med(xs):{fmt}} (median; {min(xs):{fmt}}-{max(xs):{fmt}})"
 
 
 def throughput_section(args, tmp, tok, text_files) -> list[str]:
@@ -287,66 +294,67 @@ def throughput_section(args, tmp, tok, text_files) -> list[str]:
   raw_len = data.span_corruption_raw_length(512, 114, 0.15, 3.0)
   docs = [d for _, d in zip(range(args.floor_docs), _docs_of(text_files), strict=False)]
   sp = tok.sp if hasattr(tok, "sp") else None
-  floors = []
-
-  def alone():  # tokens per CPU-s of the tokenizer alone, on the same documents
-    c0 = time.process_time()
-    ntok = sum(len(sp.encode(d)) if sp else len(tok.encode(d)) for d in docs)
-    floors.append(ntok / (time.process_time() - c0) / raw_len)
-
-  # The load on a shared machine moves within seconds, so the tokenizer alone and the raw-text
-  # pipeline take turns: each round times the tokenizer just before its share of the batches,
-  # and the ratio is the median of the rounds' ratios.
   spec = ",".join(text_files)
-  rounds = max(args.rounds, 1)
-  runs = _iterate(_span_cfg(spec), tok, args.batches, args.batch_size, rounds, alone)
-  runs = runs if rounds > 1 else [runs]
-  ratios = [r[1] / f for r, f in zip(runs, floors, strict=True)]
-  raw_c = float(np.median([r[1] for r in runs]))
-  floor = float(np.median(floors))
-  per_round = ", ".join(f"{r[1]:,.0f}/{f:,.0f}" for r, f in zip(runs, floors, strict=True))
-  out.append(
-    f"- SentencePiece alone (`encode` per document, {len(docs)} docs, before each of {rounds} "
-    f"rounds): {floor:,.0f} examples per CPU-s (median; {raw_len} raw tokens each), the floor"
-  )
-  out.append(
-    f"- raw text: {raw_c:,.0f} examples per CPU-s (median; first batch {runs[0][2]:.1f} s); "
-    f"{float(np.median(ratios)):.2f}x the tokenizer alone (median of the rounds' ratios, "
-    f"{min(ratios):.2f}-{max(ratios):.2f}; pipeline/floor per round: {per_round}) (target >= 0.7)"
-  )
   # Prepared as chunks of the raw length (what --chunk_length=568 writes; read as whole blocks)
   # and as one record per document (concatenated and split while training).
+  dirs = {}
   for layout, chunk_length in (("chunks", raw_len), ("documents", 0)):
-    prep_dir = os.path.join(tmp, f"prepared_{layout}")
+    dirs[layout] = os.path.join(tmp, f"prepared_{layout}")
     t0 = time.perf_counter()
     m = prepare.prepare(
       spec,
-      prep_dir,
+      dirs[layout],
       tok,
       kind="text",
       tokenizer_name="benchmark",
       num_workers=args.prepare_workers,
       chunk_length=chunk_length,
     )
-    prep_time = time.perf_counter() - t0
-    nrec = sum(s["records"] for s in m["shards"])
+    stored = sum(os.path.getsize(os.path.join(dirs[layout], s["file"])) for s in m["shards"])
     out.append(
       f"- prepare --chunk_length={chunk_length} ({args.prepare_workers or 'auto'} workers): "
-      f"{nrec:,} records, {_size_gb(text_files) * 1e3:.0f} MB in {prep_time:.1f} s"
+      f"{sum(s['records'] for s in m['shards']):,} records, {_size_gb(text_files) * 1e3:.0f} MB "
+      f"of text -> {stored / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s"
     )
-    p_s, p_c, p_first = _iterate(_span_cfg(prep_dir), tok, args.batches * 4, args.batch_size)
-    out.append(
-      f"- prepared {layout}: {p_s:,.0f} examples/s, {p_c:,.0f} per CPU-s (first batch "
-      f"{p_first:.1f} s); {p_c / raw_c:.1f}x raw text (target >= 10)"
-    )
-    if layout == "chunks":
-      chunks_c, chunks_dir = p_c, prep_dir
+  timed = {"raw": _Timed(_span_cfg(spec), tok, args.batch_size)}
+  for layout, d in dirs.items():
+    timed[layout] = _Timed(_span_cfg(d), tok, args.batch_size)
+  floors: list[float] = []  # examples per CPU-s of the tokenizer alone, on the same documents
+  # The load on a shared machine moves within seconds, so the four take turns: each round times
+  # the tokenizer alone, then a share of raw-text batches, then of each prepared layout, and each
+  # ratio is the median of the rounds' ratios (one round's numbers are seconds apart).
+  rounds = max(args.rounds, 1)
+  for _ in range(rounds):
+    c0 = time.process_time()
+    ntok = sum(len(sp.encode(d)) if sp else len(tok.encode(d)) for d in docs)
+    floors.append(ntok / (time.process_time() - c0) / raw_len)
+    timed["raw"].share(max(args.batches // rounds, 1))
+    for layout in dirs:
+      timed[layout].share(max(args.batches * 4 // rounds, 1))
+  raw = np.array(timed["raw"].cpu)
+  floors = np.array(floors)
   out.append(
-    f"- cores for 1,000 examples/s (t5-v1_1-base on one H100): raw text {1000 / raw_c:.2f}, "
-    f"prepared chunks {1000 / chunks_c:.3f} (from examples per CPU-s; plus the training process "
-    "itself)"
+    f"- SentencePiece alone (`encode` per document, {len(docs)} docs, {rounds} rounds): "
+    f"{_spread(floors, ',.0f')} examples per CPU-s ({raw_len} raw tokens each), the floor"
   )
-  return out, chunks_dir
+  out.append(
+    f"- raw text: {_spread(raw, ',.0f')} examples per CPU-s (first batch "
+    f"{timed['raw'].first:.1f} s); {_spread(raw / floors, '.2f')}x the "
+    "tokenizer alone (target >= 0.7)"
+  )
+  for layout in dirs:
+    t = timed[layout]
+    out.append(
+      f"- prepared {layout}: {_spread(t.cpu, ',.0f')} examples per CPU-s (first batch "
+      f"{t.first:.1f} s); {_spread(np.array(t.cpu) / raw, '.1f')}x raw text"
+      f"{' (target >= 10)' if layout == 'chunks' else ''}"
+    )
+  out.append(
+    f"- cores for 1,000 examples/s (t5-v1_1-base on one H100): raw text {1000 / _med(raw):.2f}, "
+    f"prepared chunks {1000 / _med(timed['chunks'].cpu):.3f} (from the median examples per CPU-s; "
+    "plus the training process itself)"
+  )
+  return out, dirs["chunks"]
 
 
 def _docs_of(files):
@@ -483,7 +491,7 @@ def main():
   )
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument(
-    "--rounds", type=int, default=5, help="turns of tokenizer alone / raw text (median ratio)"
+    "--rounds", type=int, default=5, help="turns of tokenizer / raw / prepared (median ratios)"
   )
   p.add_argument("--floor_docs", type=int, default=5000, help="documents SentencePiece encodes")
   p.add_argument("--tokenizer", default="", help="a SentencePiece .model (default: train one)")
