@@ -2,9 +2,11 @@
 
 XLA's CPU backend spends most of a tiny model's compile time optimising code that then runs for
 microseconds; the suite compiles hundreds of such programs, so it asks for -O0 code generation
-(about 3x faster to compile). tests/test_optimized_build.py reruns the parity core (logits,
-cached decoding, greedy, beam) at the default level in CI; set T5JAX_TEST_XLA_OPT=1 to run
-everything at the default level.
+(about 3x faster to compile) and for XLA:CPU's older elemental emitters instead of its fusion
+emitters (`TEST_XLA_FLAGS`; test_attention + test_model from a cold compilation cache: 69-87 s
+-> 39-47 s on 2 cores). tests/test_optimized_build.py reruns the parity core (logits, cached
+decoding, greedy, beam) with XLA's defaults, which is what users get; set T5JAX_TEST_XLA_OPT=1
+to run everything with them.
 
 Many tests (and the CLI subprocesses they start) compile the same small programs; JAX's
 persistent compilation cache, keyed by the program and the compiler flags, lets the second
@@ -17,10 +19,15 @@ tests/helpers/ (see its __init__).
 import os
 import sys
 
+# Compile-time settings of the suite only (a flag the caller set already is left as it is).
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
 if os.environ.get("T5JAX_TEST_XLA_OPT") != "1":
   flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_backend_optimization_level" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
+  for flag in TEST_XLA_FLAGS:
+    if flag.split("=")[0] not in flags:
+      flags = f"{flags} {flag}".strip()
+  os.environ["XLA_FLAGS"] = flags
 
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")

@@ -1,7 +1,8 @@
 """The parity core at XLA's default optimisation level, which is what users run.
 
-The suite compiles at -O0 (tests/conftest.py) to save compile time; this runs one model's logits,
-greedy and beam parity tests again in a child pytest with the default level.
+The suite compiles at -O0 with XLA:CPU's elemental emitters (tests/conftest.py) to save compile
+time; this runs one model's logits, greedy and beam parity tests again in a child pytest with
+XLA's defaults.
 """
 
 import os
@@ -24,9 +25,13 @@ CORE = [
 @pytest.mark.slow
 def test_parity_core_at_default_optimisation_level():
   env = dict(os.environ, T5JAX_TEST_XLA_OPT="1")
-  # conftest added -O0 to this process's XLA_FLAGS; the child must not inherit it.
+  # conftest added its compile-time flags to this process's XLA_FLAGS; the child must not
+  # inherit them.
+  from conftest import TEST_XLA_FLAGS
+
+  ours = {f.split("=")[0] for f in TEST_XLA_FLAGS}
   flags = env.get("XLA_FLAGS", "").split()
-  env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_backend_optimization_level" not in f)
+  env["XLA_FLAGS"] = " ".join(f for f in flags if f.split("=")[0] not in ours)
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0"]
   cmd += [os.path.join(HERE, t) for t in CORE]
   proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=400)
