@@ -30,7 +30,8 @@ def _xla_accepts(flags: str) -> bool:
   subprocesses inherit the result through XLA_FLAGS)."""
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   code = "import jax; jax.devices()"
-  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
+  return proc.returncode == 0
 
 
 if os.environ.get("T5JAX_TEST_XLA_OPT") != "1":
