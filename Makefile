@@ -9,12 +9,18 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-.PHONY: setup setup-test demo test lint
+.PHONY: setup setup-test setup-gpu-aot demo test lint
 setup: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
 setup-test: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+
+# jax's CUDA plugin in a folder of its own (.venv-gpu-aot), for compiling for a GPU on a machine
+# without one: PYTHONPATH=.venv-gpu-aot .venv/bin/python -m benchmarks.memory --peft --target h100
+setup-gpu-aot: setup-test
+	V=$$($(BIN)/python -c 'import jax; print(jax.__version__)') && $(BIN)/pip install -q \
+	  --target .venv-gpu-aot --no-deps "jax-cuda12-plugin==$$V" "jax-cuda12-pjrt==$$V"
 
 demo: setup
 	$(BIN)/python train.py --config configs/demo.py --workdir $(WORKDIR)

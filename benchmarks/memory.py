@@ -4,6 +4,7 @@
   python -m benchmarks.memory --no_measure       # tables only (seconds)
   python -m benchmarks.memory --remat            # temporaries per remat policy (~1 min)
   python -m benchmarks.memory --peft             # full fine-tuning vs LoRA vs prompt tuning
+  python -m benchmarks.memory --peft --target h100   # the same compiled for an H100, without one
 
 Model state per parameter, all float32 (t5jax keeps parameters in float32 whatever the compute
 dtype): parameters 4 B + gradients 4 B + optimizer state: Adafactor (T5's default) keeps factored
@@ -18,6 +19,20 @@ The measured point compiles the real train step at a small config for one device
 8-device FSDP mesh on CPU (`--xla_force_host_platform_device_count=8`) and prints XLA's
 `memory_analysis()` per device: arguments (the train state and the batch, donated), temporaries
 (activations, gradients, gathered parameters), next to the bytes predicted from the shapes.
+
+`--target h100` / `h200` compiles the same programs for that GPU on this machine, with no GPU
+(XLA's deviceless compilation: `jax.experimental.topologies` and the GPU's device description,
+`GPU_TARGETS`), and reports the GPU compiler's `memory_analysis()`: what the step needs there,
+where XLA:CPU's choices (e.g. a float32 copy of bfloat16 weights, since it has no bfloat16
+matmul) would mislead. It needs the CUDA plugin of this jax version (~480 MB, no CUDA libraries),
+in a folder of its own so that other runs do not look for a GPU (`make setup-gpu-aot`):
+
+  make setup-gpu-aot
+  PYTHONPATH=.venv-gpu-aot .venv/bin/python -m benchmarks.memory --peft --target h100
+
+Compiled without a device, XLA cannot autotune: it uses cuBLAS for every matmul (Triton's tile
+search needs the device and fails on some shapes) and its default schedule, so a real device may
+use somewhat different temporaries.
 """
 
 from __future__ import annotations
@@ -52,6 +67,66 @@ DEVICE_COUNTS = [1, 2, 4, 8, 16]  # from 16 devices on, every preset fits (mt5-x
 MEMORY_GB = [16, 40, 80]  # e.g. TPU v5e / V100-16G, A100-40G, A100/H100-80G
 HEADROOM = 0.75  # fraction of device memory the state may use; the rest is for activations
 GB = 1e9
+
+# Device descriptions for compiling without the GPU (XLA's GpuTargetConfig, text format): the
+# Hopper parts' published limits (132 SMs, compute capability 9.0), bandwidth and memory.
+_HOPPER = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448
+  threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 memory_bandwidth: {bandwidth} device_memory_size: {memory}
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{name}"
+"""
+GPU_TARGETS = {
+  "h100": _HOPPER.format(bandwidth=3_350_000_000_000, memory=80_000_000_000, name="NVIDIA H100"),
+  "h200": _HOPPER.format(bandwidth=4_800_000_000_000, memory=141_000_000_000, name="NVIDIA H200"),
+}
+_COMPILE_OPTIONS: dict[str, dict] = {
+  "cpu": {},
+  "gpu": {"xla_gpu_enable_triton_gemm": False},  # no Triton tile search without the device
+}
+
+
+def target_devices(target: str, n: int) -> list:
+  """`n` devices to compile for: this process's CPU devices, or compile-only devices of the GPU
+  `target` (no GPU needed; exits with one line when jax's CUDA plugin is not installed)."""
+  if target == "cpu":
+    return jax.devices()[:n]
+  import importlib.util
+
+  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    sys.exit(
+      f"benchmarks.memory: error: --target {target} compiles for a GPU without one and needs "
+      "jax's CUDA plugin: run `make setup-gpu-aot`, then PYTHONPATH=.venv-gpu-aot (or pip install "
+      f"--target DIR --no-deps jax-cuda12-plugin=={jax.__version__} "
+      f"jax-cuda12-pjrt=={jax.__version__}, then PYTHONPATH=DIR)"
+    )
+  from jax.experimental import topologies
+
+  topology = topologies.get_topology_desc(
+    platform="cuda", target_config=GPU_TARGETS[target], topology=f"1x1x{n}"
+  )
+  return list(topology.devices)
+
+
+def compile_options(target: str) -> dict:
+  return _COMPILE_OPTIONS["cpu" if target == "cpu" else "gpu"]
+
+
+def where(target: str, n: int = 1) -> str:
+  """The table headers' words for the devices compiled for."""
+  if target == "cpu":
+    return f"{'one CPU device' if n == 1 else f'{n} CPU devices'}, XLA CPU memory_analysis"
+  return (
+    f"{'one' if n == 1 else n} {target.upper()} (compiled without one), XLA GPU memory_analysis"
+  )
 
 
 def _nbytes(tree) -> int:
@@ -100,7 +175,7 @@ def print_tables() -> dict[str, dict[str, float]]:
   return sizes
 
 
-def measure(num_layers: int = 2, batch: int = 8) -> None:
+def measure(num_layers: int = 2, batch: int = 8, target: str = "cpu") -> None:
   """Compiled train step's per-device memory, one device vs 8-way FSDP, at a small config."""
   cfg = get_config("t5-v1_1-small", num_layers=num_layers, num_decoder_layers=num_layers)
   ocfg = OptimizerConfig()
@@ -113,7 +188,7 @@ def measure(num_layers: int = 2, batch: int = 8) -> None:
   print(
     f"\n## Measured: t5-v1_1-small with {num_layers}+{num_layers} layers "
     f"({_nbytes(shapes.params) / 4 / 1e6:.1f}M params), Adafactor, batch {batch} x "
-    f"{s_len}/{t_len} tokens, XLA CPU memory_analysis per device\n"
+    f"{s_len}/{t_len} tokens, {where(target, 8)}, per device\n"
   )
   print(
     "| mesh (data, fsdp, tensor) | arguments | predicted params + opt / N "
@@ -124,10 +199,11 @@ def measure(num_layers: int = 2, batch: int = 8) -> None:
   # constraints (hidden states split over the batch, whole along `embed`).
   for mesh_shape, set_mesh in [((1, 1, 1), False), ((1, 8, 1), False), ((1, 8, 1), True)]:
     n = int(np.prod(mesh_shape))
-    if jax.device_count() < n:
+    devices = target_devices(target, n)
+    if len(devices) < n:
       print(f"| {mesh_shape} | (needs {n} devices) | | | |")
       continue
-    mesh = sharding.create_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:n])
+    mesh = sharding.create_mesh(sharding.MeshConfig(*mesh_shape), devices)
     steps = trainer.build(cfg, ocfg, loss_cfg, mesh)
     batch_sh = steps.batch_sharding
     abstract_state = steps.abstract_state()
@@ -141,12 +217,13 @@ def measure(num_layers: int = 2, batch: int = 8) -> None:
       ]
     }
     jitted = steps.train_step
+    rng = jax.ShapeDtypeStruct((2,), np.uint32)  # a raw key: nothing placed on a device
     if set_mesh:  # activates the model's activation sharding constraints
       with jax.set_mesh(mesh):
-        lowered = jitted.lower(abstract_state, abstract_batch, jax.random.key(0))
+        lowered = jitted.lower(abstract_state, abstract_batch, rng)
     else:
-      lowered = jitted.lower(abstract_state, abstract_batch, jax.random.key(0))
-    mem = lowered.compile().memory_analysis()
+      lowered = jitted.lower(abstract_state, abstract_batch, rng)
+    mem = lowered.compile(compile_options(target)).memory_analysis()
     label = f"{mesh_shape}{' + set_mesh' if set_mesh else ''}"
     if mem is None:
       print(f"| {label} | (memory_analysis unavailable on this backend) | | | |")
@@ -157,8 +234,10 @@ def measure(num_layers: int = 2, batch: int = 8) -> None:
     )
 
 
-def measure_remat(preset: str, batch: int, s_len: int, t_len: int, scan: bool = True) -> None:
-  """Compiled train step's temporaries with each `T5Config.remat` policy (one CPU device).
+def measure_remat(
+  preset: str, batch: int, s_len: int, t_len: int, scan: bool = True, target: str = "cpu"
+) -> None:
+  """Compiled train step's temporaries with each `T5Config.remat` policy (one device).
 
   Temporaries hold the gradients (as many bytes as the parameters) plus the activations kept
   for the backward pass; the issue's target compares `temporaries - parameter bytes` with full
@@ -167,7 +246,7 @@ def measure_remat(preset: str, batch: int, s_len: int, t_len: int, scan: bool = 
   from t5jax.config import REMAT_POLICIES
 
   ocfg = OptimizerConfig()
-  mesh = sharding.create_mesh(sharding.MeshConfig(), jax.devices()[:1])
+  mesh = sharding.create_mesh(sharding.MeshConfig(), target_devices(target, 1))
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
   batch_shapes = {
     name: jax.ShapeDtypeStruct((batch, length), dtype)
@@ -180,7 +259,7 @@ def measure_remat(preset: str, batch: int, s_len: int, t_len: int, scan: bool = 
   }
   print(
     f"\n## Remat: {preset} ({'scanned' if scan else 'unrolled'}), batch {batch} x {s_len}/{t_len}, "
-    "Adafactor, XLA CPU memory_analysis\n"
+    f"Adafactor, {where(target)}\n"
   )
   print("| remat | temporaries | temporaries - params | vs none |")
   print("|---|---:|---:|---:|")
@@ -190,7 +269,8 @@ def measure_remat(preset: str, batch: int, s_len: int, t_len: int, scan: bool = 
     steps = trainer.build(cfg, ocfg, loss_cfg, mesh)
     state = steps.abstract_state()
     rng = jax.ShapeDtypeStruct((2,), np.uint32)
-    mem = steps.train_step.lower(state, batch_shapes, rng).compile().memory_analysis()
+    lowered = steps.train_step.lower(state, batch_shapes, rng)
+    mem = lowered.compile(compile_options(target)).memory_analysis()
     if mem is None:
       print(f"| {remat} | (memory_analysis unavailable) | | |")
       continue
@@ -239,14 +319,16 @@ def _functional_lora_step(cfg, tx, schedule, loss_cfg):
   return step
 
 
-def measure_peft(preset: str, batch: int, s_len: int, t_len: int, remat: str, opt: str) -> None:
-  """Compiled train step's bytes (one CPU device, XLA memory_analysis): full fine-tuning against
+def measure_peft(
+  preset: str, batch: int, s_len: int, t_len: int, remat: str, opt: str, target: str = "cpu"
+) -> None:
+  """Compiled train step's bytes (one device, XLA memory_analysis): full fine-tuning against
   LoRA r=8 on q, v (in-layer, as t5jax computes it, and merged outside the model) and prompt
   tuning with 100 vectors, all in bfloat16 compute with scanned layers."""
   from t5jax import peft
 
   ocfg = OptimizerConfig(name=opt)
-  mesh = sharding.create_mesh(sharding.MeshConfig(), jax.devices()[:1])
+  mesh = sharding.create_mesh(sharding.MeshConfig(), target_devices(target, 1))
   loss_cfg = LossConfig(label_smoothing=0.0, z_loss=1e-4, normalizer="num_tokens")
   cfg = get_config(preset, scan_layers=True, remat=remat, dtype="bfloat16", dropout_rate=0.0)
   qv = tuple(f"{s}.{n}" for s in ("encoder", "decoder", "cross") for n in ("q", "v"))
@@ -268,7 +350,7 @@ def measure_peft(preset: str, batch: int, s_len: int, t_len: int, remat: str, op
   }
   print(
     f"\n## PEFT: {preset}, batch {batch} x {s_len}/{t_len}, bf16 compute, remat {remat}, "
-    f"{opt}, one CPU device, XLA memory_analysis\n"
+    f"{opt}, {where(target)}\n"
   )
   print("| run | trained params | arguments | temporaries | total | vs full |")
   print("|---|---:|---:|---:|---:|---:|")
@@ -287,7 +369,7 @@ def measure_peft(preset: str, batch: int, s_len: int, t_len: int, remat: str, op
       step = jax.jit(
         _functional_lora_step(vcfg, steps.tx, steps.schedule, loss_cfg), donate_argnums=0
       )
-    mem = step.lower(*args).compile().memory_analysis()
+    mem = step.lower(*args).compile(compile_options(target)).memory_analysis()
     if mem is None:
       print(f"| {label} | (memory_analysis unavailable) | | | | |")
       continue
@@ -321,16 +403,21 @@ def main() -> None:
   parser.add_argument("--peft_preset", default="t5-v1_1-xl")
   parser.add_argument("--peft_remat", default="none", help="T5Config.remat of the --peft runs")
   parser.add_argument("--peft_optimizer", default="adafactor", help="adafactor or adamw")
+  parser.add_argument(
+    "--target", default="cpu", choices=["cpu", *GPU_TARGETS],
+    help="compile the measured steps for this device: this CPU, or a GPU without one (see the "
+    "module's docstring: needs jax's CUDA plugin)",
+  )  # fmt: skip
   args = parser.parse_args()
   if args.peft:
-    measure_peft(args.peft_preset, 8, 512, 128, args.peft_remat, args.peft_optimizer)
+    measure_peft(args.peft_preset, 8, 512, 128, args.peft_remat, args.peft_optimizer, args.target)
     return
   if args.remat:
-    measure_remat(args.remat_preset, 8, 512, 128)
+    measure_remat(args.remat_preset, 8, 512, 128, target=args.target)
     return
   print_tables()
   if not args.no_measure:
-    measure(args.layers, args.batch)
+    measure(args.layers, args.batch, args.target)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,14 @@ def _help(script, flag="--help"):
     with contextlib.redirect_stderr(out), contextlib.suppress(SystemExit):
       try:
         if bench:
-          runpy.run_module(f"benchmarks.{bench.group(1)}", run_name="__main__", alter_sys=True)
+          # As `python -m` runs it: not the copy a test may have imported (runpy warns of that).
+          name = f"benchmarks.{bench.group(1)}"
+          imported = sys.modules.pop(name, None)
+          try:
+            runpy.run_module(name, run_name="__main__", alter_sys=True)
+          finally:
+            if imported is not None:
+              sys.modules[name] = imported
         else:
           runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
       finally:
