@@ -43,6 +43,10 @@ def parse_args():
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--dump", help="also write XLA's HLO dump here (--xla_dump_to)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--quantize", default="none", choices=("none", "int8", "bf16"),
+    help="decode, t5jax side: the weights as `decode.py --quantize` makes them",
+  )  # fmt: skip
   a = p.parse_args()
   if a.input_len is None:
     a.input_len = 128 if a.target == "train" else 64
@@ -129,6 +133,9 @@ def profile_jax(args):
     tokens[:, -1] = config.eos_token_id
     tokens = tokens.astype(np.int32)
     params = jax.device_put(params)
+    if args.quantize != "none":
+      params = t5jax.quantize(params, config, {"int8": "int8", "bf16": "bfloat16"}[args.quantize])
+      config = config.replace(dtype="bfloat16") if args.quantize == "bf16" else config
     kw = dict(method=args.method, max_new_tokens=args.new_tokens, ignore_eos=True)
     if args.method == "beam":
       kw["num_beams"] = args.num_beams
