@@ -88,10 +88,6 @@ GPU_TARGETS = {
   "h100": _HOPPER.format(bandwidth=3_350_000_000_000, memory=80_000_000_000, name="NVIDIA H100"),
   "h200": _HOPPER.format(bandwidth=4_800_000_000_000, memory=141_000_000_000, name="NVIDIA H200"),
 }
-_COMPILE_OPTIONS: dict[str, dict] = {
-  "cpu": {},
-  "gpu": {"xla_gpu_enable_triton_gemm": False},  # no Triton tile search without the device
-}
 
 
 def target_devices(target: str, n: int) -> list:
@@ -117,7 +113,9 @@ def target_devices(target: str, n: int) -> list:
 
 
 def compile_options(target: str) -> dict:
-  return _COMPILE_OPTIONS["cpu" if target == "cpu" else "gpu"]
+  """XLA options of the compiles for `target`: a GPU compiled for without one uses cuBLAS for
+  its matmuls (Triton's tile search needs the device)."""
+  return {} if target == "cpu" else {"xla_gpu_enable_triton_gemm": False}
 
 
 def where(target: str, n: int = 1) -> str:

@@ -37,14 +37,17 @@ def _xla_accepts(flags: str) -> bool:
 if os.environ.get("T5JAX_TEST_XLA_OPT") != "1":
   flags = os.environ.get("XLA_FLAGS", "")
   added = [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in flags]
+
+  def _with(extra):
+    return " ".join([flags, *extra]).strip()
+
   if added:
-    wanted = " ".join([flags, *added]).strip()
-    if not _xla_accepts(wanted):  # slower to compile, never wrong: keep only what XLA knows
-      known = [f for f in added if _xla_accepts(f"{flags} {f}".strip())]
+    if not _xla_accepts(_with(added)):  # slower to compile, never wrong: keep what XLA knows
+      known = [f for f in added if _xla_accepts(_with([f]))]
       rejected = sorted(set(added) - set(known))
       print(f"tests/conftest.py: this XLA rejects {rejected}; testing without", file=sys.stderr)
       added = known
-    os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    os.environ["XLA_FLAGS"] = _with(added)
 
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
