@@ -309,11 +309,12 @@ def worker_mm(args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from t5jax.layers import dense
     from t5jax.quantize import QuantizedWeight, int8_matmul
 
     precision = os.environ.get(_PRECISION_VAR, "none")
     dt = jnp.bfloat16 if args.dtype == "bfloat16" or precision == "bf16" else jnp.float32
-    mm = jnp.dot
+    mm = dense  # the model's product (on CPU, bf16 operands sum into float32)
     if precision == "int8":  # int8 weights and per-row int8 activations, as t5jax.quantize
       dt = jnp.float32
 

@@ -150,9 +150,35 @@ def dense(x: jax.Array, w_IO, dtype=None, **kwargs) -> jax.Array:
   if isinstance(w_IO, QuantizedWeight):
     out_dtype = kwargs.get("preferred_element_type") or dtype or x.dtype
     y = int8_matmul(x_MI, w_IO, out_dtype)
-  else:
+  elif kwargs:
     y = jnp.matmul(x_MI, w_IO if dtype is None else w_IO.astype(dtype), **kwargs)
+  else:
+    w = w_IO if dtype is None else w_IO.astype(dtype)
+    y = _dot_general(x_MI, w, (((1,), (0,)), ((), ())))
   return y.reshape(x.shape[:-1] + (w_IO.shape[-1],))
+
+
+def _dot_general(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  """`lax.dot_general(a, b, dims)`, except for bfloat16 operands on CPU: there the product with
+  float32 sums (`preferred_element_type=float32`) rounded to bfloat16.
+
+  XLA:CPU compiles the bf16 x bf16 -> bf16 dot as a float32 dot of converted operands (weights
+  and caches converted at every use); the bf16 x bf16 -> float32 dot reads the bf16 operands and
+  uses the CPU's bfloat16 dot-product instructions (AVX512-BF16): 1.4x faster than float32 and
+  1.6x faster than the converted product at 8-32 rows (t5-v1_1-small shapes). Both round the
+  float32 sums once, in a different order. `lax.platform_dependent` picks at lowering, so a
+  program compiled for an accelerator (also from a CPU host) keeps the plain product.
+  """
+  if a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
+    return jax.lax.dot_general(a, b, dims)
+  return jax.lax.platform_dependent(
+    a,
+    b,
+    cpu=lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(
+      a.dtype
+    ),
+    default=lambda a, b: jax.lax.dot_general(a, b, dims),
+  )
 
 
 def as_matrix(w, rows: int, cols: int):
@@ -371,7 +397,7 @@ def attend(
     probs = jnp.moveaxis(dropout(jnp.moveaxis(probs, 2, 1), deterministic=deterministic), 1, 2)
   probs = probs.astype(v.dtype)
   dims = (((4,), (va.index("s"),)), ((0, 1), (0, va.index("h"))))
-  out = jax.lax.dot_general(probs, v, dims)  # [B, H, r, T, K]
+  out = _dot_general(probs, v, dims)  # [B, H, r, T, K]
   return jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(n, t, h, kd)
 
 

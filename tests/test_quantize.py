@@ -209,3 +209,53 @@ def test_one_row_product_equals_that_row_of_a_batch():
   batch = np.asarray(product(x, w, jnp.float32))
   for i in range(3):
     np.testing.assert_array_equal(np.asarray(product(x[i : i + 1], w, jnp.float32))[0], batch[i])
+
+
+def _bf16_decoding_hlo(config, params):
+  G = importlib.import_module("t5jax.generate")
+  src = np.asarray(tokens(0, (2, 6), config.vocab_size))
+  settings = G.GenerateConfig(max_new_tokens=3)._static()
+  lowered = G._generate.lower(
+    params, src, jax.random.key(0), jnp.float32(1.0), jnp.int32(0), config=config,
+    settings=settings,
+  )  # fmt: skip
+  return lowered.compile().as_text()
+
+
+def _weight_products(hlo: str) -> list[tuple[str, str, str]]:
+  """(result, lhs, rhs) element types of every dot of a compiled CPU program whose second
+  operand is a matrix (a weight), read from the fused computations that hold them."""
+  found = []
+  for comp in hlo.split("\n\n"):
+    for res, lhs, rhs in re.findall(r"= (\w+)\[[\d,]*\]\S* dot\((%[\w.]+), (%[\w.]+)\)", comp):
+      types = [re.search(re.escape(n) + r" = (\w+)\[([\d,]*)\]", comp) for n in (lhs, rhs)]
+      if all(types) and types[1].group(2).count(",") == 1:
+        found.append((res, types[0].group(1), types[1].group(1)))
+  return found
+
+
+def test_bfloat16_products_on_cpu_sum_into_float32():
+  """On CPU a bfloat16 product is the float32-result product rounded to bfloat16
+  (`t5jax.layers._dot_general`). The plain bf16 -> bf16 product was compiled by XLA:CPU as a
+  float32 product of converted operands, weights included. Here every weight product of bf16
+  decoding reads bf16 operands into float32 sums; the values are those of that formulation, and
+  within one bfloat16 rounding of the plain product (the two sum in a different order).
+  Lowered for an accelerator, the product stays bf16 -> bf16."""
+  config = tiny_config(dtype="bfloat16")
+  params = quantize(t5jax.init_params(config, jax.random.key(0)), config, "bfloat16")
+  products = _weight_products(_bf16_decoding_hlo(config, params))
+  # Encoder, cross keys/values, decoder layers and the output layer, of 2 and of 12 rows.
+  assert len(products) >= 2 * 9 + 1
+  assert {p for p in products if p != ("f32", "bf16", "bf16")} == set(), products
+
+  L = importlib.import_module("t5jax.layers")
+  x = jax.random.normal(jax.random.key(1), (16, 64)).astype(jnp.bfloat16)
+  w = (0.1 * jax.random.normal(jax.random.key(2), (64, 96))).astype(jnp.bfloat16)
+  got = np.asarray(jax.jit(L.dense)(x, w), np.float32)
+  f32 = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))(x, w)
+  np.testing.assert_array_equal(got, np.asarray(f32.astype(jnp.bfloat16), np.float32))
+  plain = np.asarray(jax.jit(jnp.matmul)(x, w), np.float32)
+  np.testing.assert_allclose(got, plain, rtol=2**-6, atol=1e-6)  # measured: <= 1 bf16 ulp
+  for platform in ("cuda", "tpu"):
+    text = jax.jit(L.dense).trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+    assert re.search(r"dot_general[^\n]*-> tensor<16x96xbf16>", text), platform
