@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # five entries parse and run the same code, at ~8 s of CPU compile each.
 GRID = "einsum,0,none,0;dot_product,1,full,32"
 
-# Runs the script as __main__ with the modules the device image lacks made unimportable.
+# Runs the script as __main__ with the modules the device image lacks made unimportable; the
+# grid comes as the one argument (`python -c _LAUNCH GRID`).
 _LAUNCH = """
 import runpy, sys
 class Missing:
@@ -26,7 +27,7 @@ class Missing:
     if name.split(".")[0] in ("grain", "ml_collections", "tensorboardX"):
       raise ImportError(f"{name} is not installed on the device image")
 sys.meta_path.insert(0, Missing())
-sys.argv = ["benchmarks.gpu", "--smoke", "--grid", GRID]
+sys.argv = ["benchmarks.gpu", "--smoke", "--grid", sys.argv[1]]
 runpy.run_module("benchmarks.gpu", run_name="__main__", alter_sys=True)
 """
 
@@ -35,7 +36,7 @@ runpy.run_module("benchmarks.gpu", run_name="__main__", alter_sys=True)
 def test_gpu_script_smoke_without_device_only_packages(tmp_path):
   env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-    [sys.executable, "-c", _LAUNCH.replace("GRID", repr(GRID))],
+    [sys.executable, "-c", _LAUNCH, GRID],
     cwd=ROOT,
     env=env,
     capture_output=True,
