@@ -501,25 +501,33 @@ def test_token_records_store_uint16_ids_when_they_fit_and_read_int32_records_too
     with pytest.raises(DataError, match="^f: record 3: not a prepared token record$"):
       streams._chunk_block(bad, 10, "f: record 3")
 
-  # A chunked folder rewritten with int32 records (as version 2 wrote it) gives the same batches.
+  # A chunked folder rewritten with int32 records (as version 2 wrote it), and one where every
+  # other record is int32 (as a vocabulary past uint16 leaves some records), give the same
+  # batches.
   m, _, _ = _chunked(tmp_path, chunks_per_record=3)
-  old = tmp_path / "old"
-  old.mkdir()
-  for s in m["shards"]:
-    recs = sources.ArrayRecordFile(str(tmp_path / "prep" / s["file"])).read_range(0, s["records"])
-    assert all(int(np.frombuffer(r, "<u4", 1)[0]) == sources.NARROW_IDS | 1 for r in recs)
-    w = array_record_module.ArrayRecordWriter(str(old / s["file"]), "group_size:1")
-    for r in recs:
-      w.write(_int32_record(*sources.decode_tokens(r)))
-    w.close()
-  (old / sources.MANIFEST).write_text(json.dumps({**m, "version": 2}))
-  (old / prepare.TOKENIZER_DIR).symlink_to(tmp_path / "prep" / prepare.TOKENIZER_DIR)
+  rewritten = {"old": (2, lambda i: True), "mixed": (3, lambda i: i % 2 == 1)}
+  for name, (version, wide) in rewritten.items():
+    folder = tmp_path / name
+    folder.mkdir()
+    for s in m["shards"]:
+      prep = str(tmp_path / "prep" / s["file"])
+      recs = sources.ArrayRecordFile(prep).read_range(0, s["records"])
+      assert all(int(np.frombuffer(r, "<u4", 1)[0]) == sources.NARROW_IDS | 1 for r in recs)
+      w = array_record_module.ArrayRecordWriter(str(folder / s["file"]), "group_size:1")
+      for i, r in enumerate(recs):
+        w.write(_int32_record(*sources.decode_tokens(r)) if wide(i) else r)
+      w.close()
+    assert any(wide(i) for s in m["shards"] for i in range(s["records"]))
+    assert name == "old" or not all(wide(i) for s in m["shards"] for i in range(s["records"]))
+    (folder / sources.MANIFEST).write_text(json.dumps({**m, "version": version}))
+    (folder / prepare.TOKENIZER_DIR).symlink_to(tmp_path / "prep" / prepare.TOKENIZER_DIR)
   base = DataConfig(kind="span_corruption", **CHUNK_LENGTHS, pack=True)
   got = [
     take(data.make_datasets(base.replace(train_file=str(d)), TOK, batch_size=4, seed=1).train, 5)
-    for d in (tmp_path / "prep", old)
+    for d in (tmp_path / "prep", tmp_path / "old", tmp_path / "mixed")
   ]
   assert_batches_equal(got[0], got[1])
+  assert_batches_equal(got[0], got[2])
 
 
 @pytest.mark.slow
