@@ -9,6 +9,8 @@ Every parameter carries logical axis names ("vocab", "embed", "heads", "kv", "ml
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import flax.linen as nn
@@ -150,35 +152,52 @@ def dense(x: jax.Array, w_IO, dtype=None, **kwargs) -> jax.Array:
   if isinstance(w_IO, QuantizedWeight):
     out_dtype = kwargs.get("preferred_element_type") or dtype or x.dtype
     y = int8_matmul(x_MI, w_IO, out_dtype)
-  elif kwargs:
-    y = jnp.matmul(x_MI, w_IO if dtype is None else w_IO.astype(dtype), **kwargs)
   else:
     w = w_IO if dtype is None else w_IO.astype(dtype)
-    y = _dot_general(x_MI, w, (((1,), (0,)), ((), ())))
+    if not kwargs and x_MI.dtype == w.dtype == jnp.bfloat16:
+      y = _dot_general(x_MI, w, (((1,), (0,)), ((), ())))
+    else:
+      y = jnp.matmul(x_MI, w, **kwargs)
   return y.reshape(x.shape[:-1] + (w_IO.shape[-1],))
 
 
-def _dot_general(a: jax.Array, b: jax.Array, dims) -> jax.Array:
-  """`lax.dot_general(a, b, dims)`, except for bfloat16 operands on CPU: there the product with
-  float32 sums (`preferred_element_type=float32`) rounded to bfloat16.
+# Whether bfloat16 products return float32 sums rounded to bfloat16: None = on CPU (the default
+# backend), else as `float32_sums` sets it.
+_FLOAT32_SUMS: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+  "t5jax_float32_sums", default=None
+)
 
-  XLA:CPU compiles the bf16 x bf16 -> bf16 dot as a float32 dot of converted operands (weights
-  and caches converted at every use); the bf16 x bf16 -> float32 dot reads the bf16 operands and
-  uses the CPU's bfloat16 dot-product instructions (AVX512-BF16): 1.4x faster than float32 and
-  1.6x faster than the converted product at 8-32 rows (t5-v1_1-small shapes). Both round the
-  float32 sums once, in a different order. `lax.platform_dependent` picks at lowering, so a
-  program compiled for an accelerator (also from a CPU host) keeps the plain product.
+
+@contextlib.contextmanager
+def float32_sums(enabled: bool):
+  """Sets, for what is traced inside, whether bfloat16 products (`dense`, and attention's product
+  of probabilities and values) are computed with float32 sums (`preferred_element_type`) and
+  rounded to bfloat16. Outside, they are where the default backend is the CPU.
+
+  XLA:CPU compiles a bf16 x bf16 -> bf16 dot as a float32 dot of converted operands (weights
+  and caches converted at every use), while a bf16 x bf16 -> float32 dot reads the bf16 operands
+  and runs on the CPU's bfloat16 dot-product instructions (AVX512-BF16): 1.4x faster than
+  float32 and 1.6x faster than the converted product at 8-32 rows (t5-v1_1-small shapes). Both
+  round float32 sums once, in a different order. On accelerators the plain product is kept.
+  Training on CPU in bf16 uses it too (a remat policy that saves dots then keeps their float32
+  sums).
+  `benchmarks/memory.py` traces with `float32_sums(False)`, so that what it compiles for a GPU
+  from a CPU host is what a GPU host would compile.
   """
-  if a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
-    return jax.lax.dot_general(a, b, dims)
-  return jax.lax.platform_dependent(
-    a,
-    b,
-    cpu=lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(
-      a.dtype
-    ),
-    default=lambda a, b: jax.lax.dot_general(a, b, dims),
-  )
+  token = _FLOAT32_SUMS.set(enabled)
+  try:
+    yield
+  finally:
+    _FLOAT32_SUMS.reset(token)
+
+
+def _dot_general(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  """`lax.dot_general(a, b, dims)`, bfloat16 operands summed into float32 per `float32_sums`."""
+  if a.dtype == b.dtype == jnp.bfloat16:
+    on = _FLOAT32_SUMS.get()
+    if on or (on is None and jax.default_backend() == "cpu"):
+      return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
+  return jax.lax.dot_general(a, b, dims)
 
 
 def as_matrix(w, rows: int, cols: int):
