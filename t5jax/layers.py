@@ -182,7 +182,8 @@ def float32_sums(enabled: bool):
   Training on CPU in bf16 uses it too (a remat policy that saves dots then keeps their float32
   sums).
   `benchmarks/memory.py` traces with `float32_sums(False)`, so that what it compiles for a GPU
-  from a CPU host is what a GPU host would compile.
+  from a CPU host is what a GPU host would compile. Set it before the first trace: a jitted
+  function already traced with the same shapes reuses that trace (jit's cache does not see it).
   """
   token = _FLOAT32_SUMS.set(enabled)
   try:
