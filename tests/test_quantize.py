@@ -4,7 +4,9 @@ The bounds below are measured values with margin (CI may run on another CPU); ea
 it measured on the development machine (AMD EPYC, jax 0.10.2).
 """
 
+import contextlib
 import importlib
+import io
 import re
 
 import jax
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 import t5jax
 from t5jax.quantize import QuantizedWeight, quantize
@@ -263,3 +266,24 @@ def test_bfloat16_products_on_cpu_sum_into_float32():
   assert re.search(r"dot_general[^\n]*-> tensor<16x96xbf16>", text), text
   text = jax.jit(lambda a, b: L.dense(a, b)).lower(x, w).as_text()
   assert re.search(r"dot_general[^\n]*-> tensor<16x96xf32>", text), text
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_remat_saves_one_result_per_bfloat16_product(on):
+  """Under a remat policy that saves dots, each bf16 product leaves one saved result: bf16 with
+  `float32_sums(False)` (what accelerators trace), its float32 sums on CPU. A choice made inside
+  the jaxpr (a `lax.platform_dependent` cond) kept both, on every backend."""
+  L = importlib.import_module("t5jax.layers")
+  x = jnp.ones((8, 64), jnp.bfloat16)
+  w1, w2 = jnp.ones((64, 64), jnp.bfloat16), jnp.ones((64, 32), jnp.bfloat16)
+
+  def f(x, w1, w2):
+    return jnp.sum(jnp.tanh(L.dense(jnp.tanh(L.dense(x, w1)), w2)).astype(jnp.float32))
+
+  out = io.StringIO()
+  policy = jax.checkpoint_policies.dots_saveable
+  with L.float32_sums(on), contextlib.redirect_stdout(out):
+    print_saved_residuals(jax.checkpoint(f, policy=policy), x, w1, w2)
+  lines = out.getvalue().splitlines()
+  saved = [line.split()[0] for line in lines if "from the argument" not in line]
+  assert saved == (["f32[8,64]", "f32[8,32]"] if on else ["bf16[8,64]", "bf16[8,32]"]), saved
