@@ -18,6 +18,11 @@ SUPPORTED_HF_MODEL_TYPES = ("t5", "mt5", "umt5")
 ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "xla")
 
 
+def on_cpu() -> bool:
+  """Whether the default backend is the CPU (where XLA:CPU-specific formulations apply)."""
+  return jax.default_backend() == "cpu"
+
+
 def on_cuda() -> bool:
   """Whether the default backend is an NVIDIA GPU (cuDNN); ROCm GPUs are "gpu" too."""
   backend = jax.extend.backend.get_backend()

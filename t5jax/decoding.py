@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5jax.config import on_cpu
+
 Cache = Any
 TokensToLogits = Callable[[jax.Array, Cache, jax.Array], tuple[jax.Array, Cache]]
 
@@ -50,17 +52,13 @@ EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 # rewrite reads its input twice).
 
 
-def _cpu() -> bool:
-  return jax.default_backend() == "cpu"
-
-
 def argmax(x: jax.Array, axis: int = -1) -> jax.Array:
   """`jnp.argmax` (the first index of the largest value; of the first NaN if any); on CPU as two
   plain reductions: the max, then the least index holding it (float32 indices, exact below
   2**24)."""
   x = jax.lax.stop_gradient(x)
   axis = axis % x.ndim
-  if x.shape[axis] >= 1 << 24 or not _cpu():
+  if x.shape[axis] >= 1 << 24 or not on_cpu():
     return jnp.argmax(x, axis=axis)
   top = jnp.max(x, axis=axis, keepdims=True)
   index = jax.lax.broadcasted_iota(jnp.float32, x.shape, axis)
@@ -78,7 +76,7 @@ def top_k(x: jax.Array, k: int, chunk: int = 128) -> tuple[jax.Array, jax.Array]
   element ranked above it), so TopK runs over those chunks' k * chunk elements only.
   """
   rows, n = x.shape
-  if n < 8 * k * chunk or not _cpu():
+  if n < 8 * k * chunk or not on_cpu():
     return jax.lax.top_k(x, k)
   pad = (-n) % chunk
   if pad:

@@ -20,7 +20,7 @@ import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 
-from t5jax.config import ACTIVATIONS, T5Config, on_cuda
+from t5jax.config import ACTIVATIONS, T5Config, on_cpu, on_cuda
 from t5jax.quantize import QuantizedWeight, int8_matmul
 
 NEG_INF = float(np.finfo(np.float32).min)
@@ -196,7 +196,7 @@ def _dot_general(a: jax.Array, b: jax.Array, dims) -> jax.Array:
   """`lax.dot_general(a, b, dims)`, bfloat16 operands summed into float32 per `float32_sums`."""
   if a.dtype == b.dtype == jnp.bfloat16:
     on = _FLOAT32_SUMS.get()
-    if on or (on is None and jax.default_backend() == "cpu"):
+    if on or (on is None and on_cpu()):
       return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
   return jax.lax.dot_general(a, b, dims)
 

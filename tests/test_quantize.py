@@ -179,18 +179,22 @@ def test_trained_model_greedy_and_beam_agree_with_float32(trained):
 # The formulation: the decoding loop's products read the int8 weights.
 
 
+def _decoding_hlo(config, params, max_new_tokens: int) -> str:
+  """The compiled text of greedy `generate` over 2 inputs of 6 tokens."""
+  G = importlib.import_module("t5jax.generate")
+  src = np.asarray(tokens(0, (2, 6), config.vocab_size))
+  settings = G.GenerateConfig(max_new_tokens=max_new_tokens)._static()
+  lowered = G._generate.lower(
+    params, src, jax.random.key(0), jnp.float32(1.0), jnp.int32(0), config=config,
+    settings=settings,
+  )  # fmt: skip
+  return lowered.compile().as_text()
+
+
 def test_decoding_products_read_int8_weights():
   config = tiny_config(d_model=64, d_ff=256, vocab_size=320)
   params = quantize(t5jax.init_params(config, jax.random.key(0)), config)
-  src = np.asarray(tokens(0, (2, 6), 320))
-  G = importlib.import_module("t5jax.generate")
-
-  settings = G.GenerateConfig(max_new_tokens=4)
-  lowered = G._generate.lower(
-    params, src, jax.random.key(0), jnp.float32(1.0), jnp.int32(0), config=config,
-    settings=settings._static(),
-  )  # fmt: skip
-  hlo = lowered.compile().as_text()
+  hlo = _decoding_hlo(config, params, max_new_tokens=4)
   dots = re.findall(r"= (\w+)\[[\d,]*\]\{[\d,]*\} dot\(", hlo)
   weight_products = [d for d in dots if d == "s32"]
   # 2 decoder layers x (self q, k, v, out; cross q, out; wi_0, wi_1, wo) + the output layer per
@@ -214,17 +218,6 @@ def test_one_row_product_equals_that_row_of_a_batch():
     np.testing.assert_array_equal(np.asarray(product(x[i : i + 1], w, jnp.float32))[0], batch[i])
 
 
-def _bf16_decoding_hlo(config, params):
-  G = importlib.import_module("t5jax.generate")
-  src = np.asarray(tokens(0, (2, 6), config.vocab_size))
-  settings = G.GenerateConfig(max_new_tokens=3)._static()
-  lowered = G._generate.lower(
-    params, src, jax.random.key(0), jnp.float32(1.0), jnp.int32(0), config=config,
-    settings=settings,
-  )  # fmt: skip
-  return lowered.compile().as_text()
-
-
 def _weight_products(hlo: str) -> list[tuple[str, str, str]]:
   """(result, lhs, rhs) element types of every dot of a compiled CPU program whose second
   operand is a matrix (a weight), read from the fused computations that hold them."""
@@ -246,7 +239,7 @@ def test_bfloat16_products_on_cpu_sum_into_float32():
   With `float32_sums(False)` (accelerators) the product stays bf16 -> bf16."""
   config = tiny_config(dtype="bfloat16")
   params = quantize(t5jax.init_params(config, jax.random.key(0)), config, "bfloat16")
-  products = _weight_products(_bf16_decoding_hlo(config, params))
+  products = _weight_products(_decoding_hlo(config, params, max_new_tokens=3))
   # Encoder, cross keys/values, decoder layers and the output layer, of 2 and of 12 rows.
   assert len(products) >= 2 * 9 + 1
   assert {p for p in products if p != ("f32", "bf16", "bf16")} == set(), products
